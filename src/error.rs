@@ -1,0 +1,52 @@
+//! The library's error type: one enum, each variant naming the input at fault and what was expected.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in vitcx's library. Messages are lowercase, quote the
+/// offending value and say what was expected, so the CLI can print them as they are.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{}: {reason}", path.display())]
+    Io { path: PathBuf, reason: String },
+    /// An image file exists but cannot be used (corrupt, truncated, too large, unknown format).
+    #[error("image {}: {reason}", path.display())]
+    Image { path: PathBuf, reason: String },
+    /// A checkpoint is missing a file, a tensor or a field, or they disagree.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    /// A model id could not be resolved to local files (Hub cache, offline mode, download).
+    #[error("model '{id}': {reason}")]
+    Hub { id: String, reason: String },
+    /// A `.npy` file is malformed or holds an unsupported dtype.
+    #[error("npy {}: {reason}", path.display())]
+    Npy { path: PathBuf, reason: String },
+    /// A parameter is out of range (class id, layer, threshold, batch size, ...).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The requested operation is not available for this model or build.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A tensor operation failed (shape mismatch inside the model, device error).
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::Io`] from a `std::io::Error`.
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            reason: err.to_string(),
+        }
+    }
+
+    /// Shorthand for [`Error::InvalidArgument`].
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+}
+
+/// `Result` with vitcx's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,1 @@
+//! Checkpoint weights (placeholder until the model module lands).
