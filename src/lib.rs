@@ -10,3 +10,5 @@ pub mod model;
 pub mod npy;
 
 pub use error::{Error, Result};
+pub mod explain;
+pub mod output;

@@ -1,0 +1,88 @@
+//! Command-line arguments (clap derive). Values are validated by the library before any work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Explain what a Vision Transformer looks at, with ViT-CX (causal explanations, IJCAI 2023).
+#[derive(Debug, Parser)]
+#[command(name = "vitcx", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explain the model's prediction for one or more images (saliency .npy, PNG overlay, JSON).
+    Explain(ExplainArgs),
+    /// Print the top classes with labels and probabilities.
+    Predict(PredictArgs),
+    /// Show what was detected in a checkpoint: family, sizes, tokens, grid, preprocessing, labels.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Images: files, directories (their png/jpg/jpeg/bmp/webp files) or glob patterns.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+    /// Checkpoint: a local directory or file, or a Hugging Face Hub id (owner/name[@revision]).
+    #[arg(long, short)]
+    pub model: String,
+    /// Output directory.
+    #[arg(long, short, default_value = "vitcx-out")]
+    pub out: PathBuf,
+    /// Class to explain (id or exact label); repeatable. Default: the top-1 class.
+    #[arg(long = "class", value_name = "CLASS")]
+    pub classes: Vec<String>,
+    /// Explain the K most probable classes (all from the same forward passes).
+    #[arg(long, value_name = "K", conflicts_with = "classes")]
+    pub top_k: Option<usize>,
+    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub layer: i64,
+    /// Clustering distance threshold in [0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub threshold: f64,
+    /// Standard deviation of the noise added outside each mask (normalised pixel units).
+    #[arg(long, default_value_t = 0.1)]
+    pub noise_std: f32,
+    /// Seed of the noise generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Do not write the PNG overlay.
+    #[arg(long)]
+    pub no_overlay: bool,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Images: files, directories or glob patterns.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// How many classes to print.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
+    pub model: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

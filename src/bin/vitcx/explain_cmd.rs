@@ -1,0 +1,255 @@
+//! `vitcx explain`: images in, saliency `.npy`, PNG overlay and JSON report out.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use vitcx::explain::{top_k, Explanation, Noise, VitCx, VitCxParams};
+use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
+
+use crate::args::ExplainArgs;
+use crate::progress::Bars;
+
+/// Which classes to explain, resolved before any image is read.
+enum Classes {
+    Given(Vec<usize>),
+    TopK(usize),
+}
+
+pub fn run(a: ExplainArgs) -> Result<ExitCode> {
+    let params = VitCxParams {
+        layer: a.layer,
+        threshold: a.threshold,
+        noise_std: a.noise_std,
+        seed: a.seed,
+        batch: a.batch,
+    };
+    let model = crate::load_model(&a.model)?;
+    let method = VitCx::new(&params, &model)?;
+    let cfg = model.config().clone();
+    let classes = resolve_classes(&a, &cfg)?;
+    let images = crate::inputs::expand(&a.images)?;
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
+
+    let mut bars = Bars::new(images.len() as u64, a.quiet);
+    let mut used_stems = HashSet::new();
+    let mut failures = 0usize;
+    for path in &images {
+        bars.images
+            .set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let stem = unique_stem(path, &mut used_stems);
+        match explain_one(&model, &cfg, &method, &a, &classes, path, &stem, &mut bars) {
+            Ok(line) => bars.println(&line),
+            Err(e) => {
+                failures += 1;
+                bars.println(&format!("vitcx: {}: {e:#}", path.display()));
+            }
+        }
+        bars.images.inc(1);
+    }
+    bars.finish();
+    if failures > 0 {
+        eprintln!(
+            "vitcx: {failures} of {} images failed; results for the others are in {}",
+            images.len(),
+            a.out.display()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Classes> {
+    if let Some(k) = a.top_k {
+        if k == 0 || k > cfg.num_classes {
+            bail!("--top-k {k} out of range; model has {} classes", cfg.num_classes);
+        }
+        return Ok(Classes::TopK(k));
+    }
+    let mut ids = Vec::new();
+    for c in &a.classes {
+        let id = match c.parse::<usize>() {
+            Ok(id) => id,
+            Err(_) => cfg.labels.iter().position(|l| l == c).with_context(|| {
+                format!("class '{c}' is neither a class id nor a label of this model")
+            })?,
+        };
+        vitcx::explain::check_classes(&[id], cfg.num_classes)?;
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    Ok(Classes::Given(ids))
+}
+
+/// The file stem for an image, made unique within this run (`a.png`, `b/a.png` -> `a`, `a-2`).
+fn unique_stem(path: &Path, used: &mut HashSet<String>) -> String {
+    let base = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let mut stem = base.clone();
+    let mut k = 2;
+    while !used.insert(stem.clone()) {
+        stem = format!("{base}-{k}");
+        k += 1;
+    }
+    stem
+}
+
+#[allow(clippy::too_many_arguments)]
+fn explain_one(
+    model: &VisionTransformer,
+    cfg: &ModelConfig,
+    method: &VitCx,
+    a: &ExplainArgs,
+    classes: &Classes,
+    path: &Path,
+    stem: &str,
+    bars: &mut Bars,
+) -> Result<String> {
+    let started = Instant::now();
+    let t = Instant::now();
+    let img = vitcx::image::load_rgb(path)?;
+    let size = model.spec().input_size;
+    let resized = vitcx::image::resize_bilinear(&img, size);
+    let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+    let load_s = t.elapsed().as_secs_f64();
+
+    let prepared = method.prepare(model, &x, bars)?;
+    let targets = match classes {
+        Classes::Given(ids) if !ids.is_empty() => ids.clone(),
+        Classes::Given(_) => top_k(&prepared.probs, 1),
+        Classes::TopK(k) => top_k(&prepared.probs, *k),
+    };
+    let noise = Noise::Seeded(method.params().params.seed);
+    let ex = method.score(model, &x, prepared, &targets, &noise, bars)?;
+
+    // Everything is computed: now write, each file atomically.
+    let t = Instant::now();
+    let (h, w) = ex.size;
+    let mut files = Vec::new();
+    for (k, &c) in ex.classes.iter().enumerate() {
+        let name = if ex.classes.len() == 1 {
+            format!("{stem}.saliency.npy")
+        } else {
+            format!("{stem}.{c}.saliency.npy")
+        };
+        vitcx::output::write_npy_atomic(&a.out.join(&name), &[h, w], &ex.saliency[k])?;
+        files.push(name);
+    }
+    let png = if a.no_overlay {
+        None
+    } else {
+        let label = |c: usize| cfg.labels.get(c).cloned().unwrap_or_default();
+        let c = ex.classes[0];
+        let overlay = vitcx::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
+        let lines = vec![
+            format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
+            format!("ViT-CX  N={} masks  layer {}", ex.n_masks, method.params().layer),
+        ];
+        let picture = vitcx::render::with_legend(&overlay, &lines);
+        let name = format!("{stem}.png");
+        vitcx::render::save_png(&picture, &a.out.join(&name))?;
+        Some(name)
+    };
+    let write_s = t.elapsed().as_secs_f64();
+    let report = report(
+        a,
+        cfg,
+        method,
+        path,
+        (img.width(), img.height()),
+        &ex,
+        &files,
+        png.as_deref(),
+        load_s,
+        write_s,
+        started.elapsed().as_secs_f64(),
+    );
+    vitcx::output::write_json_atomic(&a.out.join(format!("{stem}.json")), &report)?;
+    let c = ex.classes[0];
+    Ok(format!(
+        "{}: class {c} ({}) p={:.3}, N={} masks -> {}",
+        path.display(),
+        cfg.labels.get(c).map(String::as_str).unwrap_or("?"),
+        ex.probs[c],
+        ex.n_masks,
+        a.out.join(&files[0]).display()
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    a: &ExplainArgs,
+    cfg: &ModelConfig,
+    method: &VitCx,
+    path: &Path,
+    (iw, ih): (u32, u32),
+    ex: &Explanation,
+    files: &[String],
+    png: Option<&str>,
+    load_s: f64,
+    write_s: f64,
+    total_s: f64,
+) -> serde_json::Value {
+    let class = |c: usize| {
+        json!({ "id": c, "label": cfg.labels.get(c), "probability": ex.probs[c] })
+    };
+    let targets: Vec<_> = ex
+        .classes
+        .iter()
+        .zip(files)
+        .map(|(&c, f)| {
+            let mut v = class(c);
+            v["saliency"] = json!(f);
+            v
+        })
+        .collect();
+    let mut seconds = serde_json::Map::new();
+    seconds.insert("load_image".into(), json!(load_s));
+    for (stage, s) in &ex.timings {
+        seconds.insert(stage.name().into(), json!(s));
+    }
+    seconds.insert("write".into(), json!(write_s));
+    seconds.insert("total".into(), json!(total_s));
+    let p = &method.params().params;
+    json!({
+        "vitcx_version": env!("CARGO_PKG_VERSION"),
+        "method": "vitcx",
+        "image": path.display().to_string(),
+        "image_size": { "width": iw, "height": ih },
+        "model": {
+            "id": a.model,
+            "format": cfg.format,
+            "family": cfg.family,
+            "architecture": cfg.architecture,
+            "input_size": [cfg.input_size.0, cfg.input_size.1],
+            "num_classes": cfg.num_classes,
+        },
+        "targets": targets,
+        "top5": top_k(&ex.probs, 5).into_iter().map(class).collect::<Vec<_>>(),
+        "n_masks": ex.n_masks,
+        "n_feature_maps": ex.n_feature_maps,
+        "saliency_shape": [ex.size.0, ex.size.1],
+        "overlay": png,
+        "params": {
+            "layer": method.params().layer,
+            "layer_arg": p.layer,
+            "tap": "norm1",
+            "threshold": p.threshold,
+            "noise_std": p.noise_std,
+            "seed": p.seed,
+            "batch": p.batch,
+            "resize": "bilinear, half-pixel centres, no antialiasing, whole image stretched",
+            "mean": cfg.preprocess.mean,
+            "std": cfg.preprocess.std,
+        },
+        "seconds": seconds,
+    })
+}
+

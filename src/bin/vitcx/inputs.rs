@@ -1,0 +1,49 @@
+//! Expands image arguments (files, directories, glob patterns) into a list of files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "bmp", "webp"];
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Files named by `args`, in argument order (directory contents and glob matches sorted).
+/// An existing file is taken whatever its extension (decoding decides); a missing path that
+/// is not a pattern is kept, so that it is reported with the other per-image failures.
+pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        let p = Path::new(a);
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot read directory {a}"))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_image(p))
+                .collect();
+            if files.is_empty() {
+                bail!("directory {a} holds no image ({})", EXTENSIONS.join(", "));
+            }
+            files.sort();
+            out.extend(files);
+        } else if !p.exists() && a.contains(['*', '?', '[']) {
+            let mut files: Vec<PathBuf> = glob::glob(a)
+                .with_context(|| format!("bad glob pattern '{a}'"))?
+                .filter_map(|r| r.ok())
+                .filter(|p| p.is_file())
+                .collect();
+            if files.is_empty() {
+                bail!("pattern '{a}' matches no file");
+            }
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.to_path_buf());
+        }
+    }
+    Ok(out)
+}

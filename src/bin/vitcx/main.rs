@@ -1,0 +1,145 @@
+//! The `vitcx` command: a thin layer over the library (arguments -> checked values -> library
+//! calls -> files and text). Errors print once as `vitcx: <cause chain>` and exit with code 2.
+
+mod args;
+mod explain_cmd;
+mod inputs;
+mod progress;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use args::{Cli, Command, InspectArgs, PredictArgs};
+use vitcx::model::{Backbone, VisionTransformer};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            if is_broken_pipe(&err) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("vitcx: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Explain(a) => explain_cmd::run(a),
+        Command::Predict(a) => predict(a),
+        Command::Inspect(a) => inspect(a),
+    }
+}
+
+/// Resolves `--model` (local path or Hub id) and loads it on the CPU.
+pub fn load_model(arg: &str) -> Result<VisionTransformer> {
+    let opts = vitcx::hub::HubOptions::from_env();
+    let path = vitcx::hub::resolve_model(arg, &opts)?;
+    let model = vitcx::model::load(&path, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot load model '{arg}'"))?;
+    Ok(model)
+}
+
+fn predict(a: PredictArgs) -> Result<ExitCode> {
+    use std::io::Write;
+    let model = load_model(&a.model)?;
+    let cfg = model.config().clone();
+    let (h, w) = model.spec().input_size;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    let mut reports = Vec::new();
+    for path in inputs::expand(&a.images)? {
+        let img = match vitcx::image::load_rgb(&path) {
+            Ok(img) => img,
+            Err(e) => {
+                eprintln!("vitcx: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        let resized = vitcx::image::resize_bilinear(&img, (h, w));
+        let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+        let px = candle_core::Tensor::from_vec(x, (1, 3, h, w), model.device())?;
+        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+        let top = vitcx::explain::top_k(&probs, a.top_k);
+        if a.json {
+            reports.push(serde_json::json!({
+                "image": path.display().to_string(),
+                "top": top.iter().map(|&c| serde_json::json!({
+                    "class": c, "label": cfg.labels.get(c), "probability": probs[c],
+                })).collect::<Vec<_>>(),
+            }));
+        } else {
+            writeln!(out, "{}", path.display())?;
+            for (rank, &c) in top.iter().enumerate() {
+                let label = cfg.labels.get(c).map(String::as_str).unwrap_or("?");
+                writeln!(out, "  {}. {:>5}  {:.4}  {}", rank + 1, c, probs[c], label)?;
+            }
+        }
+    }
+    if a.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&reports)?)?;
+    }
+    Ok(if failed {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    use std::io::Write;
+    let model = load_model(&a.model)?;
+    let cfg = model.config();
+    let spec = model.spec();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let v = serde_json::json!({ "model": a.model, "config": cfg, "spec": spec });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let labels = &cfg.labels;
+    let shown: Vec<&str> = labels.iter().take(5).map(String::as_str).collect();
+    writeln!(out, "model          {}", a.model)?;
+    writeln!(out, "format         {:?}", cfg.format)?;
+    writeln!(out, "family         {:?} ({})", cfg.family, cfg.architecture)?;
+    writeln!(out, "dim            {}", spec.dim)?;
+    writeln!(out, "depth          {} blocks (layers 0..{})", spec.depth, spec.depth.saturating_sub(1))?;
+    writeln!(out, "heads          {}", spec.heads)?;
+    writeln!(out, "mlp dim        {}", cfg.mlp_dim)?;
+    writeln!(out, "patch          {}", spec.patch)?;
+    writeln!(out, "input size     {} x {}", spec.input_size.0, spec.input_size.1)?;
+    writeln!(out, "token grid     {} x {}", spec.grid.0, spec.grid.1)?;
+    writeln!(
+        out,
+        "prefix tokens  {} ({})",
+        spec.num_prefix_tokens,
+        if spec.num_prefix_tokens == 2 { "[CLS], [DIST]" } else { "[CLS]" }
+    )?;
+    writeln!(out, "layer norm eps {:e}", cfg.layer_norm_eps)?;
+    writeln!(out, "mean           {:?}", cfg.preprocess.mean)?;
+    writeln!(out, "std            {:?}", cfg.preprocess.std)?;
+    writeln!(
+        out,
+        "classes        {}: {}{}",
+        spec.num_classes,
+        shown.join(", "),
+        if labels.len() > shown.len() { ", ..." } else { "" }
+    )?;
+    for note in &cfg.notes {
+        writeln!(out, "note           {note}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,172 @@
+//! The gate: vitcx reproduces the ViT-CX reference implementation on the three golden cases
+//! (tests/data/<case>, copied from the reference outputs; see tests/data/README.md).
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use vitcx::explain::{NoProgress, Noise, VitCx, VitCxParams};
+use vitcx::model::Backbone;
+use vitcx::npy::read_npy;
+
+const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
+
+fn case_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(case)
+}
+
+fn manifest(case: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(case_dir(case).join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn range(v: &[f32]) -> f32 {
+    let max = v.iter().cloned().fold(f32::MIN, f32::max);
+    let min = v.iter().cloned().fold(f32::MAX, f32::min);
+    max - min
+}
+
+/// The input the reference used: `image_224.png` through vitcx's own preprocessing.
+fn input(case: &str, model: &vitcx::model::VisionTransformer) -> Vec<f32> {
+    let img = vitcx::image::load_rgb(&case_dir(case).join("image_224.png")).unwrap();
+    let pre = &model.config().preprocess;
+    vitcx::image::to_input(&img, pre.mean, pre.std)
+}
+
+/// For each of our masks, the index of the golden mask it matches (within `tol`), as a permutation.
+fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> Vec<usize> {
+    let plane = ours.h * ours.w;
+    let n = golden.len() / plane;
+    assert_eq!(ours.n, n, "number of masks");
+    let mut used = vec![false; n];
+    (0..n)
+        .map(|i| {
+            let (j, d) = (0..n)
+                .filter(|&j| !used[j])
+                .map(|j| (j, max_abs_diff(ours.mask(i), &golden[j * plane..(j + 1) * plane])))
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .unwrap();
+            assert!(d < tol, "mask {i}: nearest golden mask {j} differs by {d}");
+            used[j] = true;
+            j
+        })
+        .collect()
+}
+
+#[test]
+fn input_matches_reference_preprocessing() {
+    for case in CASES {
+        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let x = input(case, &model);
+        let golden = read_npy(case_dir(case).join("input.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&x, &golden);
+        assert!(d < 1e-6, "{case}: input differs by {d}");
+    }
+}
+
+#[test]
+fn sigma0_reproduces_reference() {
+    for case in CASES {
+        let m = manifest(case);
+        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        assert_eq!(
+            model.spec().num_prefix_tokens as u64,
+            m["num_tokens_skipped"].as_u64().unwrap()
+        );
+        let x = input(case, &model);
+        let params = VitCxParams {
+            noise_std: 0.0,
+            ..Default::default()
+        };
+        let method = VitCx::new(&params, &model).unwrap();
+        let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
+
+        let probs = read_npy(case_dir(case).join("probs.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&prepared.probs, &probs);
+        assert!(d < 1e-5, "{case}: probs differ by {d}");
+        let fm = read_npy(case_dir(case).join("feature_map.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&prepared.feature_maps, &fm);
+        assert!(d < 1e-5, "{case}: feature maps differ by {d}");
+
+        assert_eq!(prepared.masks.n as u64, m["N_masks"].as_u64().unwrap(), "{case}: N");
+        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+        match_masks(&prepared.masks, &golden_masks, 1e-5);
+
+        let target = m["target"].as_u64().unwrap() as usize;
+        let ex = method
+            .score(&model, &x, prepared, &[target], &Noise::Seeded(0), &mut NoProgress)
+            .unwrap();
+        let golden = read_npy(case_dir(case).join("saliency_sigma0.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&ex.saliency[0], &golden);
+        let r = range(&golden);
+        eprintln!("{case}: sigma 0 saliency max diff {d:e} (range {r:e})");
+        assert!(d <= 1e-5 * r, "{case}: saliency differs by {d} (range {r})");
+    }
+}
+
+#[test]
+fn stored_noise_reproduces_reference() {
+    for case in CASES {
+        let m = manifest(case);
+        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let x = input(case, &model);
+        let params = VitCxParams {
+            noise_std: m["noise_sigma"].as_f64().unwrap() as f32,
+            batch: 7, // odd on purpose: the result must not depend on batching
+            ..Default::default()
+        };
+        let method = VitCx::new(&params, &model).unwrap();
+        let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
+        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+        let perm = match_masks(&prepared.masks, &golden_masks, 1e-5);
+        let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
+        let len = x.len();
+        let draws = perm
+            .iter()
+            .map(|&j| noise[j * len..(j + 1) * len].to_vec())
+            .collect();
+        let target = m["target"].as_u64().unwrap() as usize;
+        let ex = method
+            .score(&model, &x, prepared, &[target], &Noise::Given(draws), &mut NoProgress)
+            .unwrap();
+        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&ex.saliency[0], &golden);
+        let r = range(&golden);
+        eprintln!("{case}: sigma 0.1 saliency max diff {d:e} (range {r:e})");
+        assert!(d <= 1e-5 * r, "{case}: saliency differs by {d} (range {r})");
+    }
+}
+
+#[test]
+fn seeded_noise_is_reproducible_and_close_to_reference() {
+    let case = "vit_hf";
+    let m = manifest(case);
+    let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+    let x = input(case, &model);
+    let method = VitCx::new(&VitCxParams::default(), &model).unwrap();
+    let a = method.explain(&model, &x, &[], &mut NoProgress).unwrap();
+    let b = method.explain(&model, &x, &[], &mut NoProgress).unwrap();
+    assert_eq!(a.saliency, b.saliency, "same seed, same map");
+    assert_eq!(a.classes[0] as u64, m["target"].as_u64().unwrap());
+    let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy")).unwrap().to_f32();
+    let r = pearson(&a.saliency[0], &golden);
+    assert!(r > 0.95, "another noise draw keeps the map: pearson {r}");
+}
+
+fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len() as f64;
+    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt()
+}
