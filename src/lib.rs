@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod model;
+pub mod image;
 pub mod npy;
+pub mod render;
 
 pub use error::{Error, Result};
