@@ -79,7 +79,9 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         // its missing part grey. Refuse any JPEG whose scan data does not reach an EOI marker.
         check_jpeg_complete(&bytes).map_err(|reason| image_err(path, reason))?;
     }
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(path, e))?;
     img.apply_orientation(orientation);
     Ok(img.into_rgb8())
@@ -343,7 +345,7 @@ mod tests {
             };
             let img = load_rgb(&data(&format!("{case}/image_224.png"))).unwrap();
             let ours = to_input(&img, arr("mean"), arr("std"));
-            let want = crate::npy::read_npy(&data(&format!("{case}/input.npy"))).unwrap();
+            let want = crate::npy::read_npy(data(&format!("{case}/input.npy"))).unwrap();
             assert_eq!(want.shape, vec![3, 224, 224]);
             let want = want.to_f32();
             assert_eq!(ours.len(), want.len());
@@ -424,7 +426,11 @@ mod tests {
         for &byte in kind.iter().chain(body) {
             c ^= u32::from(byte);
             for _ in 0..8 {
-                c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
             }
         }
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());

@@ -6,8 +6,8 @@
 //! impact. vitcx reproduces the reference implementation number for number.
 
 pub mod error;
-pub mod model;
 pub mod image;
+pub mod model;
 pub mod npy;
 pub mod render;
 
