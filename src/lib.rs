@@ -6,8 +6,10 @@
 //! impact. vitcx reproduces the reference implementation number for number.
 
 pub mod error;
+pub mod image;
 pub mod model;
 pub mod npy;
+pub mod render;
 
 pub use error::{Error, Result};
 pub mod explain;

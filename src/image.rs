@@ -1,0 +1,493 @@
+//! Image input and preprocessing: decode a file to RGB8, resize it exactly as the ViT-CX
+//! reference does (OpenCV `cv2.resize`, `INTER_LINEAR`), and normalise it into the model's
+//! `(3, H, W)` input.
+//!
+//! Paper: Xie et al., "ViT-CX: Causal Explanation of Vision Transformers", IJCAI 2023,
+//! <https://arxiv.org/abs/2211.03064>.
+
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
+
+use crate::{Error, Result};
+
+/// Largest image accepted (decompression-bomb guard).
+pub const MAX_PIXELS: u64 = 100_000_000;
+
+/// `INTER_RESIZE_COEF_BITS` in OpenCV: interpolation weights are quantised to 11 bits.
+const COEF_BITS: u32 = 11;
+const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
+
+fn image_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Image {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn decode_err(path: &Path, err: ImageError) -> Error {
+    match err {
+        ImageError::Unsupported(e) => image_err(path, format!("unsupported image: {e}")),
+        ImageError::Limits(e) => image_err(path, format!("image too large: {e}")),
+        ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            image_err(path, "truncated image data; expected a complete file")
+        }
+        e => image_err(path, format!("corrupt image data: {e}")),
+    }
+}
+
+/// Decodes an image file to RGB8 (grey, alpha, 16-bit converted), checking dimensions from the header BEFORE decoding.
+///
+/// The format is recognised from the file's content (PNG, JPEG, BMP, WebP), not its name.
+/// Alpha is dropped (not blended), as `cv2.imread(..., IMREAD_COLOR)` in the reference does; the
+/// EXIF orientation is applied, as `cv2.imread` also does. A missing or unreadable file is
+/// [`Error::Io`]; anything wrong with the content (unknown format, corrupt or truncated data,
+/// zero size, more than [`MAX_PIXELS`] pixels) is [`Error::Image`].
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut reader = ImageReader::new(std::io::Cursor::new(bytes.as_slice()))
+        .with_guessed_format()
+        .map_err(|e| Error::io(path, e))?;
+    let format = reader.format().ok_or_else(|| {
+        image_err(
+            path,
+            "unknown image format; expected png, jpeg, bmp or webp",
+        )
+    })?;
+    let mut limits = Limits::default();
+    // Our own pixel bound is checked below; this only caps the decoder's buffers at the most a
+    // MAX_PIXELS image can need (16-bit RGBA), plus slack for metadata.
+    limits.max_alloc = Some(MAX_PIXELS * 8 + (64 << 20));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(|e| decode_err(path, e))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(image_err(
+            path,
+            format!("image is {w}x{h}; expected a non-empty image"),
+        ));
+    }
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_PIXELS {
+        return Err(image_err(
+            path,
+            format!("image is {w}x{h} = {pixels} pixels; at most {MAX_PIXELS} are accepted"),
+        ));
+    }
+    if format == image::ImageFormat::Jpeg {
+        // image 0.25 runs zune-jpeg in lenient mode: a JPEG cut short decodes "successfully" with
+        // its missing part grey. Refuse any JPEG whose scan data does not reach an EOI marker.
+        check_jpeg_complete(&bytes).map_err(|reason| image_err(path, reason))?;
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode_err(path, e))?;
+    img.apply_orientation(orientation);
+    Ok(img.into_rgb8())
+}
+
+/// Walks a JPEG's marker segments and entropy-coded scans; fails unless an EOI marker is reached
+/// after at least one scan. EXIF thumbnails sit inside APPn segments, which are skipped whole,
+/// so their own EOI cannot hide a truncated main image.
+fn check_jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
+    const TRUNCATED: &str = "truncated jpeg: data ends before the end-of-image marker";
+    if b.len() < 4 || b[0] != 0xFF || b[1] != 0xD8 {
+        return Err("corrupt jpeg: missing start-of-image marker".into());
+    }
+    let mut i = 2;
+    let mut scans = 0usize;
+    loop {
+        // Find the next marker (skip fill bytes 0xFF).
+        if i >= b.len() {
+            return Err(TRUNCATED.into());
+        }
+        if b[i] != 0xFF {
+            return Err(format!("corrupt jpeg: expected a marker at byte {i}"));
+        }
+        while i < b.len() && b[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&marker) = b.get(i) else {
+            return Err(TRUNCATED.into());
+        };
+        i += 1;
+        match marker {
+            0xD9 => {
+                return if scans > 0 {
+                    Ok(())
+                } else {
+                    Err("corrupt jpeg: end-of-image marker before any scan".into())
+                };
+            }
+            0x01 | 0xD0..=0xD7 => continue, // no length field
+            _ => {}
+        }
+        let len = match (b.get(i), b.get(i + 1)) {
+            (Some(&hi), Some(&lo)) => usize::from(hi) << 8 | usize::from(lo),
+            _ => return Err(TRUNCATED.into()),
+        };
+        if len < 2 {
+            return Err(format!("corrupt jpeg: segment length {len} at byte {i}"));
+        }
+        i += len;
+        if i > b.len() {
+            return Err(TRUNCATED.into());
+        }
+        if marker == 0xDA {
+            scans += 1;
+            // Entropy-coded data: 0xFF00 is a stuffed byte, 0xFFD0..D7 a restart marker;
+            // any other 0xFF xx is the next marker.
+            loop {
+                let Some(off) = b[i..].iter().position(|&x| x == 0xFF) else {
+                    return Err(TRUNCATED.into());
+                };
+                i += off;
+                match b.get(i + 1) {
+                    None => return Err(TRUNCATED.into()),
+                    Some(0x00) | Some(0xD0..=0xD7) | Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Per destination index along one axis: the left source index and its 11-bit weights
+/// `(1 - f, f)`, computed as OpenCV's `resize` does for `INTER_LINEAR` (float coordinate,
+/// clamped at the borders, weights rounded half to even).
+fn linear_taps(src: usize, dst: usize) -> Vec<(usize, i32, i32)> {
+    let scale = src as f64 / dst as f64;
+    (0..dst)
+        .map(|d| {
+            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
+            let s = f.floor();
+            let mut frac = f - s;
+            let mut s = s as i64;
+            if s < 0 {
+                s = 0;
+                frac = 0.0;
+            }
+            if s >= src as i64 - 1 {
+                s = src as i64 - 1;
+                frac = 0.0;
+            }
+            let a0 = ((1.0 - frac) * COEF_SCALE).round_ties_even() as i32;
+            let a1 = (frac * COEF_SCALE).round_ties_even() as i32;
+            // s is clamped to 0..src above, so the cast is exact.
+            (s as usize, a0, a1)
+        })
+        .collect()
+}
+
+/// Resizes like OpenCV `cv2.resize(..., interpolation=INTER_LINEAR)`: bilinear, half-pixel centres
+/// (src = (dst + 0.5) * scale - 0.5, clamped at the borders), no antialiasing, rounded to u8. `size` is (H, W).
+///
+/// It follows OpenCV's 8-bit fixed-point path bit for bit: weights quantised to 11 bits, a
+/// horizontal pass into integers, then the vertical pass of OpenCV's SIMD kernel
+/// (`VResizeLinearVec_32s8u`: rows shifted right by 4, `(b * s) >> 16` per row, then
+/// `(sum + 2) >> 2`), which is what the reference's `cv2.resize` runs on x86 and ARM.
+/// A zero `size` or an empty input gives an empty image.
+pub fn resize_bilinear(img: &RgbImage, size: (usize, usize)) -> RgbImage {
+    let (dh, dw) = size;
+    let (sw, sh) = (img.width() as usize, img.height() as usize);
+    let (Ok(out_w), Ok(out_h)) = (u32::try_from(dw), u32::try_from(dh)) else {
+        return RgbImage::new(0, 0);
+    };
+    if dh == 0 || dw == 0 || sw == 0 || sh == 0 {
+        return RgbImage::new(0, 0);
+    }
+    let xt = linear_taps(sw, dw);
+    let yt = linear_taps(sh, dh);
+    let src = img.as_raw();
+    let hrow = |y: usize| -> Vec<i32> {
+        let row = &src[y * sw * 3..(y + 1) * sw * 3];
+        let mut out = Vec::with_capacity(dw * 3);
+        for &(sx, a0, a1) in &xt {
+            let nx = (sx + 1).min(sw - 1);
+            for c in 0..3 {
+                out.push(i32::from(row[sx * 3 + c]) * a0 + i32::from(row[nx * 3 + c]) * a1);
+            }
+        }
+        out
+    };
+    let mut out = Vec::with_capacity(dh * dw * 3);
+    for &(sy, b0, b1) in &yt {
+        let r0 = hrow(sy);
+        let r1 = hrow((sy + 1).min(sh - 1));
+        for (s0, s1) in r0.iter().zip(&r1) {
+            let t = ((b0 * (s0 >> 4)) >> 16) + ((b1 * (s1 >> 4)) >> 16);
+            out.push(((t + 2) >> 2).clamp(0, 255) as u8);
+        }
+    }
+    // The buffer holds exactly out_w * out_h * 3 bytes by construction.
+    RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(0, 0))
+}
+
+/// Scales to [0, 1] and normalises per channel: (v / 255 - mean) / std, as f32, laid out (3, H, W).
+///
+/// `mean` and `std` come from the checkpoint's configuration; a zero `std` gives infinities,
+/// so callers validate it when reading the configuration.
+pub fn to_input(img: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let hw = img.width() as usize * img.height() as usize;
+    let mut out = vec![0f32; 3 * hw];
+    for (i, px) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * hw + i] = (f32::from(px.0[c]) / 255.0 - mean[c]) / std[c];
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn data(rel: &str) -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/")).join(rel)
+    }
+
+    fn from_rows(w: u32, h: u32, grey: &[u8]) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let v = grey[(y * w + x) as usize];
+            image::Rgb([v, v, v])
+        })
+    }
+
+    fn grey(img: &RgbImage) -> Vec<u8> {
+        img.pixels().map(|p| p.0[0]).collect()
+    }
+
+    #[test]
+    fn resize_identity_at_same_size() {
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([(x * 30) as u8, (y * 50) as u8, 9]));
+        assert_eq!(resize_bilinear(&img, (5, 7)), img);
+    }
+
+    #[test]
+    fn resize_2x2_to_4x4_matches_opencv() {
+        // cv2.resize(np.array([[0,100],[200,40]], np.uint8), (4,4)) (weights 1, .75/.25, .25/.75, 1)
+        let img = from_rows(2, 2, &[0, 100, 200, 40]);
+        let out = resize_bilinear(&img, (4, 4));
+        assert_eq!(
+            grey(&out),
+            vec![0, 25, 75, 100, 50, 59, 76, 85, 150, 126, 79, 55, 200, 160, 80, 40]
+        );
+    }
+
+    #[test]
+    fn resize_downscale_averages_pairs() {
+        // 4 -> 2: source coordinates 0.5 and 2.5, so each output is the mean of a pair.
+        let img = from_rows(4, 1, &[10, 20, 100, 201]);
+        let out = resize_bilinear(&img, (1, 2));
+        assert_eq!(grey(&out), vec![15, 151]);
+        // Non-square aspect: (H, W) order respected.
+        let out = resize_bilinear(&img, (3, 2));
+        assert_eq!((out.width(), out.height()), (2, 3));
+    }
+
+    #[test]
+    fn resize_empty_sizes_do_not_panic() {
+        let img = from_rows(2, 2, &[1, 2, 3, 4]);
+        assert_eq!(resize_bilinear(&img, (0, 3)).len(), 0);
+        assert_eq!(resize_bilinear(&RgbImage::new(0, 0), (3, 3)).len(), 0);
+    }
+
+    fn manifest(case: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(data(&format!("{case}/manifest.json"))).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
+
+    #[test]
+    fn golden_resize_of_originals() {
+        for case in CASES {
+            let m = manifest(case);
+            let src = m["image_source"].as_str().unwrap();
+            let orig = load_rgb(&data(&format!("images/{src}"))).unwrap();
+            let ours = resize_bilinear(&orig, (224, 224));
+            let want = load_rgb(&data(&format!("{case}/image_224.png"))).unwrap();
+            assert_eq!(ours.dimensions(), want.dimensions());
+            let diffs: Vec<u8> = ours
+                .as_raw()
+                .iter()
+                .zip(want.as_raw())
+                .map(|(a, b)| a.abs_diff(*b))
+                .collect();
+            let within = diffs.iter().filter(|&&d| d <= 2).count() as f64 / diffs.len() as f64;
+            let exact = diffs.iter().filter(|&&d| d == 0).count() as f64 / diffs.len() as f64;
+            let max = diffs.iter().copied().max().unwrap();
+            eprintln!(
+                "{case}: {}x{} -> within 2: {:.4}%, exact: {:.4}%, max diff {max}",
+                orig.width(),
+                orig.height(),
+                within * 100.0,
+                exact * 100.0
+            );
+            assert!(within >= 0.99, "{case}: only {within} within 2 grey levels");
+        }
+    }
+
+    #[test]
+    fn golden_to_input() {
+        for case in CASES {
+            let m = manifest(case);
+            let arr = |k: &str| -> [f32; 3] {
+                let v: Vec<f32> = m[k]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect();
+                [v[0], v[1], v[2]]
+            };
+            let img = load_rgb(&data(&format!("{case}/image_224.png"))).unwrap();
+            let ours = to_input(&img, arr("mean"), arr("std"));
+            let want = crate::npy::read_npy(data(&format!("{case}/input.npy"))).unwrap();
+            assert_eq!(want.shape, vec![3, 224, 224]);
+            let want = want.to_f32();
+            assert_eq!(ours.len(), want.len());
+            let max = ours
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max <= 1e-6, "{case}: max |diff| {max}");
+        }
+    }
+
+    fn tmp() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    #[test]
+    fn missing_file_is_io_error() {
+        let err = load_rgb(Path::new("/nonexistent/dir/x.png")).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_format_is_image_error() {
+        let dir = tmp();
+        let p = dir.path().join("notes.png");
+        std::fs::write(&p, b"this is not an image at all").unwrap();
+        let err = load_rgb(&p).unwrap_err();
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+        let p = dir.path().join("empty.jpg");
+        std::fs::write(&p, b"").unwrap();
+        assert!(matches!(load_rgb(&p).unwrap_err(), Error::Image { .. }));
+    }
+
+    fn truncated(src: &Path, name: &str) -> Error {
+        let bytes = std::fs::read(src).unwrap();
+        let dir = tmp();
+        let p = dir.path().join(name);
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        load_rgb(&p).unwrap_err()
+    }
+
+    #[test]
+    fn truncated_jpeg_is_error() {
+        let err = truncated(&data("images/goldfish.jpg"), "half.jpg");
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // Cut just before the final EOI marker too.
+        let bytes = std::fs::read(data("images/ILSVRC2012_val_00026771.JPEG")).unwrap();
+        let dir = tmp();
+        let p = dir.path().join("noeoi.jpg");
+        std::fs::write(&p, &bytes[..bytes.len() - 2]).unwrap();
+        assert!(matches!(load_rgb(&p).unwrap_err(), Error::Image { .. }));
+    }
+
+    #[test]
+    fn truncated_png_is_error() {
+        let err = truncated(&data("vit_timm/image_224.png"), "half.png");
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+    }
+
+    #[test]
+    fn corrupt_jpeg_body_does_not_panic() {
+        let mut bytes = std::fs::read(data("images/goldfish.jpg")).unwrap();
+        let n = bytes.len();
+        for b in &mut bytes[n / 3..n / 3 + 200] {
+            *b = 0x5A;
+        }
+        let dir = tmp();
+        let p = dir.path().join("garbled.jpg");
+        std::fs::write(&p, &bytes).unwrap();
+        // Lenient decoders may still produce pixels; what matters is no panic.
+        let _ = load_rgb(&p);
+    }
+
+    fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], body: &[u8]) {
+        let mut c = 0xFFFF_FFFFu32;
+        for &byte in kind.iter().chain(body) {
+            c ^= u32::from(byte);
+            for _ in 0..8 {
+                c = if c & 1 != 0 {
+                    0xEDB8_8320 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(kind);
+        out.extend_from_slice(body);
+        out.extend_from_slice(&(!c).to_be_bytes());
+    }
+
+    /// A tiny PNG whose IHDR claims `w x h` RGB8 pixels, followed by an (empty) IDAT and IEND.
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        let mut ihdr = w.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&h.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        png_chunk(&mut out, b"IHDR", &ihdr);
+        png_chunk(&mut out, b"IDAT", &[]);
+        png_chunk(&mut out, b"IEND", &[]);
+        out
+    }
+
+    #[test]
+    fn oversized_png_rejected_from_header() {
+        let dir = tmp();
+        let p = dir.path().join("bomb.png");
+        std::fs::write(&p, png_header(20_000, 20_000)).unwrap();
+        let err = load_rgb(&p).unwrap_err();
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+        assert!(err.to_string().contains("400000000 pixels"), "{err}");
+    }
+
+    #[test]
+    fn zero_size_png_rejected() {
+        let dir = tmp();
+        let p = dir.path().join("zero.png");
+        std::fs::write(&p, png_header(0, 10)).unwrap();
+        let err = load_rgb(&p).unwrap_err();
+        assert!(matches!(err, Error::Image { .. }), "{err}");
+    }
+
+    #[test]
+    fn grey_alpha_and_16bit_become_rgb8() {
+        let dir = tmp();
+        let p = dir.path().join("la16.png");
+        let img = image::ImageBuffer::<image::LumaA<u16>, _>::from_fn(3, 2, |x, _| {
+            image::LumaA([if x == 0 { 0 } else { 65535 }, 1000])
+        });
+        img.save(&p).unwrap();
+        let rgb = load_rgb(&p).unwrap();
+        assert_eq!(rgb.dimensions(), (3, 2));
+        assert_eq!(rgb.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(rgb.get_pixel(2, 1).0, [255, 255, 255]);
+    }
+
+    #[test]
+    fn to_input_layout_is_channel_first() {
+        let img = RgbImage::from_fn(2, 1, |x, _| image::Rgb([255 * x as u8, 0, 51]));
+        let v = to_input(&img, [0.5, 0.0, 0.0], [0.5, 1.0, 2.0]);
+        assert_eq!(v, vec![-1.0, 1.0, 0.0, 0.0, 0.1, 0.1]);
+    }
+}
