@@ -5,8 +5,11 @@
 //! are merged by clustering, and the model is run on each masked image to score its causal
 //! impact. vitcx reproduces the reference implementation number for number.
 
+pub mod cluster;
 pub mod error;
+pub mod mask;
 pub mod model;
 pub mod npy;
+pub mod score;
 
 pub use error::{Error, Result};
