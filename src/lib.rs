@@ -4,13 +4,23 @@
 //! caused a ViT's prediction: the patch tokens of one layer become masks, near-duplicate masks
 //! are merged by clustering, and the model is run on each masked image to score its causal
 //! impact. vitcx reproduces the reference implementation number for number.
+//!
+//! The modules follow the pipeline: [`image`] (decode, resize, normalise) -> [`model`]
+//! (checkpoint loading, one forward pass for prediction and tokens) -> [`mask`] (feature maps to
+//! masks, similarities) -> [`cluster`] (complete linkage) -> [`score`] (causal scores, coverage
+//! correction) -> [`explain`] (the method, wiring the stages) -> [`render`] / [`output`] (files).
 
+pub mod cluster;
 pub mod error;
+pub mod explain;
+pub mod hub;
 pub mod image;
+pub mod mask;
 pub mod model;
 pub mod npy;
+pub mod output;
 pub mod render;
+pub mod score;
 
 pub use error::{Error, Result};
-pub mod explain;
-pub mod output;
+pub use explain::{Explanation, Noise, VitCx, VitCxParams};
