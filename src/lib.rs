@@ -6,6 +6,7 @@
 //! impact. vitcx reproduces the reference implementation number for number.
 
 pub mod error;
+pub mod hub;
 pub mod model;
 pub mod npy;
 
