@@ -1,0 +1,459 @@
+//! Resolves a `--model` argument to local files: an existing path as is, else a Hugging Face Hub
+//! id looked up in the local Hub cache and downloaded into it when missing (unless offline).
+//!
+//! The cache layout is the one `huggingface_hub` (Python) and `hf-hub` (Rust) share:
+//! `<cache>/models--owner--name/refs/<revision>` holds a commit hash and
+//! `<cache>/models--owner--name/snapshots/<hash>/` holds the files, so a model downloaded by
+//! `transformers` or `timm` is found without a network.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::{Error, Result};
+
+/// The file every model directory must hold.
+const CONFIG: &str = "config.json";
+/// Weight files in order of preference.
+const WEIGHTS: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
+/// Optional HF image-processor settings, fetched when the repo has them.
+const PREPROCESSOR: &str = "preprocessor_config.json";
+/// The revision used when an id has no `@revision`.
+const DEFAULT_REVISION: &str = "main";
+/// The forms `resolve_model` accepts, quoted in errors.
+const ACCEPTED: &str = "expected an existing local directory or file, or a hub id \
+'owner/name' or 'owner/name@revision' (e.g. google/vit-base-patch16-224)";
+
+/// Where and how to look for Hub models; `from_env()` honours HF_HUB_CACHE, HF_HOME (then
+/// $HOME/.cache/huggingface), HF_HUB_OFFLINE (1/true/yes/on).
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// The Hub cache directory (the one holding `models--owner--name/`).
+    pub cache_dir: PathBuf,
+    /// Never touch the network: a model not in the cache is an error.
+    pub offline: bool,
+}
+
+impl HubOptions {
+    /// Options from the process environment, with the same precedence as `huggingface_hub`.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// Options from any environment lookup; `from_env` with the lookup made testable.
+    /// Empty values count as unset.
+    pub fn from_lookup(env: impl Fn(&str) -> Option<String>) -> Self {
+        let var = |key: &str| env(key).filter(|v| !v.trim().is_empty());
+        let cache_dir = if let Some(dir) = var("HF_HUB_CACHE") {
+            PathBuf::from(dir)
+        } else if let Some(home) = var("HF_HOME") {
+            PathBuf::from(home).join("hub")
+        } else {
+            // USERPROFILE covers Windows; with no home at all, fall back to the working directory.
+            let home = var("HOME")
+                .or_else(|| var("USERPROFILE"))
+                .unwrap_or_else(|| ".".to_string());
+            PathBuf::from(home)
+                .join(".cache")
+                .join("huggingface")
+                .join("hub")
+        };
+        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "1" | "true" | "yes" | "on"
+            )
+        });
+        HubOptions { cache_dir, offline }
+    }
+}
+
+/// A model argument: an existing local path (directory or file) is used as is; otherwise a Hub id
+/// `owner/name` (optionally `owner/name@revision`) is looked up in the cache
+/// (models--owner--name/refs/<rev> -> snapshots/<hash>/), and downloaded (config.json, then
+/// model.safetensors or else pytorch_model.bin, and preprocessor_config.json if present) when
+/// missing and not offline. Returns the local directory (or file) to load.
+pub fn resolve_model(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let path = Path::new(arg);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if looks_like_path(arg) {
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            reason: "no such file or directory; pass an existing model directory \
+                     (config.json + model.safetensors) or file, or a hub id 'owner/name'"
+                .to_string(),
+        });
+    }
+    let id = HubId::parse(arg)?;
+    if let Some(dir) = cached_snapshot(&id, &opts.cache_dir) {
+        return Ok(dir);
+    }
+    let hint = "pass a local directory with config.json and model.safetensors";
+    if opts.offline {
+        return Err(Error::Hub {
+            id: arg.to_string(),
+            reason: format!(
+                "not in the hub cache at {} and HF_HUB_OFFLINE is set; run once without \
+                 HF_HUB_OFFLINE=1 to download it, or {hint}",
+                opts.cache_dir.display()
+            ),
+        });
+    }
+    download(&id, &opts.cache_dir).map_err(|reason| Error::Hub {
+        id: arg.to_string(),
+        reason: format!(
+            "download into {} failed: {reason}; check the id and your network (set HF_TOKEN \
+             for gated models), or {hint}",
+            opts.cache_dir.display()
+        ),
+    })
+}
+
+/// True for arguments that can only mean a local path, so a typo is reported as a missing file
+/// instead of as a failed Hub lookup.
+fn looks_like_path(arg: &str) -> bool {
+    let lower = arg.to_ascii_lowercase();
+    let bytes = arg.as_bytes();
+    let windows_drive = bytes.len() >= 2 && bytes[0].is_ascii_alphabetic() && bytes[1] == b':';
+    arg == "."
+        || arg == ".."
+        || arg.starts_with("./")
+        || arg.starts_with("../")
+        || arg.starts_with('/')
+        || arg.starts_with('~')
+        || arg.contains('\\')
+        || windows_drive
+        || arg.ends_with('/')
+        || [".safetensors", ".bin", ".pth", ".pt", ".json", ".npz"]
+            .iter()
+            .any(|ext| lower.ends_with(ext))
+}
+
+/// A parsed Hub model id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HubId {
+    /// `owner/name`.
+    repo: String,
+    /// Branch, tag or commit hash.
+    revision: String,
+}
+
+impl HubId {
+    /// Parses `owner/name` or `owner/name@revision`.
+    fn parse(arg: &str) -> Result<Self> {
+        let bad = |why: &str| Error::Hub {
+            id: arg.to_string(),
+            reason: format!("{why}; {ACCEPTED}"),
+        };
+        let (repo, revision) = match arg.split_once('@') {
+            Some((repo, rev)) => (repo, rev),
+            None => (arg, DEFAULT_REVISION),
+        };
+        if revision.is_empty() || revision.contains('@') {
+            return Err(bad("empty or repeated '@revision'"));
+        }
+        if revision.contains("..") || revision.chars().any(|c| c.is_whitespace() || c == '\\') {
+            return Err(bad(
+                "revision has characters a branch, tag or commit cannot have",
+            ));
+        }
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() != 2 {
+            return Err(bad("not a local path and not of the form 'owner/name'"));
+        }
+        for part in &parts {
+            let valid_chars = part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            let valid_ends = !part.starts_with(['-', '.']) && !part.ends_with(['-', '.']);
+            if part.is_empty()
+                || part.len() > 96
+                || !valid_chars
+                || !valid_ends
+                || part.contains("..")
+            {
+                return Err(bad(&format!(
+                    "'{part}' is not a valid owner or name (letters, digits, '-', '_', '.')"
+                )));
+            }
+        }
+        Ok(HubId {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        })
+    }
+
+    /// The `hf-hub` repo handle for this id.
+    fn hf_repo(&self) -> Repo {
+        Repo::with_revision(self.repo.clone(), RepoType::Model, self.revision.clone())
+    }
+}
+
+/// The cached snapshot directory of `id` if it holds config.json and a weight file.
+fn cached_snapshot(id: &HubId, cache_dir: &Path) -> Option<PathBuf> {
+    let repo_dir = cache_dir.join(id.hf_repo().folder_name());
+    let snapshots = repo_dir.join("snapshots");
+    // A full commit hash names a snapshot directly; branches and tags go through refs/.
+    let is_commit = id.revision.len() == 40 && id.revision.chars().all(|c| c.is_ascii_hexdigit());
+    let hash = if is_commit && snapshots.join(&id.revision).is_dir() {
+        id.revision.clone()
+    } else {
+        let text = std::fs::read_to_string(repo_dir.join("refs").join(&id.revision)).ok()?;
+        text.trim().to_string()
+    };
+    if hash.is_empty() || hash.contains(['/', '\\']) || hash == "." || hash == ".." {
+        return None;
+    }
+    let dir = snapshots.join(hash);
+    let complete = dir.join(CONFIG).is_file() && WEIGHTS.iter().any(|w| dir.join(w).is_file());
+    complete.then_some(dir)
+}
+
+/// Downloads config, weights and (if present) the preprocessor config into the cache, returning
+/// the snapshot directory; the error is a one-line reason.
+fn download(id: &HubId, cache_dir: &Path) -> std::result::Result<PathBuf, String> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+        .with_progress(std::io::stderr().is_terminal());
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| e.to_string())?;
+    let repo = api.repo(id.hf_repo());
+    let config = repo
+        .get(CONFIG)
+        .map_err(|e| format!("fetching {CONFIG}: {e}"))?;
+    let mut failures = Vec::new();
+    let mut have_weights = false;
+    for name in WEIGHTS {
+        match repo.get(name) {
+            Ok(_) => {
+                have_weights = true;
+                break;
+            }
+            Err(e) => failures.push(format!("{name}: {e}")),
+        }
+    }
+    if !have_weights {
+        return Err(format!(
+            "no weights found ({}); vitcx reads model.safetensors or pytorch_model.bin",
+            failures.join("; ")
+        ));
+    }
+    // Optional: many timm repos have no preprocessor config, so a failure here is not an error.
+    let _ = repo.get(PREPROCESSOR);
+    config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| format!("downloaded {} has no parent directory", config.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const HASH: &str = "0123456789abcdef0123456789abcdef01234567";
+    const HASH2: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+    /// Writes a fake cached snapshot `hash` of google/vit-base-patch16-224, referenced by `rev`.
+    fn fake_cache(root: &Path, rev: &str, hash: &str, weights: &str) -> PathBuf {
+        let repo = root.join("models--google--vit-base-patch16-224");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs").join(rev), format!("{hash}\n")).unwrap();
+        let snap = repo.join("snapshots").join(hash);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join(CONFIG), "{}").unwrap();
+        std::fs::write(snap.join(weights), b"x").unwrap();
+        snap
+    }
+
+    fn offline(dir: &Path) -> HubOptions {
+        HubOptions {
+            cache_dir: dir.to_path_buf(),
+            offline: true,
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn resolves_cached_main() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = fake_cache(tmp.path(), "main", HASH, "model.safetensors");
+        let got = resolve_model("google/vit-base-patch16-224", &offline(tmp.path())).unwrap();
+        assert_eq!(got, snap);
+        assert!(got.join("config.json").is_file());
+    }
+
+    #[test]
+    fn resolves_cached_without_offline_and_no_network() {
+        // A complete cache entry must be used without any download attempt.
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = fake_cache(tmp.path(), "main", HASH, "pytorch_model.bin");
+        let opts = HubOptions {
+            cache_dir: tmp.path().to_path_buf(),
+            offline: false,
+        };
+        assert_eq!(
+            resolve_model("google/vit-base-patch16-224", &opts).unwrap(),
+            snap
+        );
+    }
+
+    #[test]
+    fn resolves_revision_branch_and_commit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let main = fake_cache(tmp.path(), "main", HASH, "model.safetensors");
+        let v2 = fake_cache(tmp.path(), "v2", HASH2, "model.safetensors");
+        let opts = offline(tmp.path());
+        assert_eq!(
+            resolve_model("google/vit-base-patch16-224@v2", &opts).unwrap(),
+            v2
+        );
+        assert_eq!(
+            resolve_model(&format!("google/vit-base-patch16-224@{HASH}"), &opts).unwrap(),
+            main
+        );
+        let err = resolve_model("google/vit-base-patch16-224@v3", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("HF_HUB_OFFLINE"), "{err}");
+    }
+
+    #[test]
+    fn incomplete_snapshot_is_not_cached() {
+        let tmp = tempfile::tempdir().unwrap();
+        let snap = fake_cache(tmp.path(), "main", HASH, "model.safetensors");
+        std::fs::remove_file(snap.join("model.safetensors")).unwrap();
+        assert!(resolve_model("google/vit-base-patch16-224", &offline(tmp.path())).is_err());
+    }
+
+    #[test]
+    fn offline_missing_says_what_to_do() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = resolve_model("google/vit-base-patch16-224", &offline(tmp.path())).unwrap_err();
+        assert!(matches!(err, Error::Hub { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("HF_HUB_OFFLINE"), "{msg}");
+        assert!(msg.contains(&tmp.path().display().to_string()), "{msg}");
+        assert!(msg.contains("google/vit-base-patch16-224"), "{msg}");
+        assert!(msg.contains("local directory"), "{msg}");
+    }
+
+    #[test]
+    fn local_dir_and_file_pass_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("model.safetensors");
+        std::fs::write(&file, b"x").unwrap();
+        let opts = offline(&tmp.path().join("no-cache"));
+        let dir_arg = tmp.path().to_str().unwrap();
+        assert_eq!(resolve_model(dir_arg, &opts).unwrap(), tmp.path());
+        assert_eq!(resolve_model(file.to_str().unwrap(), &opts).unwrap(), file);
+        // The crate's own fixture directory, given relative to the manifest.
+        let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/vit_timm");
+        assert_eq!(resolve_model(golden, &opts).unwrap(), Path::new(golden));
+    }
+
+    #[test]
+    fn missing_local_paths_are_io_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = offline(tmp.path());
+        for arg in [
+            "./x",
+            "../x",
+            "/definitely/not/here",
+            "x.safetensors",
+            "dir/model.bin",
+            "C:\\models\\vit",
+            "models/",
+        ] {
+            let err = resolve_model(arg, &opts).unwrap_err();
+            assert!(matches!(err, Error::Io { .. }), "{arg}: {err:?}");
+            assert!(
+                err.to_string().contains("no such file or directory"),
+                "{arg}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_id_forms_name_accepted_forms() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = offline(tmp.path());
+        for arg in [
+            "vit-base",
+            "a/b/c",
+            "owner/.hidden",
+            "owner/name@",
+            "owner/na me",
+            "owner/name@a@b",
+            "-owner/name",
+            "owner/name@../../x",
+        ] {
+            let err = resolve_model(arg, &opts).unwrap_err();
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Hub { .. }), "{arg}: {err:?}");
+            assert!(msg.contains("'owner/name'"), "{arg}: {msg}");
+            assert!(msg.contains("owner/name@revision"), "{arg}: {msg}");
+        }
+    }
+
+    #[test]
+    fn parse_id_forms() {
+        assert_eq!(
+            HubId::parse("google/vit-base-patch16-224").unwrap(),
+            HubId {
+                repo: "google/vit-base-patch16-224".into(),
+                revision: "main".into()
+            }
+        );
+        assert_eq!(
+            HubId::parse("timm/vit_tiny_patch16_224.augreg_in21k@refs/pr/3").unwrap(),
+            HubId {
+                repo: "timm/vit_tiny_patch16_224.augreg_in21k".into(),
+                revision: "refs/pr/3".into()
+            }
+        );
+    }
+
+    #[test]
+    fn env_precedence_and_offline_values() {
+        let o = HubOptions::from_lookup(env(&[
+            ("HF_HUB_CACHE", "/c"),
+            ("HF_HOME", "/h"),
+            ("HOME", "/home/u"),
+        ]));
+        assert_eq!(o.cache_dir, PathBuf::from("/c"));
+        assert!(!o.offline);
+        let o = HubOptions::from_lookup(env(&[("HF_HOME", "/h"), ("HOME", "/home/u")]));
+        assert_eq!(o.cache_dir, PathBuf::from("/h/hub"));
+        let o = HubOptions::from_lookup(env(&[("HF_HUB_CACHE", ""), ("HOME", "/home/u")]));
+        assert_eq!(o.cache_dir, PathBuf::from("/home/u/.cache/huggingface/hub"));
+        for (v, want) in [
+            ("1", true),
+            ("true", true),
+            ("YES", true),
+            ("On", true),
+            ("0", false),
+            ("false", false),
+            ("", false),
+            ("nah", false),
+        ] {
+            let o = HubOptions::from_lookup(env(&[("HF_HUB_OFFLINE", v), ("HOME", "/u")]));
+            assert_eq!(o.offline, want, "HF_HUB_OFFLINE={v:?}");
+        }
+    }
+}
