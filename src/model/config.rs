@@ -16,12 +16,12 @@ use crate::error::{Error, Result};
 /// Model family detected from a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Family {
-    /// Vision Transformer with one [CLS] token.
+    /// Vision Transformer with one \[CLS\] token.
     Vit,
-    /// DeiT without a distillation head: timm `deit_*` (identical to ViT, one [CLS] token), or
-    /// Hugging Face `deit` without teacher ([CLS] + [DIST] tokens, classifier on [CLS] only).
+    /// DeiT without a distillation head: timm `deit_*` (identical to ViT, one \[CLS\] token), or
+    /// Hugging Face `deit` without teacher (\[CLS\] + \[DIST\] tokens, classifier on \[CLS\] only).
     Deit,
-    /// DeiT with [CLS] and [DIST] tokens and the two heads averaged.
+    /// DeiT with \[CLS\] and \[DIST\] tokens and the two heads averaged.
     DeitDistilled,
 }
 
@@ -69,7 +69,7 @@ pub struct ModelConfig {
     pub input_size: (usize, usize),
     /// Number of output classes.
     pub num_classes: usize,
-    /// Tokens before the patch tokens ([CLS], [DIST]).
+    /// Tokens before the patch tokens (\[CLS\], \[DIST\]).
     pub num_prefix_tokens: usize,
     /// LayerNorm epsilon (timm 1e-6, Hugging Face `layer_norm_eps`, default 1e-12).
     pub layer_norm_eps: f64,

@@ -2,7 +2,7 @@
 //!
 //! Explanation methods see a model only through [`Backbone`]: one forward pass that returns the
 //! logits and, when asked, the patch tokens of one layer already reshaped to a grid. The model
-//! states its own number of prefix tokens ([CLS], [DIST], registers) and its token grid, so no
+//! states its own number of prefix tokens (\[CLS\], \[DIST\], registers) and its token grid, so no
 //! user ever writes a "reshape function" (the reference's top source of mistakes).
 
 use std::path::Path;
@@ -60,7 +60,7 @@ pub struct Spec {
     pub input_size: (usize, usize),
     /// Token grid `(gh, gw)` = input size / patch.
     pub grid: (usize, usize),
-    /// Tokens before the patch tokens: 1 for ViT ([CLS]), 2 for DeiT-distilled ([CLS], [DIST]).
+    /// Tokens before the patch tokens: 1 for ViT (\[CLS\]), 2 for DeiT-distilled (\[CLS\], \[DIST\]).
     pub num_prefix_tokens: usize,
     /// Number of output classes.
     pub num_classes: usize,

@@ -170,7 +170,7 @@ pub struct VisionTransformer {
     /// Patch projection `(3 * p * p, D)`, rows in (channel, y, x) order like the conv kernel.
     patch_wt: Tensor,
     patch_b: Tensor,
-    /// `(1, P, D)`: [CLS] (and [DIST]).
+    /// `(1, P, D)`: \[CLS\] (and \[DIST\]).
     prefix: Tensor,
     /// `(1, T, D)`.
     pos_embed: Tensor,
