@@ -1,5 +1,339 @@
-//! ViT / DeiT forward pass (placeholder until the model module lands).
+//! ViT / DeiT forward pass, numerically as timm's `VisionTransformer` and Hugging Face's
+//! `ViTForImageClassification` / `DeiTForImageClassification[WithTeacher]` in eval mode.
+//!
+//! ViT: Dosovitskiy et al., <https://arxiv.org/abs/2010.11929>; DeiT: Touvron et al.,
+//! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one layer's
+//! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks.
 
-/// A Vision Transformer (ViT, DeiT, DeiT-distilled).
-#[derive(Debug)]
-pub struct VisionTransformer;
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{Family, ModelConfig};
+use super::weights::Weights;
+use super::{Backbone, Forward, Spec, Tap};
+use crate::error::{Error, Result};
+
+/// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous.
+#[derive(Debug, Clone)]
+struct Linear {
+    wt: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(w: &mut Weights, name: &str, out: usize, inp: usize, bias: bool) -> Result<Self> {
+        let wt = w
+            .take(&format!("{name}.weight"), &[out, inp])?
+            .t()?
+            .contiguous()?;
+        let b = if bias {
+            Some(w.take(&format!("{name}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { wt, b })
+    }
+
+    /// `(.., in)` -> `(.., out)`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut dims = xs.dims().to_vec();
+        let inp = dims.pop().unwrap_or(1);
+        let rows = xs.elem_count() / inp.max(1);
+        let mut ys = xs.reshape((rows, inp))?.matmul(&self.wt)?;
+        if let Some(b) = &self.b {
+            ys = ys.broadcast_add(b)?;
+        }
+        dims.push(self.wt.dim(1)?);
+        Ok(ys.reshape(dims)?)
+    }
+}
+
+/// LayerNorm over the last dimension, two-pass (mean, then variance of the centred values) as
+/// PyTorch does; candle-nn's fused kernel uses E[x^2] - E[x]^2, which loses digits.
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn new(w: &mut Weights, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(LayerNorm {
+            weight: w.take(&format!("{name}.weight"), &[dim])?,
+            bias: w.take(&format!("{name}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mean = xs.mean_keepdim(D::Minus1)?;
+        let xc = xs.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        Ok(xc
+            .broadcast_mul(&inv_std)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?)
+    }
+}
+
+/// Multi-head self-attention with a fused qkv projection (timm `Attention`).
+#[derive(Debug, Clone)]
+struct Attention {
+    qkv: Linear,
+    proj: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl Attention {
+    /// `(B, T, D)` -> `(B, T, D)`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = xs.dims3()?;
+        let hd = d / self.heads;
+        // (B, T, 3, H, hd) -> (3, B, H, T, hd)
+        let qkv = self
+            .qkv
+            .forward(xs)?
+            .reshape((b, t, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?;
+        let q = (qkv.get(0)? * self.scale)?.contiguous()?;
+        let k = qkv.get(1)?.contiguous()?;
+        let v = qkv.get(2)?.contiguous()?;
+        let attn = q.matmul(&k.t()?)?; // (B, H, T, T)
+        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        self.proj.forward(&out)
+    }
+}
+
+/// MLP: fc1 -> exact (erf) GELU -> fc2.
+#[derive(Debug, Clone)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.fc1.forward(xs)?.gelu_erf()?;
+        self.fc2.forward(&h)
+    }
+}
+
+/// One pre-norm transformer block (timm `Block`, Hugging Face `ViTLayer`).
+#[derive(Debug, Clone)]
+struct Block {
+    norm1: LayerNorm,
+    attn: Attention,
+    norm2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(w: &mut Weights, i: usize, cfg: &ModelConfig) -> Result<Self> {
+        let p = format!("blocks.{i}");
+        let (d, m) = (cfg.dim, cfg.mlp_dim);
+        let eps = cfg.layer_norm_eps;
+        Ok(Block {
+            norm1: LayerNorm::new(w, &format!("{p}.norm1"), d, eps)?,
+            attn: Attention {
+                qkv: Linear::new(w, &format!("{p}.attn.qkv"), 3 * d, d, cfg.qkv_bias)?,
+                proj: Linear::new(w, &format!("{p}.attn.proj"), d, d, true)?,
+                heads: cfg.heads,
+                scale: ((d / cfg.heads) as f64).powf(-0.5),
+            },
+            norm2: LayerNorm::new(w, &format!("{p}.norm2"), d, eps)?,
+            mlp: Mlp {
+                fc1: Linear::new(w, &format!("{p}.mlp.fc1"), m, d, true)?,
+                fc2: Linear::new(w, &format!("{p}.mlp.fc2"), d, m, true)?,
+            },
+        })
+    }
+
+    /// `(B, T, D)` -> (block output, norm1 output), both `(B, T, D)`.
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n1 = self.norm1.forward(xs)?;
+        let xs = (xs + self.attn.forward(&n1)?)?;
+        let xs = (&xs + self.mlp.forward(&self.norm2.forward(&xs)?)?)?;
+        Ok((xs, n1))
+    }
+}
+
+/// A Vision Transformer (ViT, DeiT, DeiT-distilled) loaded from a timm or Hugging Face
+/// checkpoint; see [`crate::model::load`].
+#[derive(Debug, Clone)]
+pub struct VisionTransformer {
+    config: ModelConfig,
+    spec: Spec,
+    device: Device,
+    /// Patch projection `(3 * p * p, D)`, rows in (channel, y, x) order like the conv kernel.
+    patch_wt: Tensor,
+    patch_b: Tensor,
+    /// `(1, P, D)`: \[CLS\] (and \[DIST\]).
+    prefix: Tensor,
+    /// `(1, T, D)`.
+    pos_embed: Tensor,
+    blocks: Vec<Block>,
+    norm: LayerNorm,
+    head: Linear,
+    head_dist: Option<Linear>,
+}
+
+impl VisionTransformer {
+    /// Builds the model from checked config and timm-named weights; every tensor must be used.
+    pub(crate) fn new(config: ModelConfig, mut w: Weights, device: &Device) -> Result<Self> {
+        let cfg = &config;
+        let (d, p) = (cfg.dim, cfg.patch);
+        let grid = (cfg.input_size.0 / p, cfg.input_size.1 / p);
+        let tokens = cfg.num_prefix_tokens + grid.0 * grid.1;
+        let patch_wt = w
+            .take("patch_embed.proj.weight", &[d, 3, p, p])?
+            .reshape((d, 3 * p * p))?
+            .t()?
+            .contiguous()?;
+        let patch_b = w.take("patch_embed.proj.bias", &[d])?;
+        let mut prefix = vec![w.take("cls_token", &[1, 1, d])?];
+        if cfg.num_prefix_tokens == 2 {
+            prefix.push(w.take("dist_token", &[1, 1, d])?);
+        }
+        let prefix = Tensor::cat(&prefix, 1)?;
+        let pos_embed = w.take("pos_embed", &[1, tokens, d])?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(&mut w, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = LayerNorm::new(&mut w, "norm", d, cfg.layer_norm_eps)?;
+        let head = Linear::new(&mut w, "head", cfg.num_classes, d, true)?;
+        let head_dist = match cfg.family {
+            Family::DeitDistilled => {
+                Some(Linear::new(&mut w, "head_dist", cfg.num_classes, d, true)?)
+            }
+            Family::Vit | Family::Deit => None,
+        };
+        w.finish()?;
+        let spec = Spec {
+            family: cfg.family,
+            depth: cfg.depth,
+            dim: d,
+            heads: cfg.heads,
+            patch: p,
+            input_size: cfg.input_size,
+            grid,
+            num_prefix_tokens: cfg.num_prefix_tokens,
+            num_classes: cfg.num_classes,
+        };
+        Ok(VisionTransformer {
+            config,
+            spec,
+            device: device.clone(),
+            patch_wt,
+            patch_b,
+            prefix,
+            pos_embed,
+            blocks,
+            norm,
+            head,
+            head_dist,
+        })
+    }
+
+    /// Everything read from the checkpoint's config files (labels, preprocessing, notes).
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Patch embedding + prefix tokens + position embedding: `(B, 3, H, W)` -> `(B, T, D)`.
+    /// The 16x16 stride-16 conv is written as a reshape and one matmul.
+    fn embed(&self, px: &Tensor) -> Result<Tensor> {
+        let (b, _, _, _) = px.dims4()?;
+        let p = self.spec.patch;
+        let (gh, gw) = self.spec.grid;
+        let d = self.spec.dim;
+        let patches = px
+            .reshape((b, 3, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * gh * gw, 3 * p * p))?
+            .matmul(&self.patch_wt)?
+            .broadcast_add(&self.patch_b)?
+            .reshape((b, gh * gw, d))?;
+        let prefix = self
+            .prefix
+            .broadcast_as((b, self.spec.num_prefix_tokens, d))?;
+        let xs = Tensor::cat(&[&prefix, &patches], 1)?;
+        Ok(xs.broadcast_add(&self.pos_embed)?)
+    }
+
+    /// Final norm and head(s) on the prefix tokens: `(B, T, D)` -> `(B, C)`.
+    fn logits(&self, xs: &Tensor) -> Result<Tensor> {
+        let pre = self
+            .norm
+            .forward(&xs.narrow(1, 0, self.spec.num_prefix_tokens)?)?;
+        let cls = self.head.forward(&pre.get_on_dim(1, 0)?)?;
+        match &self.head_dist {
+            // timm eval mode / HF WithTeacher: average of the [CLS] and [DIST] heads.
+            Some(hd) => {
+                let dist = hd.forward(&pre.get_on_dim(1, 1)?)?;
+                Ok(((cls + dist)? / 2.0)?)
+            }
+            None => Ok(cls),
+        }
+    }
+
+    /// Patch tokens `(B, T, D)` -> feature maps `(B, D, gh, gw)`, prefix dropped.
+    fn to_maps(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, _, d) = tokens.dims3()?;
+        let (gh, gw) = self.spec.grid;
+        Ok(tokens
+            .narrow(1, self.spec.num_prefix_tokens, gh * gw)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, d, gh, gw))?)
+    }
+}
+
+impl Backbone for VisionTransformer {
+    fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn forward(&self, px: &Tensor, tap: Option<Tap>) -> Result<Forward> {
+        let (h, w) = self.spec.input_size;
+        match px.dims() {
+            [b, 3, ph, pw] if *b > 0 && (*ph, *pw) == (h, w) => {}
+            dims => {
+                return Err(Error::invalid(format!(
+                    "input has shape {dims:?}, expected (B, 3, {h}, {w}) with B >= 1"
+                )))
+            }
+        }
+        if let Some(t) = tap {
+            if t.layer() >= self.spec.depth {
+                return Err(Error::invalid(format!(
+                    "layer {} out of range; model has {} blocks",
+                    t.layer(),
+                    self.spec.depth
+                )));
+            }
+        }
+        let px = px.to_dtype(DType::F32)?;
+        let mut xs = self.embed(&px)?;
+        let mut features = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (out, n1) = block.forward(&xs)?;
+            match tap {
+                Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1)?),
+                Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out)?),
+                _ => {}
+            }
+            xs = out;
+        }
+        Ok(Forward {
+            logits: self.logits(&xs)?,
+            features,
+        })
+    }
+}
