@@ -1,0 +1,80 @@
+//! The model code against PyTorch (timm and transformers) on more shapes than the golden cases:
+//! odd head counts, 1000 classes, HF DeiT-distilled, a `pytorch_model.bin`, 7x7/10x10/6x6 grids.
+//! Fixtures: `tests/data/zoo/<case>`, made by `scripts/make_fixtures.py` (see scripts/README.md).
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use vitcx::model::{Backbone, Tap};
+use vitcx::npy::read_npy;
+
+fn zoo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/zoo")
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn every_zoo_case_matches_pytorch() {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(zoo())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 7, "zoo fixtures missing: {cases:?}");
+    for dir in cases {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("reference/meta.json")).unwrap(),
+        )
+        .unwrap();
+        let model = vitcx::model::load(&dir, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
+        let spec = model.spec().clone();
+        let get = |k: &str| meta[k].as_u64().unwrap() as usize;
+        assert_eq!(spec.depth, get("depth"), "{name}: depth");
+        assert_eq!(spec.heads, get("heads"), "{name}: heads");
+        assert_eq!(spec.dim, get("dim"), "{name}: dim");
+        assert_eq!(spec.num_classes, get("num_classes"), "{name}: classes");
+        assert_eq!(spec.num_prefix_tokens, get("num_prefix_tokens"), "{name}: prefix");
+        let grid = (
+            meta["grid"][0].as_u64().unwrap() as usize,
+            meta["grid"][1].as_u64().unwrap() as usize,
+        );
+        assert_eq!(spec.grid, grid, "{name}: grid");
+        let eps = meta["layer_norm_eps"].as_f64().unwrap();
+        assert!((model.config().layer_norm_eps - eps).abs() <= eps * 1e-6, "{name}: eps");
+
+        let input = read_npy(dir.join("reference/input.npy")).unwrap();
+        let px = Tensor::from_vec(input.to_f32(), input.shape.clone(), &Device::Cpu).unwrap();
+        let out = model.forward(&px, Some(Tap::Norm1(spec.depth - 1))).unwrap();
+        let logits = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = read_npy(dir.join("reference/logits.npy")).unwrap().to_f32();
+        let d = max_abs_diff(&logits, &want);
+        assert!(d < 1e-4, "{name}: logits differ by {d}");
+
+        // Reference tokens (B, T, D) -> drop the prefix -> (B, D, gh, gw) like vitcx's features.
+        let tokens = read_npy(dir.join("reference/tokens.npy")).unwrap();
+        let (b, t, dim) = (tokens.shape[0], tokens.shape[1], tokens.shape[2]);
+        let tokens = Tensor::from_vec(tokens.to_f32(), (b, t, dim), &Device::Cpu).unwrap();
+        let k = spec.num_prefix_tokens;
+        let want = tokens
+            .narrow(1, k, t - k)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let got = out.features.unwrap();
+        assert_eq!(got.dims(), &[b, dim, grid.0, grid.1], "{name}: feature shape");
+        let d = max_abs_diff(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
+        assert!(d < 1e-4, "{name}: tokens differ by {d}");
+        eprintln!("{name}: ok");
+    }
+}
