@@ -80,7 +80,9 @@ impl VitCxParams {
             )));
         }
         if self.batch == 0 {
-            return Err(Error::invalid("batch size 0 out of range; expected at least 1"));
+            return Err(Error::invalid(
+                "batch size 0 out of range; expected at least 1",
+            ));
         }
         Ok(CheckedParams {
             layer,
@@ -366,9 +368,10 @@ impl VitCx {
         for &c in classes {
             // Each class is explained as the reference explains its target: with its own p[c].
             let mut one = saliency(&pa, &pb, num_classes, prepared.probs[c], masks, &[c])?;
-            maps.push(one.pop().ok_or_else(|| {
-                Error::invalid(format!("no saliency computed for class {c}"))
-            })?);
+            maps.push(
+                one.pop()
+                    .ok_or_else(|| Error::invalid(format!("no saliency computed for class {c}")))?,
+            );
         }
         timings.push((Stage::Aggregation, t.elapsed().as_secs_f64()));
         progress.advance(1);
@@ -456,7 +459,10 @@ mod tests {
         assert_eq!(resolve_layer(0, 12).unwrap(), 0);
         assert_eq!(resolve_layer(-12, 12).unwrap(), 0);
         let e = resolve_layer(12, 12).unwrap_err().to_string();
-        assert!(e.contains("layer 12 out of range; model has 12 blocks"), "{e}");
+        assert!(
+            e.contains("layer 12 out of range; model has 12 blocks"),
+            "{e}"
+        );
         assert!(resolve_layer(-13, 12).is_err());
     }
 
@@ -497,6 +503,9 @@ mod tests {
         assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3), vec![1, 2, 3]);
         assert_eq!(argmax(&[0.3, 0.1]), 0);
         let e = check_classes(&[10], 10).unwrap_err().to_string();
-        assert!(e.contains("class 10 out of range; model has 10 classes"), "{e}");
+        assert!(
+            e.contains("class 10 out of range; model has 10 classes"),
+            "{e}"
+        );
     }
 }

@@ -82,9 +82,7 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         }
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = bytes
-        .get(start..start + hlen)
-        .ok_or("truncated header")?;
+    let header = bytes.get(start..start + hlen).ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not utf-8")?;
     let descr = dict_value(header, "descr").ok_or("header has no 'descr'")?;
     let descr = descr.trim_matches(|c| c == '\'' || c == '"');
@@ -98,7 +96,10 @@ fn parse_npy(bytes: &[u8]) -> std::result::Result<NpyArray, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape '{shape_str}'")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape '{shape_str}'"))
+        })
         .collect::<std::result::Result<_, _>>()?;
     let count: usize = shape.iter().product();
     let body = &bytes[start + hlen..];
@@ -222,7 +223,11 @@ mod tests {
     fn round_trip_f32() {
         let data: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 1.0).collect();
         let bytes = encode_npy_f32(&[3, 4], &data);
-        assert_eq!((bytes.len() - data.len() * 4) % 64, 0, "header is 64-aligned");
+        assert_eq!(
+            (bytes.len() - data.len() * 4) % 64,
+            0,
+            "header is 64-aligned"
+        );
         let arr = parse_npy(&bytes).unwrap();
         assert_eq!(arr.shape, vec![3, 4]);
         assert_eq!(arr.data, NpyData::F32(data));

@@ -12,9 +12,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("output path '{}' has no file name", path.display())))?;
+    let name = path.file_name().ok_or_else(|| {
+        Error::invalid(format!("output path '{}' has no file name", path.display()))
+    })?;
     let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),

@@ -5,14 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(rel)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
 }
 
 fn vitcx(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vitcx"))
         .args(args)
         .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", std::env::temp_dir().join("vitcx-test-empty-hf-home"))
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
+        )
         .output()
         .expect("run vitcx")
 }
@@ -59,12 +64,18 @@ fn explain_sigma0_matches_reference_through_the_cli() {
     assert_eq!(ours.shape, vec![224, 224]);
     let golden = vitcx::npy::read_npy(data("vit_timm/saliency_sigma0.npy")).unwrap();
     let (a, b) = (ours.to_f32(), golden.to_f32());
-    let range = b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+    let range =
+        b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
+    let d = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
     assert!(d <= 1e-5 * range, "saliency differs by {d} (range {range})");
 
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("image_224.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("image_224.json")).unwrap())
+            .unwrap();
     assert_eq!(report["n_masks"], 13);
     assert_eq!(report["targets"][0]["id"], 2);
     assert_eq!(report["params"]["noise_std"], 0.0);
@@ -95,7 +106,11 @@ fn explain_several_images_and_classes_with_one_bad_file() {
         s(&outdir),
         "--quiet",
     ]);
-    assert_eq!(o.status.code(), Some(2), "a failed image makes the exit code say so");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a failed image makes the exit code say so"
+    );
     let err = stderr(&o);
     assert!(err.contains("broken.jpg"), "{err}");
     let files = files_in(&outdir);
@@ -103,7 +118,8 @@ fn explain_several_images_and_classes_with_one_bad_file() {
     assert!(files.contains(&"goldfish.json".to_string()), "{files:?}");
     assert!(files.contains(&"goldfish.png".to_string()), "{files:?}");
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(outdir.join("goldfish.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(outdir.join("goldfish.json")).unwrap())
+            .unwrap();
     let targets = report["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 2);
     for t in targets {
@@ -142,7 +158,10 @@ fn assert_fails(args: &[&str], needle: &str) {
     let o = vitcx(args);
     assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains(needle), "{args:?}: expected '{needle}' in: {err}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: expected '{needle}' in: {err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
     assert!(!err.contains("RUST_BACKTRACE"), "{err}");
 }
@@ -154,10 +173,18 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     let img = data("vit_timm/image_224.png");
     let model = data("vit_timm");
     let common = |extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["explain", s(&img), "--model", s(&model), "--out", s(&outdir), "-q"]
-            .iter()
-            .map(|x| x.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "explain",
+            s(&img),
+            "--model",
+            s(&model),
+            "--out",
+            s(&outdir),
+            "-q",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
         v.extend(extra.iter().map(|x| x.to_string()));
         v
     };
@@ -166,36 +193,70 @@ fn bad_arguments_exit_2_with_a_clear_message() {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         assert_fails(&refs, needle);
     };
-    run(&["--class", "10"], "class 10 out of range; model has 10 classes");
+    run(
+        &["--class", "10"],
+        "class 10 out of range; model has 10 classes",
+    );
     run(&["--class", "goldfish"], "class 'goldfish'");
-    run(&["--layer", "4"], "layer 4 out of range; model has 4 blocks");
+    run(
+        &["--layer", "4"],
+        "layer 4 out of range; model has 4 blocks",
+    );
     run(&["--layer", "-5"], "layer -5 out of range");
     run(&["--threshold", "1.5"], "threshold 1.5 out of range");
     run(&["--batch", "0"], "batch size 0");
     run(&["--noise-std", "-1"], "noise std -1");
-    assert!(!outdir.exists(), "no output directory for rejected arguments");
+    assert!(
+        !outdir.exists(),
+        "no output directory for rejected arguments"
+    );
 
     assert_fails(
-        &["explain", s(&img), "--model", s(&out.path().join("nope")), "-q"],
+        &[
+            "explain",
+            s(&img),
+            "--model",
+            s(&out.path().join("nope")),
+            "-q",
+        ],
         "nope",
     );
     assert_fails(
-        &["explain", s(&out.path().join("missing.png")), "--model", s(&model), "--out", s(&outdir), "-q"],
+        &[
+            "explain",
+            s(&out.path().join("missing.png")),
+            "--model",
+            s(&model),
+            "--out",
+            s(&outdir),
+            "-q",
+        ],
         "missing.png",
     );
     // A directory that is not a checkpoint.
-    assert_fails(&["inspect", s(&data("images"))], "config.json");
+    assert_fails(&["inspect", s(&data("images"))], "no model.safetensors");
     // Hub id, offline, not cached: says what to do.
-    assert_fails(&["inspect", "google/vit-base-patch16-224"], "HF_HUB_OFFLINE");
+    assert_fails(
+        &["inspect", "google/vit-base-patch16-224"],
+        "HF_HUB_OFFLINE",
+    );
 }
 
 #[test]
 fn predict_and_inspect() {
-    let o = vitcx(&["predict", s(&data("vit_hf/image_224.png")), "--model", s(&data("vit_hf"))]);
+    let o = vitcx(&[
+        "predict",
+        s(&data("vit_hf/image_224.png")),
+        "--model",
+        s(&data("vit_hf")),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     let first = text.lines().nth(1).unwrap();
-    assert!(first.contains("class_005"), "top-1 is the golden target: {text}");
+    assert!(
+        first.contains("class_005"),
+        "top-1 is the golden target: {text}"
+    );
     assert_eq!(text.lines().count(), 6, "path + 5 classes: {text}");
 
     let o = vitcx(&["inspect", s(&data("deit_distilled_timm")), "--json"]);

@@ -11,7 +11,9 @@ use vitcx::npy::read_npy;
 const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
 
 fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(case)
 }
 
 fn manifest(case: &str) -> serde_json::Value {
@@ -21,7 +23,10 @@ fn manifest(case: &str) -> serde_json::Value {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn range(v: &[f32]) -> f32 {
@@ -47,7 +52,12 @@ fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> Vec<usize
         .map(|i| {
             let (j, d) = (0..n)
                 .filter(|&j| !used[j])
-                .map(|j| (j, max_abs_diff(ours.mask(i), &golden[j * plane..(j + 1) * plane])))
+                .map(|j| {
+                    (
+                        j,
+                        max_abs_diff(ours.mask(i), &golden[j * plane..(j + 1) * plane]),
+                    )
+                })
                 .min_by(|a, b| a.1.total_cmp(&b.1))
                 .unwrap();
             assert!(d < tol, "mask {i}: nearest golden mask {j} differs by {d}");
@@ -88,19 +98,34 @@ fn sigma0_reproduces_reference() {
         let probs = read_npy(case_dir(case).join("probs.npy")).unwrap().to_f32();
         let d = max_abs_diff(&prepared.probs, &probs);
         assert!(d < 1e-5, "{case}: probs differ by {d}");
-        let fm = read_npy(case_dir(case).join("feature_map.npy")).unwrap().to_f32();
+        let fm = read_npy(case_dir(case).join("feature_map.npy"))
+            .unwrap()
+            .to_f32();
         let d = max_abs_diff(&prepared.feature_maps, &fm);
         assert!(d < 1e-5, "{case}: feature maps differ by {d}");
 
-        assert_eq!(prepared.masks.n as u64, m["N_masks"].as_u64().unwrap(), "{case}: N");
+        assert_eq!(
+            prepared.masks.n as u64,
+            m["N_masks"].as_u64().unwrap(),
+            "{case}: N"
+        );
         let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
         match_masks(&prepared.masks, &golden_masks, 1e-5);
 
         let target = m["target"].as_u64().unwrap() as usize;
         let ex = method
-            .score(&model, &x, prepared, &[target], &Noise::Seeded(0), &mut NoProgress)
+            .score(
+                &model,
+                &x,
+                prepared,
+                &[target],
+                &Noise::Seeded(0),
+                &mut NoProgress,
+            )
             .unwrap();
-        let golden = read_npy(case_dir(case).join("saliency_sigma0.npy")).unwrap().to_f32();
+        let golden = read_npy(case_dir(case).join("saliency_sigma0.npy"))
+            .unwrap()
+            .to_f32();
         let d = max_abs_diff(&ex.saliency[0], &golden);
         let r = range(&golden);
         eprintln!("{case}: sigma 0 saliency max diff {d:e} (range {r:e})");
@@ -131,9 +156,18 @@ fn stored_noise_reproduces_reference() {
             .collect();
         let target = m["target"].as_u64().unwrap() as usize;
         let ex = method
-            .score(&model, &x, prepared, &[target], &Noise::Given(draws), &mut NoProgress)
+            .score(
+                &model,
+                &x,
+                prepared,
+                &[target],
+                &Noise::Given(draws),
+                &mut NoProgress,
+            )
             .unwrap();
-        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy")).unwrap().to_f32();
+        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
+            .unwrap()
+            .to_f32();
         let d = max_abs_diff(&ex.saliency[0], &golden);
         let r = range(&golden);
         eprintln!("{case}: sigma 0.1 saliency max diff {d:e} (range {r:e})");
@@ -152,7 +186,9 @@ fn seeded_noise_is_reproducible_and_close_to_reference() {
     let b = method.explain(&model, &x, &[], &mut NoProgress).unwrap();
     assert_eq!(a.saliency, b.saliency, "same seed, same map");
     assert_eq!(a.classes[0] as u64, m["target"].as_u64().unwrap());
-    let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy")).unwrap().to_f32();
+    let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
+        .unwrap()
+        .to_f32();
     let r = pearson(&a.saliency[0], &golden);
     assert!(r > 0.95, "another noise draw keeps the map: pearson {r}");
 }

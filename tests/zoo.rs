@@ -14,7 +14,10 @@ fn zoo() -> PathBuf {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -40,18 +43,27 @@ fn every_zoo_case_matches_pytorch() {
         assert_eq!(spec.heads, get("heads"), "{name}: heads");
         assert_eq!(spec.dim, get("dim"), "{name}: dim");
         assert_eq!(spec.num_classes, get("num_classes"), "{name}: classes");
-        assert_eq!(spec.num_prefix_tokens, get("num_prefix_tokens"), "{name}: prefix");
+        assert_eq!(
+            spec.num_prefix_tokens,
+            get("num_prefix_tokens"),
+            "{name}: prefix"
+        );
         let grid = (
             meta["grid"][0].as_u64().unwrap() as usize,
             meta["grid"][1].as_u64().unwrap() as usize,
         );
         assert_eq!(spec.grid, grid, "{name}: grid");
         let eps = meta["layer_norm_eps"].as_f64().unwrap();
-        assert!((model.config().layer_norm_eps - eps).abs() <= eps * 1e-6, "{name}: eps");
+        assert!(
+            (model.config().layer_norm_eps - eps).abs() <= eps * 1e-6,
+            "{name}: eps"
+        );
 
         let input = read_npy(dir.join("reference/input.npy")).unwrap();
         let px = Tensor::from_vec(input.to_f32(), input.shape.clone(), &Device::Cpu).unwrap();
-        let out = model.forward(&px, Some(Tap::Norm1(spec.depth - 1))).unwrap();
+        let out = model
+            .forward(&px, Some(Tap::Norm1(spec.depth - 1)))
+            .unwrap();
         let logits = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = read_npy(dir.join("reference/logits.npy")).unwrap().to_f32();
         let d = max_abs_diff(&logits, &want);
@@ -72,7 +84,11 @@ fn every_zoo_case_matches_pytorch() {
             .to_vec1::<f32>()
             .unwrap();
         let got = out.features.unwrap();
-        assert_eq!(got.dims(), &[b, dim, grid.0, grid.1], "{name}: feature shape");
+        assert_eq!(
+            got.dims(),
+            &[b, dim, grid.0, grid.1],
+            "{name}: feature shape"
+        );
         let d = max_abs_diff(&got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &want);
         assert!(d < 1e-4, "{name}: tokens differ by {d}");
         eprintln!("{name}: ok");

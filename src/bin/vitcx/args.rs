@@ -43,10 +43,10 @@ pub struct ExplainArgs {
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub layer: i64,
     /// Clustering distance threshold in [0, 1].
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub threshold: f64,
     /// Standard deviation of the noise added outside each mask (normalised pixel units).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub noise_std: f32,
     /// Seed of the noise generator.
     #[arg(long, default_value_t = 0)]

@@ -39,8 +39,11 @@ pub fn run(a: ExplainArgs) -> Result<ExitCode> {
     let mut used_stems = HashSet::new();
     let mut failures = 0usize;
     for path in &images {
-        bars.images
-            .set_message(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        bars.images.set_message(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         let stem = unique_stem(path, &mut used_stems);
         match explain_one(&model, &cfg, &method, &a, &classes, path, &stem, &mut bars) {
             Ok(line) => bars.println(&line),
@@ -66,7 +69,10 @@ pub fn run(a: ExplainArgs) -> Result<ExitCode> {
 fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Classes> {
     if let Some(k) = a.top_k {
         if k == 0 || k > cfg.num_classes {
-            bail!("--top-k {k} out of range; model has {} classes", cfg.num_classes);
+            bail!(
+                "--top-k {k} out of range; model has {} classes",
+                cfg.num_classes
+            );
         }
         return Ok(Classes::TopK(k));
     }
@@ -150,7 +156,11 @@ fn explain_one(
         let overlay = vitcx::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
         let lines = vec![
             format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
-            format!("ViT-CX  N={} masks  layer {}", ex.n_masks, method.params().layer),
+            format!(
+                "ViT-CX  N={} masks  layer {}",
+                ex.n_masks,
+                method.params().layer
+            ),
         ];
         let picture = vitcx::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
@@ -197,9 +207,8 @@ fn report(
     write_s: f64,
     total_s: f64,
 ) -> serde_json::Value {
-    let class = |c: usize| {
-        json!({ "id": c, "label": cfg.labels.get(c), "probability": ex.probs[c] })
-    };
+    let class =
+        |c: usize| json!({ "id": c, "label": cfg.labels.get(c), "probability": ex.probs[c] });
     let targets: Vec<_> = ex
         .classes
         .iter()
@@ -252,4 +261,3 @@ fn report(
         "seconds": seconds,
     })
 }
-

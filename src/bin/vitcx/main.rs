@@ -114,19 +114,36 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
     let shown: Vec<&str> = labels.iter().take(5).map(String::as_str).collect();
     writeln!(out, "model          {}", a.model)?;
     writeln!(out, "format         {:?}", cfg.format)?;
-    writeln!(out, "family         {:?} ({})", cfg.family, cfg.architecture)?;
+    writeln!(
+        out,
+        "family         {:?} ({})",
+        cfg.family, cfg.architecture
+    )?;
     writeln!(out, "dim            {}", spec.dim)?;
-    writeln!(out, "depth          {} blocks (layers 0..{})", spec.depth, spec.depth.saturating_sub(1))?;
+    writeln!(
+        out,
+        "depth          {} blocks (layers 0..{})",
+        spec.depth,
+        spec.depth.saturating_sub(1)
+    )?;
     writeln!(out, "heads          {}", spec.heads)?;
     writeln!(out, "mlp dim        {}", cfg.mlp_dim)?;
     writeln!(out, "patch          {}", spec.patch)?;
-    writeln!(out, "input size     {} x {}", spec.input_size.0, spec.input_size.1)?;
+    writeln!(
+        out,
+        "input size     {} x {}",
+        spec.input_size.0, spec.input_size.1
+    )?;
     writeln!(out, "token grid     {} x {}", spec.grid.0, spec.grid.1)?;
     writeln!(
         out,
         "prefix tokens  {} ({})",
         spec.num_prefix_tokens,
-        if spec.num_prefix_tokens == 2 { "[CLS], [DIST]" } else { "[CLS]" }
+        if spec.num_prefix_tokens == 2 {
+            "[CLS], [DIST]"
+        } else {
+            "[CLS]"
+        }
     )?;
     writeln!(out, "layer norm eps {:e}", cfg.layer_norm_eps)?;
     writeln!(out, "mean           {:?}", cfg.preprocess.mean)?;
@@ -136,7 +153,11 @@ fn inspect(a: InspectArgs) -> Result<ExitCode> {
         "classes        {}: {}{}",
         spec.num_classes,
         shown.join(", "),
-        if labels.len() > shown.len() { ", ..." } else { "" }
+        if labels.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        }
     )?;
     for note in &cfg.notes {
         writeln!(out, "note           {note}")?;

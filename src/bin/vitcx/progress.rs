@@ -19,9 +19,11 @@ impl Bars {
         };
         let images = multi.add(ProgressBar::new(total));
         images.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} images  {elapsed_precise}  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {pos}/{len} images  {elapsed_precise}  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         images.set_prefix("explain");
         let stage = multi.add(ProgressBar::new(1));
