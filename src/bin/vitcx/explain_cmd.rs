@@ -49,7 +49,14 @@ pub fn run(a: ExplainArgs) -> Result<ExitCode> {
             Ok(line) => bars.println(&line),
             Err(e) => {
                 failures += 1;
-                bars.println(&format!("vitcx: {}: {e:#}", path.display()));
+                // Library errors about an image already name it; others get the path in front.
+                let msg = format!("{e:#}");
+                let shown = path.display().to_string();
+                if msg.contains(&shown) {
+                    bars.println(&format!("vitcx: {msg}"));
+                } else {
+                    bars.println(&format!("vitcx: {shown}: {msg}"));
+                }
             }
         }
         bars.images.inc(1);
@@ -251,7 +258,8 @@ fn report(
             "layer_arg": p.layer,
             "tap": "norm1",
             "threshold": p.threshold,
-            "noise_std": p.noise_std,
+            // Through its shortest decimal form, so 0.1f32 reads 0.1 and not 0.10000000149.
+            "noise_std": p.noise_std.to_string().parse::<f64>().unwrap_or(f64::NAN),
             "seed": p.seed,
             "batch": p.batch,
             "resize": "bilinear, half-pixel centres, no antialiasing, whole image stretched",
