@@ -42,29 +42,32 @@ fn input(case: &str, model: &vitcx::model::VisionTransformer) -> Vec<f32> {
     vitcx::image::to_input(&img, pre.mean, pre.std)
 }
 
-/// For each of our masks, the index of the golden mask it matches (within `tol`), as a permutation.
-fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> Vec<usize> {
+/// For each of our masks, the index of the golden mask it matches (within `tol`), as a
+/// permutation, and the largest difference of a matched pair.
+fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> (Vec<usize>, f32) {
     let plane = ours.h * ours.w;
     let n = golden.len() / plane;
     assert_eq!(ours.n, n, "number of masks");
     let mut used = vec![false; n];
-    (0..n)
-        .map(|i| {
-            let (j, d) = (0..n)
-                .filter(|&j| !used[j])
-                .map(|j| {
-                    (
-                        j,
-                        max_abs_diff(ours.mask(i), &golden[j * plane..(j + 1) * plane]),
-                    )
-                })
-                .min_by(|a, b| a.1.total_cmp(&b.1))
-                .unwrap();
-            assert!(d < tol, "mask {i}: nearest golden mask {j} differs by {d}");
-            used[j] = true;
-            j
-        })
-        .collect()
+    let mut worst = 0.0f32;
+    let mut perm = Vec::with_capacity(n);
+    for i in 0..n {
+        let (j, d) = (0..n)
+            .filter(|&j| !used[j])
+            .map(|j| {
+                (
+                    j,
+                    max_abs_diff(ours.mask(i), &golden[j * plane..(j + 1) * plane]),
+                )
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap();
+        assert!(d < tol, "mask {i}: nearest golden mask {j} differs by {d}");
+        used[j] = true;
+        worst = worst.max(d);
+        perm.push(j);
+    }
+    (perm, worst)
 }
 
 #[test]
@@ -96,21 +99,22 @@ fn sigma0_reproduces_reference() {
         let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
 
         let probs = read_npy(case_dir(case).join("probs.npy")).unwrap().to_f32();
-        let d = max_abs_diff(&prepared.probs, &probs);
-        assert!(d < 1e-5, "{case}: probs differ by {d}");
+        let dp = max_abs_diff(&prepared.probs, &probs);
+        assert!(dp < 1e-5, "{case}: probs differ by {dp}");
         let fm = read_npy(case_dir(case).join("feature_map.npy"))
             .unwrap()
             .to_f32();
-        let d = max_abs_diff(&prepared.feature_maps, &fm);
-        assert!(d < 1e-5, "{case}: feature maps differ by {d}");
+        let df = max_abs_diff(&prepared.feature_maps, &fm);
+        assert!(df < 1e-5, "{case}: feature maps differ by {df}");
 
-        assert_eq!(
-            prepared.masks.n as u64,
-            m["N_masks"].as_u64().unwrap(),
-            "{case}: N"
-        );
+        let n = prepared.masks.n;
+        assert_eq!(n as u64, m["N_masks"].as_u64().unwrap(), "{case}: N");
         let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
-        match_masks(&prepared.masks, &golden_masks, 1e-5);
+        let (perm, dm) = match_masks(&prepared.masks, &golden_masks, 1e-5);
+        let in_order = perm.iter().enumerate().all(|(i, &j)| i == j);
+        eprintln!(
+            "{case}: N {n} | max diff probs {dp:e}, feature maps {df:e}, masks {dm:e} (reference order: {in_order})"
+        );
 
         let target = m["target"].as_u64().unwrap() as usize;
         let ex = method
@@ -147,7 +151,7 @@ fn stored_noise_reproduces_reference() {
         let method = VitCx::new(&params, &model).unwrap();
         let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
         let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
-        let perm = match_masks(&prepared.masks, &golden_masks, 1e-5);
+        let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
         let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
         let len = x.len();
         let draws = perm
