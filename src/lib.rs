@@ -9,6 +9,21 @@
 //! (checkpoint loading, one forward pass for prediction and tokens) -> [`mask`] (feature maps to
 //! masks, similarities) -> [`cluster`] (complete linkage) -> [`score`] (causal scores, coverage
 //! correction) -> [`explain`] (the method, wiring the stages) -> [`render`] / [`output`] (files).
+//!
+//! ```
+//! use vitcx::{explain::NoProgress, model::Backbone, VitCx, VitCxParams};
+//!
+//! let model = vitcx::model::load("tests/data/vit_timm".as_ref(), &candle_core::Device::Cpu)?;
+//! let img = vitcx::image::load_rgb("examples/goldfish.jpg".as_ref())?;
+//! let pre = &model.config().preprocess;
+//! let resized = vitcx::image::resize_bilinear(&img, pre.input_size);
+//! let x = vitcx::image::to_input(&resized, pre.mean, pre.std);
+//! let method = VitCx::new(&VitCxParams::default(), &model)?;
+//! let ex = method.explain(&model, &x, &[], &mut NoProgress)?; // [] = the top-1 class
+//! assert_eq!(ex.saliency[0].len(), 224 * 224);
+//! println!("class {} explained with N = {} masks", ex.classes[0], ex.n_masks);
+//! # Ok::<(), vitcx::Error>(())
+//! ```
 
 pub mod cluster;
 pub mod error;
