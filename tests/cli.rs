@@ -43,49 +43,108 @@ fn files_in(dir: &Path) -> Vec<String> {
 
 #[test]
 fn explain_sigma0_matches_reference_through_the_cli() {
-    let out = tempfile::tempdir().unwrap();
+    for (case, n_masks, target, layer) in [
+        ("vit_timm", 13, 2, 3),
+        ("deit_distilled_timm", 15, 0, 2),
+        ("vit_hf", 8, 5, 3),
+    ] {
+        let out = tempfile::tempdir().unwrap();
+        let o = vitcx(&[
+            "explain",
+            s(&data(&format!("{case}/image_224.png"))),
+            "--model",
+            s(&data(case)),
+            "--noise-std",
+            "0",
+            "--out",
+            s(out.path()),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        assert_eq!(
+            files_in(out.path()),
+            vec!["image_224.json", "image_224.png", "image_224.saliency.npy"]
+        );
+        let ours = vitcx::npy::read_npy(out.path().join("image_224.saliency.npy")).unwrap();
+        assert_eq!(ours.shape, vec![224, 224]);
+        let golden = vitcx::npy::read_npy(data(&format!("{case}/saliency_sigma0.npy"))).unwrap();
+        let (a, b) = (ours.to_f32(), golden.to_f32());
+        let range =
+            b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
+        let d = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            d <= 1e-5 * range,
+            "{case}: saliency differs by {d} (range {range})"
+        );
+
+        let report: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("image_224.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report["n_masks"], n_masks, "{case}");
+        assert_eq!(report["targets"][0]["id"], target, "{case}");
+        assert_eq!(report["params"]["noise_std"], 0.0);
+        assert_eq!(report["params"]["layer"], layer, "{case}");
+        assert_eq!(report["top5"].as_array().unwrap().len(), 5);
+        assert!(report["seconds"]["perturbed_forward"].as_f64().unwrap() >= 0.0);
+
+        let png = image::open(out.path().join("image_224.png")).unwrap();
+        assert_eq!(png.width(), 224, "overlay keeps the original width");
+        assert!(png.height() > 224, "legend strip below the image");
+    }
+}
+
+#[test]
+fn oversized_and_truncated_images_are_reported_not_decoded() {
+    let dir = tempfile::tempdir().unwrap();
+    // A valid PNG header claiming 20000 x 20000 pixels (400 MP), then an empty image.
+    let mut ihdr = 20000u32.to_be_bytes().to_vec();
+    ihdr.extend_from_slice(&20000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    for (kind, body) in [(b"IHDR", ihdr), (b"IDAT", vec![]), (b"IEND", vec![])] {
+        png.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(&body);
+        png.extend_from_slice(&chunk);
+        png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
+    let bomb = dir.path().join("bomb.png");
+    std::fs::write(&bomb, &png).unwrap();
+    let full = std::fs::read(data("images/goldfish.jpg")).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &full[..full.len() / 2]).unwrap();
+    let out = dir.path().join("out");
     let o = vitcx(&[
         "explain",
-        s(&data("vit_timm/image_224.png")),
+        s(&bomb),
+        s(&cut),
         "--model",
         s(&data("vit_timm")),
-        "--noise-std",
-        "0",
         "--out",
-        s(out.path()),
-        "--quiet",
+        s(&out),
+        "-q",
     ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(
-        files_in(out.path()),
-        vec!["image_224.json", "image_224.png", "image_224.saliency.npy"]
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("bomb.png") && err.contains("100000000"),
+        "{err}"
     );
-    let ours = vitcx::npy::read_npy(out.path().join("image_224.saliency.npy")).unwrap();
-    assert_eq!(ours.shape, vec![224, 224]);
-    let golden = vitcx::npy::read_npy(data("vit_timm/saliency_sigma0.npy")).unwrap();
-    let (a, b) = (ours.to_f32(), golden.to_f32());
-    let range =
-        b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
-    let d = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    assert!(d <= 1e-5 * range, "saliency differs by {d} (range {range})");
-
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("image_224.json")).unwrap())
-            .unwrap();
-    assert_eq!(report["n_masks"], 13);
-    assert_eq!(report["targets"][0]["id"], 2);
-    assert_eq!(report["params"]["noise_std"], 0.0);
-    assert_eq!(report["params"]["layer"], 3);
-    assert_eq!(report["top5"].as_array().unwrap().len(), 5);
-    assert!(report["seconds"]["perturbed_forward"].as_f64().unwrap() >= 0.0);
-
-    let png = image::open(out.path().join("image_224.png")).unwrap();
-    assert_eq!(png.width(), 224, "overlay keeps the original width");
-    assert!(png.height() > 224, "legend strip below the image");
+    assert!(
+        err.contains("cut.jpg") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(err.contains("2 of 2 images failed"), "{err}");
+    assert!(
+        files_in(&out).is_empty(),
+        "no partial output: {:?}",
+        files_in(&out)
+    );
 }
 
 #[test]
@@ -268,4 +327,20 @@ fn predict_and_inspect() {
     let o = vitcx(&["inspect", s(&data("vit_hf"))]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("token grid     14 x 14"), "{text}");
+}
+
+/// CRC-32 (IEEE), as PNG chunks need.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
 }
