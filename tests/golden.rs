@@ -70,6 +70,15 @@ fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> (Vec<usiz
     (perm, worst)
 }
 
+/// Asserts that `saliency` matches the case's golden `file` within 1e-5 of its range.
+fn assert_saliency(case: &str, file: &str, saliency: &[f32]) {
+    let golden = read_npy(case_dir(case).join(file)).unwrap().to_f32();
+    let d = max_abs_diff(saliency, &golden);
+    let r = range(&golden);
+    eprintln!("{case}: {file} max diff {d:e} (range {r:e})");
+    assert!(d <= 1e-5 * r, "{case}: {file} differs by {d} (range {r})");
+}
+
 #[test]
 fn input_matches_reference_preprocessing() {
     for case in CASES {
@@ -127,13 +136,7 @@ fn sigma0_reproduces_reference() {
                 &mut NoProgress,
             )
             .unwrap();
-        let golden = read_npy(case_dir(case).join("saliency_sigma0.npy"))
-            .unwrap()
-            .to_f32();
-        let d = max_abs_diff(&ex.saliency[0], &golden);
-        let r = range(&golden);
-        eprintln!("{case}: sigma 0 saliency max diff {d:e} (range {r:e})");
-        assert!(d <= 1e-5 * r, "{case}: saliency differs by {d} (range {r})");
+        assert_saliency(case, "saliency_sigma0.npy", &ex.saliency[0]);
     }
 }
 
@@ -169,13 +172,7 @@ fn stored_noise_reproduces_reference() {
                 &mut NoProgress,
             )
             .unwrap();
-        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
-            .unwrap()
-            .to_f32();
-        let d = max_abs_diff(&ex.saliency[0], &golden);
-        let r = range(&golden);
-        eprintln!("{case}: sigma 0.1 saliency max diff {d:e} (range {r:e})");
-        assert!(d <= 1e-5 * r, "{case}: saliency differs by {d} (range {r})");
+        assert_saliency(case, "saliency_sigma0.1.npy", &ex.saliency[0]);
     }
 }
 

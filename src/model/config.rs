@@ -254,44 +254,36 @@ impl<'a> Cfg<'a> {
         self.v.get(key).filter(|v| !v.is_null())
     }
 
-    fn usize(&self, key: &str) -> Result<Option<usize>> {
+    /// Field `key` converted by `conv`; `None` when absent, an error naming the field and
+    /// `expected` when present with the wrong type.
+    fn typed<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        conv: impl Fn(&serde_json::Value) -> Option<T>,
+    ) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(x) => x
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(format!("field '{key}' is {x}, expected an integer"))),
+            Some(x) => conv(x)
+                .map(Some)
+                .ok_or_else(|| self.err(format!("field '{key}' is {x}, expected {expected}"))),
         }
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>> {
+        self.typed(key, "an integer", |x| x.as_u64().map(|n| n as usize))
     }
 
     fn f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(x) => x
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("field '{key}' is {x}, expected a number"))),
-        }
+        self.typed(key, "a number", |x| x.as_f64())
     }
 
     fn bool(&self, key: &str) -> Result<Option<bool>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(x) => x
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.err(format!("field '{key}' is {x}, expected true or false"))),
-        }
+        self.typed(key, "true or false", |x| x.as_bool())
     }
 
     fn str(&self, key: &str) -> Result<Option<String>> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(x) => x
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.err(format!("field '{key}' is {x}, expected a string"))),
-        }
+        self.typed(key, "a string", |x| x.as_str().map(str::to_string))
     }
 
     /// Three floats (mean / std).

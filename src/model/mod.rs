@@ -140,6 +140,12 @@ mod tests {
         Tensor::from_vec(a.to_f32(), (1, 3, 224, 224), &Device::Cpu).unwrap()
     }
 
+    /// Logits of `model` for `x`, flattened.
+    fn logits(model: &VisionTransformer, x: &Tensor) -> Vec<f32> {
+        let out = model.forward(x, None).unwrap();
+        out.logits.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
         a.iter()
@@ -513,22 +519,8 @@ mod tests {
         let a = load(dir.path(), &Device::Cpu).unwrap();
         let b = load(&case("vit_hf"), &Device::Cpu).unwrap();
         let x = input("vit_hf");
-        let la: Vec<f32> = a
-            .forward(&x, None)
-            .unwrap()
-            .logits
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let lb: Vec<f32> = b
-            .forward(&x, None)
-            .unwrap()
-            .logits
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let la = logits(&a, &x);
+        let lb = logits(&b, &x);
         assert_eq!(la, lb);
 
         // The timm DeiT-distilled weights renamed to HF DeiTForImageClassificationWithTeacher
@@ -768,22 +760,8 @@ mod tests {
         assert_eq!(deit.spec().num_prefix_tokens, 1);
         let x = input("vit_timm");
         let vit = load(&case("vit_timm"), &Device::Cpu).unwrap();
-        let a: Vec<f32> = deit
-            .forward(&x, None)
-            .unwrap()
-            .logits
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = vit
-            .forward(&x, None)
-            .unwrap()
-            .logits
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let a = logits(&deit, &x);
+        let b = logits(&vit, &x);
         assert_eq!(a, b);
 
         // A distilled architecture name without the [DIST] token.
