@@ -36,6 +36,7 @@ pub mod npy;
 pub mod output;
 pub mod render;
 pub mod score;
+pub mod synth;
 
 pub use error::{Error, Result};
 pub use explain::{Explanation, Noise, VitCx, VitCxParams};

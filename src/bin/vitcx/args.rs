@@ -20,6 +20,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Show what was detected in a checkpoint: family, sizes, tokens, grid, preprocessing, labels.
     Inspect(InspectArgs),
+    /// Write a seeded benchmark: one shape (the class) per image on clutter, with masks and a manifest.
+    Synth(SynthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -85,4 +87,20 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Number of samples (224x224 images).
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// Seed: the same seed writes byte-identical files.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (created if missing): NNNNN.png, NNNNN.mask.png, manifest.jsonl.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// No progress bar or summary line.
+    #[arg(long, short)]
+    pub quiet: bool,
 }

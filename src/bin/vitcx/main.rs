@@ -5,6 +5,7 @@ mod args;
 mod explain_cmd;
 mod inputs;
 mod progress;
+mod synth_cmd;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Explain(a) => explain_cmd::run(a),
         Command::Predict(a) => predict(a),
         Command::Inspect(a) => inspect(a),
+        Command::Synth(a) => synth_cmd::run(a),
     }
 }
 
