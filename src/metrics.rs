@@ -465,10 +465,10 @@ pub fn plot_curve(x: &[f64], y: &[f32], title: &str, x_label: &str, y_label: &st
             put(x0 + t * (x1 - x0), y0 + t * (y1 - y0));
         }
     }
-    crate::render::draw_text(&mut img, title, LEFT, 10, 1);
+    crate::render::draw_text(&mut img, title, LEFT, 4, 1);
     let xl = 8 * x_label.len() as u32;
     crate::render::draw_text(&mut img, x_label, LEFT + pw / 2 - xl / 2, H - 20, 1);
-    crate::render::draw_text(&mut img, y_label, 4, TOP - 14, 1);
+    crate::render::draw_text(&mut img, y_label, 4, TOP - 12, 1);
     img
 }
 
