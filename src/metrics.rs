@@ -155,10 +155,7 @@ pub fn pointing_game(saliency: &[f32], mask: &[u8]) -> bool {
         .iter()
         .filter(|v| !v.is_nan())
         .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    saliency
-        .iter()
-        .zip(mask)
-        .any(|(&s, &m)| s == max && m != 0)
+    saliency.iter().zip(mask).any(|(&s, &m)| s == max && m != 0)
 }
 
 /// Energy-based pointing game: share of the positive saliency mass inside the mask (Score-CAM's
@@ -488,7 +485,11 @@ mod tests {
 
     fn input(m: &VisionTransformer) -> Vec<f32> {
         let img = crate::image::load_rgb(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/vit_timm/image_224.png").as_ref(),
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/data/vit_timm/image_224.png"
+            )
+            .as_ref(),
         )
         .unwrap();
         let pre = &m.config().preprocess;
@@ -499,7 +500,12 @@ mod tests {
     fn prob(m: &VisionTransformer, x: &[f32], class: usize) -> f32 {
         let (h, w) = m.spec().input_size;
         let px = Tensor::from_vec(x.to_vec(), (1, 3, h, w), &Device::Cpu).unwrap();
-        m.probs(&px).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()[class]
+        m.probs(&px)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[class]
     }
 
     /// A saliency with a structure (a diagonal ramp) so the ranking is not trivial.

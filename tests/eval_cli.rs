@@ -93,7 +93,11 @@ fn eval_writes_csv_summary_and_plots() {
     assert_eq!(rows.len(), 4, "{csv}");
     assert_eq!(&rows[1][..3], ["a.png", "3", "label"]);
     assert_eq!(&rows[2][..3], ["b.png", "1", "label"]);
-    assert_eq!(&rows[3][..2], ["c.png", rows[3][3]], "unlabelled: explains top-1");
+    assert_eq!(
+        &rows[3][..2],
+        ["c.png", rows[3][3]],
+        "unlabelled: explains top-1"
+    );
     assert_eq!(rows[3][2], "top1");
     for r in &rows[1..] {
         assert_eq!(r.len(), 9);
@@ -129,7 +133,12 @@ fn eval_writes_csv_summary_and_plots() {
     );
     let n = |k: &str| m[k]["n"].as_u64().unwrap();
     assert_eq!(
-        [n("deletion_auc"), n("insertion_auc"), n("accuracy"), n("pointing_game")],
+        [
+            n("deletion_auc"),
+            n("insertion_auc"),
+            n("accuracy"),
+            n("pointing_game")
+        ],
         [3, 3, 2, 2]
     );
     let del: Vec<f64> = rows[1..].iter().map(|r| r[5].parse().unwrap()).collect();

@@ -157,8 +157,10 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
     if matches!(a.limit, Some(0)) {
         bail!("--limit 0; expected at least 1 image");
     }
-    // Checks the blur settings before any model or image is read.
-    metrics::gaussian_kernel(a.blur_kernel, a.blur_sigma)?;
+    // Checks the blur settings (when used) before any model or image is read.
+    if [a.deletion_baseline.as_str(), a.insertion_baseline.as_str()].contains(&"blur") {
+        metrics::gaussian_kernel(a.blur_kernel, a.blur_sigma)?;
+    }
     let mut entries = read_data(&a.data)?;
     if let Some(n) = a.limit {
         entries.truncate(n);
@@ -246,8 +248,9 @@ fn read_data(data: &Path) -> Result<Vec<Entry>> {
         if line.trim().is_empty() {
             continue;
         }
-        let mut e: Entry = serde_json::from_str(line)
-            .with_context(|| format!("{} line {}: bad manifest entry", manifest.display(), k + 1))?;
+        let mut e: Entry = serde_json::from_str(line).with_context(|| {
+            format!("{} line {}: bad manifest entry", manifest.display(), k + 1)
+        })?;
         e.path = dir.join(&e.image);
         e.mask = e.mask.map(|m| dir.join(m));
         entries.push(e);
@@ -289,7 +292,8 @@ fn eval_one(
         (None, Some(b)) => Some(bbox_mask(b, (img.width(), img.height()), size)),
         (None, None) => None,
     };
-    let (probs, class, saliency) = explainer.explain(model, &x, |p| truth.unwrap_or(argmax(p)), bars)?;
+    let (probs, class, saliency) =
+        explainer.explain(model, &x, |p| truth.unwrap_or(argmax(p)), bars)?;
     let predicted = argmax(&probs);
     let deletion = metrics::deletion(model, &x, &saliency, class, curve)?;
     let insertion = metrics::insertion(model, &x, &saliency, class, curve)?;
@@ -428,7 +432,10 @@ fn write_outputs(
     vitcx::output::write_json_atomic(&a.out.join("summary.json"), &report)?;
 
     for (name, pick) in [
-        ("deletion", (|r: &Row| &r.deletion) as fn(&Row) -> &metrics::Curve),
+        (
+            "deletion",
+            (|r: &Row| &r.deletion) as fn(&Row) -> &metrics::Curve,
+        ),
         ("insertion", |r: &Row| &r.insertion),
     ] {
         let Some(first) = rows.first() else { break };
@@ -450,4 +457,43 @@ fn write_outputs(
         vitcx::render::save_png(&img, &a.out.join(format!("{name}.png")))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_names_round_trip_and_unknown_lists_supported() {
+        assert_eq!(Method::parse("vitcx").unwrap(), Method::VitCx);
+        let err = format!("{:#}", Method::parse("rise").unwrap_err());
+        assert_eq!(err, "unknown --method 'rise'; supported methods: vitcx");
+    }
+
+    #[test]
+    fn bbox_mask_scales_to_model_size() {
+        // A 4x2 image whose box covers its left half, on a 2x4 model grid.
+        let m = bbox_mask([0.0, 0.0, 2.0, 2.0], (4, 2), (2, 4));
+        assert_eq!(m, [1, 1, 0, 0, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn mask_png_resized_by_nearest_neighbour() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.png");
+        // 2x2 mask: top-right pixel inside (value 7, any nonzero counts).
+        image::GrayImage::from_raw(2, 2, vec![0, 7, 0, 0])
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let m = load_mask(&p, (4, 4)).unwrap();
+        assert_eq!(m, [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(load_mask(&dir.path().join("none.png"), (4, 4)).is_err());
+    }
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("a.png"), "a.png");
+        assert_eq!(csv_field("a,b \"c\".png"), "\"a,b \"\"c\"\".png\"");
+    }
 }
