@@ -31,6 +31,7 @@ pub mod explain;
 pub mod hub;
 pub mod image;
 pub mod mask;
+pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod output;

@@ -137,7 +137,7 @@ fn glyph(c: char) -> [u8; 8] {
 
 /// Draws `text` with its top-left corner at `(x, y)`, each font pixel a `scale x scale` square;
 /// pixels falling outside the canvas are skipped.
-fn draw_text(canvas: &mut RgbImage, text: &str, x: u32, y: u32, scale: u32) {
+pub(crate) fn draw_text(canvas: &mut RgbImage, text: &str, x: u32, y: u32, scale: u32) {
     for (k, ch) in text.chars().enumerate() {
         let gx = x as u64 + k as u64 * 8 * scale as u64;
         for (row, bits) in glyph(ch).iter().enumerate() {

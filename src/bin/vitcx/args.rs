@@ -22,6 +22,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write a seeded benchmark: one shape (the class) per image on clutter, with masks and a manifest.
     Synth(SynthArgs),
+    /// Score explanations over a data set: deletion/insertion AUC, pointing games, accuracy.
+    Eval(EvalArgs),
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +103,58 @@ pub struct SynthArgs {
     #[arg(long, short)]
     pub out: PathBuf,
     /// No progress bar or summary line.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
+    #[arg(long, short)]
+    pub model: String,
+    /// A manifest.jsonl, a directory holding one, or a directory of images (no ground truth).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Explanation method to score (supported: vitcx).
+    #[arg(long, default_value = "vitcx")]
+    pub method: String,
+    /// Output directory (per_image.csv, summary.json, deletion.png, insertion.png).
+    #[arg(long, short, default_value = "vitcx-eval")]
+    pub out: PathBuf,
+    /// Pixels changed per step of the deletion/insertion curves (RISE: 224).
+    #[arg(long, default_value_t = 224)]
+    pub step: usize,
+    /// What deleted pixels become: zero (the dataset mean) or blur.
+    #[arg(long, default_value = "zero")]
+    pub deletion_baseline: String,
+    /// Where insertion starts: blur or zero.
+    #[arg(long, default_value = "blur")]
+    pub insertion_baseline: String,
+    /// Blur baseline kernel size in pixels, odd (RISE: 11).
+    #[arg(long, default_value_t = 11)]
+    pub blur_kernel: usize,
+    /// Blur baseline standard deviation in pixels (RISE: 5).
+    #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
+    pub blur_sigma: f32,
+    /// Evaluate only the first N images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Images per forward pass (explanation and curves).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub layer: i64,
+    /// Clustering distance threshold in [0, 1].
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub threshold: f64,
+    /// Standard deviation of the noise added outside each mask (normalised pixel units).
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub noise_std: f32,
+    /// Seed of the noise generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
 }

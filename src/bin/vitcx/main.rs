@@ -2,6 +2,7 @@
 //! calls -> files and text). Errors print once as `vitcx: <cause chain>` and exit with code 2.
 
 mod args;
+mod eval_cmd;
 mod explain_cmd;
 mod inputs;
 mod progress;
@@ -42,6 +43,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Predict(a) => predict(a),
         Command::Inspect(a) => inspect(a),
         Command::Synth(a) => synth_cmd::run(a),
+        Command::Eval(a) => eval_cmd::run(a),
     }
 }
 

@@ -1,0 +1,251 @@
+//! End-to-end tests of `vitcx eval`: a tiny manifest with masks in, per-image CSV, summary JSON
+//! and curve plots out; a bad method exits 2 naming the supported ones.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn data(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(rel)
+}
+
+fn vitcx(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vitcx"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env(
+            "HF_HOME",
+            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
+        )
+        .output()
+        .expect("run vitcx")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A grey mask PNG of `w x h` with the rectangle `[x0, x1) x [y0, y1)` set to 255.
+fn mask_png(path: &Path, (w, h): (u32, u32), [x0, y0, x1, y1]: [u32; 4]) {
+    let img = image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([if x >= x0 && x < x1 && y >= y0 && y < y1 {
+            255
+        } else {
+            0
+        }])
+    });
+    img.save(path).unwrap();
+}
+
+/// Three images: two with labels and masks (one mask at half resolution), one bare.
+fn dataset() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::copy(data("vit_timm/image_224.png"), d.join("a.png")).unwrap();
+    std::fs::copy(data("vit_hf/image_224.png"), d.join("b.png")).unwrap();
+    std::fs::copy(data("deit_distilled_timm/image_224.png"), d.join("c.png")).unwrap();
+    mask_png(&d.join("a.mask.png"), (224, 224), [40, 40, 180, 180]);
+    mask_png(&d.join("b.mask.png"), (112, 112), [0, 0, 56, 112]);
+    let lines = [
+        r#"{"image": "a.png", "class_id": 3, "class_name": "c3", "bbox": [40, 40, 180, 180], "mask": "a.mask.png"}"#,
+        r#"{"image": "b.png", "class_id": 1, "mask": "b.mask.png"}"#,
+        r#"{"image": "c.png"}"#,
+    ];
+    std::fs::write(d.join("manifest.jsonl"), lines.join("\n") + "\n").unwrap();
+    dir
+}
+
+#[test]
+fn eval_writes_csv_summary_and_plots() {
+    let ds = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(ds.path()),
+        "--step",
+        "3136",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let csv = std::fs::read_to_string(out.path().join("per_image.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    assert_eq!(
+        rows[0],
+        [
+            "image",
+            "class",
+            "class_from",
+            "predicted",
+            "correct",
+            "deletion_auc",
+            "insertion_auc",
+            "pointing_game",
+            "energy_pointing_game"
+        ]
+    );
+    assert_eq!(rows.len(), 4, "{csv}");
+    assert_eq!(&rows[1][..3], ["a.png", "3", "label"]);
+    assert_eq!(&rows[2][..3], ["b.png", "1", "label"]);
+    assert_eq!(
+        &rows[3][..2],
+        ["c.png", rows[3][3]],
+        "unlabelled: explains top-1"
+    );
+    assert_eq!(rows[3][2], "top1");
+    for r in &rows[1..] {
+        assert_eq!(r.len(), 9);
+        for v in &r[5..7] {
+            let auc: f64 = v.parse().unwrap();
+            assert!((0.0..=1.0).contains(&auc), "{v}");
+        }
+    }
+    for r in &rows[1..3] {
+        assert!(["true", "false"].contains(&r[4]));
+        assert!(["true", "false"].contains(&r[7]));
+        let e: f64 = r[8].parse().unwrap();
+        assert!((0.0..=1.0).contains(&e));
+    }
+    // No ground truth for c.png: correct and pointing fields empty.
+    assert_eq!([rows[3][4], rows[3][7], rows[3][8]], ["", "", ""]);
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    let m = summary["vitcx"].as_object().unwrap();
+    let mut keys: Vec<&str> = m.keys().map(String::as_str).collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "accuracy",
+            "deletion_auc",
+            "energy_pointing_game",
+            "insertion_auc",
+            "pointing_game"
+        ]
+    );
+    let n = |k: &str| m[k]["n"].as_u64().unwrap();
+    assert_eq!(
+        [
+            n("deletion_auc"),
+            n("insertion_auc"),
+            n("accuracy"),
+            n("pointing_game")
+        ],
+        [3, 3, 2, 2]
+    );
+    let del: Vec<f64> = rows[1..].iter().map(|r| r[5].parse().unwrap()).collect();
+    let mean = m["deletion_auc"]["mean"].as_f64().unwrap();
+    assert!((mean - del.iter().sum::<f64>() / 3.0).abs() < 1e-12);
+    let ci = m["deletion_auc"]["ci95"].as_array().unwrap();
+    assert!(ci[0].as_f64().unwrap() <= mean && mean <= ci[1].as_f64().unwrap());
+    let st = &summary["settings"];
+    assert_eq!(st["step"], 3136);
+    assert_eq!(st["deletion_baseline"]["kind"], "zero");
+    assert_eq!(st["insertion_baseline"]["kind"], "blur");
+    assert_eq!(st["insertion_baseline"]["kernel"], 11);
+    assert_eq!(st["insertion_baseline"]["sigma"], 5.0);
+    assert_eq!(st["method_params"]["threshold"], 0.1);
+    assert!(st["vitcx_version"].is_string());
+
+    for png in ["deletion.png", "insertion.png"] {
+        let img = image::open(out.path().join(png)).unwrap();
+        assert!(img.width() > 100 && img.height() > 100);
+    }
+}
+
+#[test]
+fn eval_on_a_plain_image_directory_has_no_ground_truth_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(data("vit_timm/image_224.png"), dir.path().join("a.png")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(dir.path()),
+        "--step",
+        "12544",
+        "--deletion-baseline",
+        "blur",
+        "--insertion-baseline",
+        "zero",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
+            .unwrap();
+    let mut keys: Vec<&str> = summary["vitcx"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["deletion_auc", "insertion_auc"]);
+    assert_eq!(summary["vitcx"]["deletion_auc"]["n"], 1);
+    assert_eq!(summary["settings"]["deletion_baseline"]["kind"], "blur");
+}
+
+#[test]
+fn eval_reports_a_failed_image_and_exits_2() {
+    let ds = dataset();
+    std::fs::write(
+        ds.path().join("manifest.jsonl"),
+        "{\"image\": \"a.png\"}\n{\"image\": \"missing.png\"}\n",
+    )
+    .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(&ds.path().join("manifest.jsonl")),
+        "--step",
+        "25088",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("missing.png"), "{err}");
+    let csv = std::fs::read_to_string(out.path().join("per_image.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+}
+
+#[test]
+fn eval_rejects_unknown_method_listing_supported_ones() {
+    let ds = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(ds.path()),
+        "--method",
+        "gradcam",
+        "--out",
+        s(&out.path().join("x")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("unknown --method 'gradcam'") && err.contains("supported methods: vitcx"),
+        "{err}"
+    );
+    assert!(!out.path().join("x").exists());
+}
