@@ -20,6 +20,8 @@ pub enum Command {
     Predict(PredictArgs),
     /// Show what was detected in a checkpoint: family, sizes, tokens, grid, preprocessing, labels.
     Inspect(InspectArgs),
+    /// Time a random-weight ViT (default ViT-B/16) forward pass and one explanation on this machine.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +85,34 @@ pub struct InspectArgs {
     /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
     pub model: String,
     /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model size: base (ViT-B/16, 35.1 GFLOP per image) or tiny (ViT-Ti/16, for quick runs).
+    #[arg(long, default_value = "base")]
+    pub preset: String,
+    /// Forward batch size to time; default 1, 8 and 32.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed runs per batch size (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Masks to score in the timed explanation (the first ones after clustering), or "all".
+    #[arg(long, default_value = "32")]
+    pub explain_masks: String,
+    /// Images per perturbed forward pass in the timed explanation.
+    #[arg(long, default_value_t = 32)]
+    pub explain_batch: usize,
+    /// Skip the timed explanation.
+    #[arg(long)]
+    pub no_explain: bool,
+    /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
 }

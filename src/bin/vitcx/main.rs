@@ -2,6 +2,7 @@
 //! calls -> files and text). Errors print once as `vitcx: <cause chain>` and exit with code 2.
 
 mod args;
+mod bench_cmd;
 mod explain_cmd;
 mod inputs;
 mod progress;
@@ -40,6 +41,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Explain(a) => explain_cmd::run(a),
         Command::Predict(a) => predict(a),
         Command::Inspect(a) => inspect(a),
+        Command::Bench(a) => bench_cmd::run(a),
     }
 }
 
