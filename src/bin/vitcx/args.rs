@@ -103,8 +103,9 @@ pub struct BenchArgs {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Masks to score in the timed explanation (the first ones after clustering), or "all".
-    #[arg(long, default_value = "32")]
+    /// Masks to score in the timed explanation: "all" (a full explanation) or the first K after
+    /// clustering (quicker; the full time is then projected).
+    #[arg(long, default_value = "all")]
     pub explain_masks: String,
     /// Images per perturbed forward pass in the timed explanation.
     #[arg(long, default_value_t = 32)]
