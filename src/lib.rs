@@ -25,6 +25,7 @@
 //! # Ok::<(), vitcx::Error>(())
 //! ```
 
+pub mod bench;
 pub mod cluster;
 pub mod error;
 pub mod explain;

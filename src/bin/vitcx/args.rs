@@ -24,6 +24,8 @@ pub enum Command {
     Synth(SynthArgs),
     /// Score explanations over a data set: deletion/insertion AUC, pointing games, accuracy.
     Eval(EvalArgs),
+    /// Time a random-weight ViT (default ViT-B/16) forward pass and one explanation on this machine.
+    Bench(BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -157,4 +159,33 @@ pub struct EvalArgs {
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model size: base (ViT-B/16, 35.1 GFLOP per image) or tiny (ViT-Ti/16, for quick runs).
+    #[arg(long, default_value = "base")]
+    pub preset: String,
+    /// Forward batch size to time; default 1, 8 and 32.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Timed runs per batch size (after one warm-up run); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Masks to score in the timed explanation: "all" (a full explanation) or the first K after
+    /// clustering (quicker; the full time is then projected).
+    #[arg(long, default_value = "all")]
+    pub explain_masks: String,
+    /// Images per perturbed forward pass in the timed explanation.
+    #[arg(long, default_value_t = 32)]
+    pub explain_batch: usize,
+    /// Skip the timed explanation.
+    #[arg(long)]
+    pub no_explain: bool,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }

@@ -2,6 +2,7 @@
 //! calls -> files and text). Errors print once as `vitcx: <cause chain>` and exit with code 2.
 
 mod args;
+mod bench_cmd;
 mod eval_cmd;
 mod explain_cmd;
 mod inputs;
@@ -44,6 +45,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
+        Command::Bench(a) => bench_cmd::run(a),
     }
 }
 

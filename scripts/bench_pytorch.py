@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Time the PyTorch reference ViT forward pass, for side-by-side comparison with `vitcx bench`.
+
+Run by hand (CI never runs it). Needs torch and timm:
+
+    python3 -m venv /tmp/fixenv && /tmp/fixenv/bin/pip install torch timm
+    /tmp/fixenv/bin/python scripts/bench_pytorch.py                      # ViT-B/16, batch 1/8/32, f32 + bf16
+    /tmp/fixenv/bin/python scripts/bench_pytorch.py --preset tiny --batch 1 --repeats 1
+    /tmp/fixenv/bin/python scripts/bench_pytorch.py --threads 2 \\
+        --vitcx target/release/vitcx                                     # then runs `vitcx bench --json`
+
+It builds timm's `vit_base_patch16_224` (or `vit_tiny_patch16_224` with `--preset tiny`) with
+`pretrained=False` (random weights, as `vitcx bench`), in eval mode under `torch.inference_mode()`,
+with `torch.set_num_threads(--threads)` (default 2), and times the forward pass at each batch size
+in f32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`: one warm-up run (`--warmup`), then
+the median of `--repeats` runs (default 3), as seconds per image and GFLOP/s.
+
+stdout gets one JSON object with the keys of `vitcx bench --json` (`forward_s_per_image`,
+`forward_s_per_image_bf16`, `forward_gflops`, `explain_s_per_mask` (null: the reference's
+explanation is not timed here), `peak_rss_bytes`, `machine`, ...). With `--vitcx PATH` it then runs
+`PATH bench --json` with the same preset, batches and repeats, and prints
+`{"pytorch": {...}, "vitcx": {...}, "speedup": {...}}` instead, where speedup = PyTorch seconds /
+vitcx seconds per image (above 1: vitcx is faster), plus a table on stderr.
+Progress goes to stderr. Timings on a shared machine are noisy: `machine.loadavg` records the load.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+PRESETS = {
+    # name: (timm architecture, dim, depth, heads, mlp, patch, image, classes)
+    "base": ("vit_base_patch16_224", 768, 12, 12, 3072, 16, 224, 1000),
+    "tiny": ("vit_tiny_patch16_224", 192, 12, 3, 768, 16, 224, 1000),
+}
+
+
+def flops_per_image(dim, depth, mlp, patch, image, classes):
+    """Same count as vitcx::bench::Arch::flops_per_image (2 per multiply-add)."""
+    t = 1 + (image // patch) ** 2
+    embed = (t - 1) * 3 * patch * patch * dim
+    block = t * dim * 3 * dim + 2 * t * t * dim + t * dim * dim + 2 * t * dim * mlp
+    return 2.0 * (embed + depth * block + dim * classes)
+
+
+def peak_rss_bytes():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(threads):
+    cpu_model, logical, flags = None, None, []
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        lines = text.splitlines()
+        logical = sum(1 for l in lines if l.startswith("processor")) or None
+        for l in lines:
+            if l.startswith("model name") and cpu_model is None:
+                cpu_model = l.split(":", 1)[1].strip()
+            if l.startswith("flags") and not flags:
+                flags = l.split(":", 1)[1].split()
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "amx_bf16"]
+    try:
+        loadavg = open("/proc/loadavg").read().strip()
+    except OSError:
+        loadavg = None
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu_model": cpu_model or platform.processor() or None,
+        "logical_cpus": logical,
+        "available_parallelism": usable,
+        "torch_threads": threads,
+        "features": [f for f in wanted if f in flags],
+        "avx512": "avx512f" in flags,
+        "loadavg": loadavg,
+    }
+
+
+def per_batch(d):
+    """One value for a single batch size, else a map "batch" -> value (as vitcx prints)."""
+    return next(iter(d.values())) if len(d) == 1 else {str(k): v for k, v in d.items()}
+
+
+def time_forward(torch, model, batch, repeats, warmup, bf16):
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    runs = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            model(x)
+            if i >= warmup:
+                runs.append(time.perf_counter() - t)
+    return runs
+
+
+def bench_pytorch(args):
+    import timm
+    import torch
+
+    torch.set_num_threads(args.threads)
+    name, dim, depth, heads, mlp, patch, image, classes = PRESETS[args.preset]
+    flops = flops_per_image(dim, depth, mlp, patch, image, classes)
+    torch.manual_seed(args.seed)
+    model = timm.create_model(name, pretrained=False).eval()
+    print(f"pytorch: {name} ({flops / 1e9:.2f} GFLOP per image), {args.threads} threads", file=sys.stderr)
+    res = {}
+    for dtype in args.dtypes:
+        bf16 = dtype == "bf16"
+        s, g, r = {}, {}, {}
+        for b in args.batch:
+            runs = time_forward(torch, model, b, args.repeats, args.warmup, bf16)
+            s[b] = statistics.median(runs) / b
+            g[b] = flops / s[b] / 1e9
+            r[str(b)] = runs
+            print(f"  {dtype} batch {b:>3}: {s[b]:.4f} s/image, {g[b]:.1f} GFLOP/s", file=sys.stderr)
+        res[dtype] = (s, g, r)
+    out = {
+        "tool": "pytorch",
+        "version": f"torch {torch.__version__}, timm {timm.__version__}",
+        "model": name,
+        "preset": args.preset,
+        "gflop_per_image": flops / 1e9,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "dtype": "f32",
+        "threads": args.threads,
+    }
+    for dtype, suffix in (("f32", ""), ("bf16", "_bf16")):
+        if dtype in res:
+            s, g, r = res[dtype]
+            out[f"forward_s_per_image{suffix}"] = per_batch(s)
+            out[f"forward_gflops{suffix}"] = per_batch(g)
+            out[f"forward_runs_s{suffix}"] = r
+        else:
+            out[f"forward_s_per_image{suffix}"] = None
+    out["bf16"] = 'torch.autocast("cpu", dtype=torch.bfloat16)' if "bf16" in res else "not run"
+    out["explain_s_per_mask"] = None
+    out["explain"] = None
+    out["peak_rss_bytes"] = peak_rss_bytes()
+    out["machine"] = machine_info(args.threads)
+    return out
+
+
+def as_map(v, batches):
+    """forward_s_per_image as a map batch -> seconds (None stays None)."""
+    if v is None:
+        return {}
+    if isinstance(v, dict):
+        return {int(k): x for k, x in v.items()}
+    return {batches[0]: v}
+
+
+def run_vitcx(args):
+    cmd = [args.vitcx, "bench", "--json", "--preset", args.preset, "--repeats", str(args.repeats)]
+    if len(args.batch) == 1:
+        cmd += ["--batch", str(args.batch[0])]
+    elif sorted(args.batch) != [1, 8, 32]:
+        sys.exit("--vitcx compares one batch size or the default 1 8 32")
+    cmd += args.vitcx_args
+    print("running: " + " ".join(cmd), file=sys.stderr)
+    p = subprocess.run(cmd, stdout=subprocess.PIPE, check=True)
+    return json.loads(p.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtypes", nargs="+", choices=["f32", "bf16"], default=["f32", "bf16"])
+    ap.add_argument("--vitcx", metavar="PATH", help="vitcx binary to run right after, for ratios")
+    ap.add_argument("--vitcx-args", nargs=argparse.REMAINDER, default=[],
+                    help="extra arguments for `vitcx bench` (must come last)")
+    args = ap.parse_args()
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or min(args.batch) < 1:
+        sys.exit("repeats, threads and batch sizes must be at least 1, warmup at least 0")
+
+    pt = bench_pytorch(args)
+    if not args.vitcx:
+        print(json.dumps(pt, indent=2))
+        return
+    vx = run_vitcx(args)
+    pt32 = as_map(pt.get("forward_s_per_image"), args.batch)
+    ptbf = as_map(pt.get("forward_s_per_image_bf16"), args.batch)
+    vx32 = as_map(vx.get("forward_s_per_image"), args.batch)
+    vxbf = as_map(vx.get("forward_s_per_image_bf16"), args.batch)
+    speedup = {}
+    for name, a, b in (("f32_vs_pytorch_f32", pt32, vx32), ("f32_vs_pytorch_bf16", ptbf, vx32),
+                       ("bf16_vs_pytorch_bf16", ptbf, vxbf)):
+        speedup[name] = {str(k): a[k] / b[k] for k in args.batch if a.get(k) and b.get(k)} or None
+    print(json.dumps({"pytorch": pt, "vitcx": vx, "speedup": speedup}, indent=2))
+
+    def cell(m, k):
+        return f"{m[k]:.4f}" if m.get(k) else "-"
+
+    print(f"\n{pt['model']}, s/image (median of {args.repeats}); speedup = PyTorch s / vitcx s; "
+          f"load {pt['machine']['loadavg']}", file=sys.stderr)
+    print(f"{'batch':>5} {'torch f32':>10} {'torch bf16':>10} {'vitcx f32':>10} {'vitcx bf16':>10} "
+          f"{'x vs f32':>9} {'x vs bf16':>9}", file=sys.stderr)
+    for k in args.batch:
+        s1 = speedup["f32_vs_pytorch_f32"] or {}
+        s2 = speedup["f32_vs_pytorch_bf16"] or {}
+        print(f"{k:>5} {cell(pt32, k):>10} {cell(ptbf, k):>10} {cell(vx32, k):>10} {cell(vxbf, k):>10} "
+              f"{s1.get(str(k), float('nan')):>9.2f} {s2.get(str(k), float('nan')):>9.2f}", file=sys.stderr)
+    if vx.get("explain_s_per_mask"):
+        print(f"vitcx explanation: {vx['explain_s_per_mask']:.4f} s/mask "
+              f"({vx['explain']['n_masks']} masks)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

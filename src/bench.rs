@@ -1,0 +1,605 @@
+//! Benchmarks: how fast the model and a whole explanation run on this machine.
+//!
+//! The model is a ViT with seeded random weights built in memory (no download): a timm-named
+//! state dict of plain tensors (weights N(0, 0.02), biases 0, LayerNorm weight 1) goes through
+//! the same config and weight checks as a checkpoint read from disk, so the benchmarked forward
+//! pass is exactly the one `vitcx explain` runs. Times are wall-clock medians after a warm-up.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::explain::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
+use crate::model::config::{build, detect_format};
+use crate::model::weights::Weights;
+use crate::model::{Backbone, Format, VisionTransformer};
+
+/// Standard deviation of the random weights (timm's `trunc_normal_(std=0.02)` initialisation).
+pub const WEIGHT_STD: f32 = 0.02;
+
+/// Architecture sizes of a benchmark model.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Arch {
+    /// Token width.
+    pub dim: usize,
+    /// Transformer blocks.
+    pub depth: usize,
+    /// Attention heads per block.
+    pub heads: usize,
+    /// Hidden width of the MLP.
+    pub mlp_dim: usize,
+    /// Patch side in pixels.
+    pub patch: usize,
+    /// Square input side in pixels.
+    pub image_size: usize,
+    /// Output classes.
+    pub num_classes: usize,
+    /// LayerNorm epsilon.
+    pub layer_norm_eps: f64,
+}
+
+/// Named benchmark architectures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// ViT-Ti/16: dim 192, depth 12, 3 heads (quick runs and tests).
+    Tiny,
+    /// ViT-B/16: dim 768, depth 12, 12 heads, MLP 3072 (the model the speed goal is about).
+    Base,
+}
+
+impl Preset {
+    /// The preset's sizes (patch 16, 224 px, 1000 classes, eps 1e-6 for both).
+    pub fn arch(self) -> Arch {
+        let (dim, heads) = match self {
+            Preset::Tiny => (192, 3),
+            Preset::Base => (768, 12),
+        };
+        Arch {
+            dim,
+            depth: 12,
+            heads,
+            mlp_dim: 4 * dim,
+            patch: 16,
+            image_size: 224,
+            num_classes: 1000,
+            layer_norm_eps: 1e-6,
+        }
+    }
+
+    /// The preset's name as written on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "tiny",
+            Preset::Base => "base",
+        }
+    }
+
+    /// The timm architecture this preset mirrors.
+    pub fn timm_name(self) -> &'static str {
+        match self {
+            Preset::Tiny => "vit_tiny_patch16_224",
+            Preset::Base => "vit_base_patch16_224",
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tiny" => Ok(Preset::Tiny),
+            "base" => Ok(Preset::Base),
+            _ => Err(Error::invalid(format!(
+                "preset '{s}' unknown; expected 'tiny' or 'base'"
+            ))),
+        }
+    }
+}
+
+impl Arch {
+    /// Tokens per image: \[CLS\] + the patch grid.
+    pub fn tokens(&self) -> usize {
+        1 + (self.image_size / self.patch).pow(2)
+    }
+
+    /// Multiply-adds of one forward pass for one image: patch embedding, per block the qkv,
+    /// attention (`QK^T` and `AV`), output projection and the two MLP matmuls, and the head.
+    /// ViT-B/16 at 224 px: 17.56 G.
+    pub fn macs_per_image(&self) -> f64 {
+        let (t, d, m) = (self.tokens() as f64, self.dim as f64, self.mlp_dim as f64);
+        let patches = t - 1.0;
+        let embed = patches * (3 * self.patch * self.patch) as f64 * d;
+        let block = t * d * 3.0 * d // qkv
+            + 2.0 * t * t * d // QK^T and AV over all heads
+            + t * d * d // proj
+            + 2.0 * t * d * m; // fc1 + fc2
+        let head = d * self.num_classes as f64;
+        embed + self.depth as f64 * block + head
+    }
+
+    /// Floating-point operations of one forward pass for one image (2 per multiply-add).
+    /// ViT-B/16 at 224 px: 35.1 G.
+    pub fn flops_per_image(&self) -> f64 {
+        2.0 * self.macs_per_image()
+    }
+}
+
+/// Draws `n` values N(0, `std`) from `rng`.
+fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            let z: f32 = StandardNormal.sample(rng);
+            z * std
+        })
+        .collect()
+}
+
+/// A timm-named state dict of random tensors for `arch`: matrices, tokens and position
+/// embeddings N(0, 0.02), biases 0, LayerNorm weights 1. Tensors are drawn in a fixed order from
+/// one ChaCha8 stream, so the same seed gives the same weights on every machine.
+pub fn random_state_dict(
+    arch: &Arch,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let (d, m, p) = (arch.dim, arch.mlp_dim, arch.patch);
+    // (name, shape, kind): kind 'n' normal, 'z' zeros, 'o' ones.
+    let mut plan: Vec<(String, Vec<usize>, char)> = vec![
+        ("cls_token".into(), vec![1, 1, d], 'n'),
+        ("pos_embed".into(), vec![1, arch.tokens(), d], 'n'),
+        ("patch_embed.proj.weight".into(), vec![d, 3, p, p], 'n'),
+        ("patch_embed.proj.bias".into(), vec![d], 'z'),
+    ];
+    for i in 0..arch.depth {
+        let b = |s: &str| format!("blocks.{i}.{s}");
+        plan.extend([
+            (b("norm1.weight"), vec![d], 'o'),
+            (b("norm1.bias"), vec![d], 'z'),
+            (b("attn.qkv.weight"), vec![3 * d, d], 'n'),
+            (b("attn.qkv.bias"), vec![3 * d], 'z'),
+            (b("attn.proj.weight"), vec![d, d], 'n'),
+            (b("attn.proj.bias"), vec![d], 'z'),
+            (b("norm2.weight"), vec![d], 'o'),
+            (b("norm2.bias"), vec![d], 'z'),
+            (b("mlp.fc1.weight"), vec![m, d], 'n'),
+            (b("mlp.fc1.bias"), vec![m], 'z'),
+            (b("mlp.fc2.weight"), vec![d, m], 'n'),
+            (b("mlp.fc2.bias"), vec![d], 'z'),
+        ]);
+    }
+    plan.extend([
+        ("norm.weight".into(), vec![d], 'o'),
+        ("norm.bias".into(), vec![d], 'z'),
+        ("head.weight".into(), vec![arch.num_classes, d], 'n'),
+        ("head.bias".into(), vec![arch.num_classes], 'z'),
+    ]);
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::with_capacity(plan.len());
+    for (name, shape, kind) in plan {
+        let n: usize = shape.iter().product();
+        let data = match kind {
+            'n' => normal(&mut rng, n, WEIGHT_STD),
+            'o' => vec![1.0; n],
+            _ => vec![0.0; n],
+        };
+        out.insert(name, Tensor::from_vec(data, shape, device)?);
+    }
+    Ok(out)
+}
+
+/// The timm `config.json` a checkpoint of `arch` would carry (mean/std 0.5, as timm's ViTs).
+pub fn timm_config_json(arch: &Arch, architecture: &str) -> serde_json::Value {
+    serde_json::json!({
+        "architecture": architecture,
+        "num_classes": arch.num_classes,
+        "num_features": arch.dim,
+        "global_pool": "token",
+        "model_args": {
+            "embed_dim": arch.dim,
+            "depth": arch.depth,
+            "num_heads": arch.heads,
+            "patch_size": arch.patch,
+            "mlp_ratio": arch.mlp_dim as f64 / arch.dim as f64,
+            "num_classes": arch.num_classes,
+        },
+        "pretrained_cfg": {
+            "input_size": [3, arch.image_size, arch.image_size],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "num_classes": arch.num_classes,
+        },
+    })
+}
+
+/// A [`VisionTransformer`] of `preset` with seeded random weights, built in memory through the
+/// checkpoint loader's own config and weight checks (no file is read or written).
+pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTransformer> {
+    let arch = preset.arch();
+    // Paths only name the source in error messages.
+    let config_path = Path::new("<in-memory>/config.json");
+    let weights_path = Path::new("<in-memory>/model.safetensors");
+    let json = timm_config_json(&arch, preset.timm_name());
+    let format = detect_format(config_path, &json)?;
+    let w = Weights::new(
+        weights_path,
+        format,
+        random_state_dict(&arch, seed, device)?,
+    )?;
+    let cfg = build(Format::Timm, config_path, &json, None, &w)?;
+    if cfg.layer_norm_eps != arch.layer_norm_eps || cfg.mlp_dim != arch.mlp_dim {
+        return Err(Error::invalid(format!(
+            "random model config (eps {}, mlp {}) differs from preset {} (eps {}, mlp {})",
+            cfg.layer_norm_eps,
+            cfg.mlp_dim,
+            preset.name(),
+            arch.layer_norm_eps,
+            arch.mlp_dim
+        )));
+    }
+    VisionTransformer::new(cfg, w, device)
+}
+
+/// A fixed synthetic image `(3, H, W)` in normalised pixels for `mean`/`std`: smooth colour
+/// gradients, a bright disk and a dark square, so that feature maps are not constant.
+pub fn synthetic_image(size: (usize, usize), mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    let (h, w) = size;
+    let mut out = Vec::with_capacity(3 * h * w);
+    for c in 0..3 {
+        for y in 0..h {
+            for x in 0..w {
+                let (fy, fx) = (y as f32 / h as f32, x as f32 / w as f32);
+                let mut v = match c {
+                    0 => fx,
+                    1 => fy,
+                    _ => 0.5 + 0.5 * (6.0 * fx).sin() * (4.0 * fy).cos(),
+                };
+                let (dy, dx) = (fy - 0.4, fx - 0.35);
+                if dy * dy + dx * dx < 0.04 {
+                    v = 0.95;
+                }
+                if (0.6..0.85).contains(&fy) && (0.55..0.8).contains(&fx) {
+                    v = 0.05;
+                }
+                out.push((v - mean[c]) / std[c]);
+            }
+        }
+    }
+    out
+}
+
+/// Median of `v` (mean of the middle two for an even count); NaN when empty.
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+/// Forward-pass timing at one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardTiming {
+    /// Images per forward pass.
+    pub batch: usize,
+    /// Seconds of each timed run (warm-up excluded).
+    pub runs_s: Vec<f64>,
+    /// Median seconds per run divided by the batch size.
+    pub s_per_image: f64,
+    /// Floating-point operations per second at the median (GFLOP/s).
+    pub gflops: f64,
+}
+
+/// Times `model.forward` (logits only, no tap) on `batch` copies of `x` `(3, H, W)`: one warm-up
+/// run, then `repeats` timed runs.
+pub fn time_forward(
+    model: &VisionTransformer,
+    x: &[f32],
+    batch: usize,
+    repeats: usize,
+    flops_per_image: f64,
+) -> Result<ForwardTiming> {
+    if batch == 0 || repeats == 0 {
+        return Err(Error::invalid(format!(
+            "batch {batch} / repeats {repeats} out of range; expected at least 1 each"
+        )));
+    }
+    let (h, w) = model.spec().input_size;
+    if x.len() != 3 * h * w {
+        return Err(Error::invalid(format!(
+            "image has {} values, expected 3 x {h} x {w}",
+            x.len()
+        )));
+    }
+    let data: Vec<f32> = x.iter().copied().cycle().take(batch * x.len()).collect();
+    let px = Tensor::from_vec(data, (batch, 3, h, w), model.device())?;
+    let mut runs_s = Vec::with_capacity(repeats);
+    for i in 0..=repeats {
+        let t = Instant::now();
+        let out = model.forward(&px, None)?;
+        // Reading the logits back makes sure the pass has finished on any device.
+        let _ = out.logits.flatten_all()?.to_vec1::<f32>()?;
+        if i > 0 {
+            runs_s.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let s_per_image = median(&runs_s) / batch as f64;
+    Ok(ForwardTiming {
+        batch,
+        runs_s,
+        s_per_image,
+        gflops: flops_per_image / s_per_image / 1e9,
+    })
+}
+
+/// Timing of one explanation of the synthetic image.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExplainTiming {
+    /// Seconds per stage (`forward`, `masks`, `similarity`, `clustering`, `perturbed_forward`,
+    /// `aggregation`), as recorded in [`crate::Explanation::timings`].
+    pub stages: Vec<(String, f64)>,
+    /// Wall-clock seconds of the whole explanation.
+    pub total_s: f64,
+    /// Masks after clustering.
+    pub n_masks_clustered: usize,
+    /// Masks scored (N): all clustered masks, or the first `max_masks` of them.
+    pub n_masks: usize,
+    /// Images per perturbed forward pass.
+    pub batch: usize,
+    /// Perturbed-forward seconds / (2N): one masked or noisy image.
+    pub perturbed_forward_s_per_image: f64,
+    /// Total seconds / N.
+    pub explain_s_per_mask: f64,
+    /// Estimated seconds had every clustered mask been scored: the stages before scoring plus
+    /// the per-mask time of the scoring stages times `n_masks_clustered`.
+    pub projected_full_s: f64,
+}
+
+/// Explains the top-1 class of `x` `(3, H, W)` with `params`, scoring at most `max_masks`
+/// masks (the first ones after clustering) when given, and returns the stage times.
+pub fn time_explanation(
+    model: &VisionTransformer,
+    x: &[f32],
+    params: &VitCxParams,
+    max_masks: Option<usize>,
+) -> Result<ExplainTiming> {
+    let method = VitCx::new(params, model)?;
+    let t = Instant::now();
+    let mut prepared = method.prepare(model, x, &mut NoProgress)?;
+    let n_masks_clustered = prepared.masks.n;
+    if let Some(k) = max_masks.filter(|&k| k < n_masks_clustered) {
+        if k == 0 {
+            return Err(Error::invalid(
+                "max masks 0 out of range; expected at least 1",
+            ));
+        }
+        let masks = &mut prepared.masks;
+        masks.n = k;
+        masks.data.truncate(k * masks.h * masks.w);
+    }
+    let classes = [argmax(&prepared.probs)];
+    let noise = Noise::Seeded(params.seed);
+    let ex = method.score(model, x, prepared, &classes, &noise, &mut NoProgress)?;
+    let total_s = t.elapsed().as_secs_f64();
+    let n = ex.n_masks;
+    let stage = |s: Stage| {
+        ex.timings
+            .iter()
+            .filter(|(k, _)| *k == s)
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let perturbed = stage(Stage::PerturbedForward);
+    let scoring = perturbed + stage(Stage::Aggregation);
+    let images_per_mask = if params.noise_std > 0.0 { 2 } else { 1 };
+    Ok(ExplainTiming {
+        stages: ex
+            .timings
+            .iter()
+            .map(|(k, v)| (k.name().to_string(), *v))
+            .collect(),
+        total_s,
+        n_masks_clustered,
+        n_masks: n,
+        batch: params.batch,
+        perturbed_forward_s_per_image: perturbed / (images_per_mask * n).max(1) as f64,
+        explain_s_per_mask: total_s / n.max(1) as f64,
+        projected_full_s: total_s - scoring + scoring / n.max(1) as f64 * n_masks_clustered as f64,
+    })
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM` of `/proc/self/status`); `None`
+/// where that file does not exist (not Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_vm_hwm(&status)
+}
+
+/// The `VmHWM:   1234 kB` line of a `/proc/<pid>/status` text, in bytes.
+fn parse_vm_hwm(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// What the benchmark ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineInfo {
+    /// `model name` of `/proc/cpuinfo` (None where unavailable).
+    pub cpu_model: Option<String>,
+    /// Logical CPUs listed in `/proc/cpuinfo` (None where unavailable).
+    pub logical_cpus: Option<usize>,
+    /// CPUs this process may use (`std::thread::available_parallelism`).
+    pub available_parallelism: usize,
+    /// Worker threads candle's CPU kernels use.
+    pub candle_threads: usize,
+    /// x86 features found at run time (`is_x86_feature_detected!`): avx2, fma, avx512f,
+    /// avx512bw, avx512vl; plus `avx512_bf16` / `amx_bf16` from the cpuinfo flags.
+    pub features: Vec<String>,
+    /// Whether AVX-512 F is available.
+    pub avx512: bool,
+    /// `/proc/loadavg` when the report was made (the machine may be shared).
+    pub loadavg: Option<String>,
+}
+
+/// Collects [`MachineInfo`] for this machine.
+pub fn machine_info() -> MachineInfo {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok();
+    let cpu_model = cpuinfo.as_deref().and_then(|c| {
+        c.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    });
+    let logical_cpus = cpuinfo
+        .as_deref()
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
+        .filter(|&n| n > 0);
+    let flags: Vec<&str> = cpuinfo
+        .as_deref()
+        .and_then(|c| c.lines().find(|l| l.starts_with("flags")))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.split_whitespace().collect())
+        .unwrap_or_default();
+    let mut features: Vec<String> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        for (name, on) in [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx512bw", std::arch::is_x86_feature_detected!("avx512bw")),
+            ("avx512vl", std::arch::is_x86_feature_detected!("avx512vl")),
+        ] {
+            if on {
+                features.push(name.to_string());
+            }
+        }
+    }
+    // bf16/AMX detection macros need a newer Rust than the crate's minimum; cpuinfo says it too.
+    for flag in ["avx512_bf16", "avx512_vnni", "amx_bf16"] {
+        if flags.contains(&flag) {
+            features.push(flag.to_string());
+        }
+    }
+    MachineInfo {
+        cpu_model,
+        logical_cpus,
+        available_parallelism: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        candle_threads: candle_core::utils::get_num_threads(),
+        avx512: features.iter().any(|f| f == "avx512f"),
+        features,
+        loadavg: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .map(|s| s.trim().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits(model: &VisionTransformer, x: &[f32]) -> Vec<f32> {
+        let px = Tensor::from_slice(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        model
+            .forward(&px, None)
+            .unwrap()
+            .logits
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn random_model_is_deterministic() {
+        let x = synthetic_image((224, 224), [0.5; 3], [0.5; 3]);
+        let a = random_vit(Preset::Tiny, 7, &Device::Cpu).unwrap();
+        let b = random_vit(Preset::Tiny, 7, &Device::Cpu).unwrap();
+        let c = random_vit(Preset::Tiny, 8, &Device::Cpu).unwrap();
+        let (la, lb, lc) = (logits(&a, &x), logits(&b, &x), logits(&c, &x));
+        assert_eq!(la.len(), 1000);
+        assert_eq!(la, lb);
+        assert_ne!(la, lc);
+        // Not a degenerate model: logits vary across classes.
+        let spread =
+            la.iter().fold(f32::MIN, |m, &v| m.max(v)) - la.iter().fold(f32::MAX, |m, &v| m.min(v));
+        assert!(spread > 1e-3, "spread {spread}");
+    }
+
+    #[test]
+    fn random_model_has_preset_shape() {
+        let m = random_vit(Preset::Tiny, 0, &Device::Cpu).unwrap();
+        let s = m.spec();
+        assert_eq!((s.dim, s.depth, s.heads, s.patch), (192, 12, 3, 16));
+        assert_eq!((s.grid, s.num_classes), ((14, 14), 1000));
+        assert_eq!(m.config().mlp_dim, 768);
+        assert_eq!(m.config().layer_norm_eps, 1e-6);
+        assert!(m.config().notes.is_empty(), "{:?}", m.config().notes);
+    }
+
+    #[test]
+    fn vit_b16_flops() {
+        let a = Preset::Base.arch();
+        let gmacs = a.macs_per_image() / 1e9;
+        assert!((gmacs - 17.56).abs() < 0.02, "{gmacs}");
+        assert!((a.flops_per_image() / 1e9 - 35.1).abs() < 0.05);
+        assert!(Preset::Tiny.arch().flops_per_image() < a.flops_per_image() / 10.0);
+    }
+
+    #[test]
+    fn median_and_hwm() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let status = "Name:\tx\nVmPeak:\t  100 kB\nVmHWM:\t    2048 kB\nVmRSS:\t 1 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
+        assert_eq!(parse_vm_hwm("Name: x\n"), None);
+    }
+
+    #[test]
+    fn preset_parse() {
+        assert_eq!("tiny".parse::<Preset>().unwrap(), Preset::Tiny);
+        assert_eq!("base".parse::<Preset>().unwrap(), Preset::Base);
+        let e = "huge".parse::<Preset>().unwrap_err().to_string();
+        assert!(e.contains("preset 'huge' unknown"), "{e}");
+    }
+
+    #[test]
+    fn forward_and_explanation_timings_are_positive() {
+        let m = random_vit(Preset::Tiny, 0, &Device::Cpu).unwrap();
+        let x = synthetic_image((224, 224), [0.5; 3], [0.5; 3]);
+        let f = time_forward(&m, &x, 2, 1, 1e9).unwrap();
+        assert_eq!(f.runs_s.len(), 1);
+        assert!(f.s_per_image > 0.0 && f.gflops > 0.0);
+        let e = time_explanation(&m, &x, &VitCxParams::default(), Some(3)).unwrap();
+        assert!(e.n_masks <= 3 && e.n_masks >= 1);
+        assert!(e.n_masks_clustered >= e.n_masks);
+        let names: Vec<&str> = e.stages.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "forward",
+                "masks",
+                "similarity",
+                "clustering",
+                "perturbed_forward",
+                "aggregation"
+            ]
+        );
+        assert!(e.explain_s_per_mask > 0.0 && e.perturbed_forward_s_per_image > 0.0);
+        assert!(e.projected_full_s >= e.total_s * 0.999);
+    }
+}
