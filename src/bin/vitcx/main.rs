@@ -17,6 +17,11 @@ use clap::Parser;
 use args::{Cli, Command, InspectArgs, PredictArgs};
 use vitcx::model::{Backbone, VisionTransformer};
 
+/// candle allocates a fresh buffer per tensor op; mimalloc reuses freed memory instead of
+/// returning it to the kernel and faulting zeroed pages back in each op.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
