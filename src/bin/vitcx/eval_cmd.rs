@@ -193,12 +193,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
             }
             Err(err) => {
                 failures += 1;
-                let msg = format!("{err:#}");
-                if msg.contains(&shown) {
-                    bars.println(&format!("vitcx: {msg}"));
-                } else {
-                    bars.println(&format!("vitcx: {shown}: {msg}"));
-                }
+                bars.report_failure(&e.path, &err);
             }
         }
         bars.images.inc(1);

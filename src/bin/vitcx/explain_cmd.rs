@@ -49,14 +49,7 @@ pub fn run(a: ExplainArgs) -> Result<ExitCode> {
             Ok(line) => bars.println(&line),
             Err(e) => {
                 failures += 1;
-                // Library errors about an image already name it; others get the path in front.
-                let msg = format!("{e:#}");
-                let shown = path.display().to_string();
-                if msg.contains(&shown) {
-                    bars.println(&format!("vitcx: {msg}"));
-                } else {
-                    bars.println(&format!("vitcx: {shown}: {msg}"));
-                }
+                bars.report_failure(path, &e);
             }
         }
         bars.images.inc(1);

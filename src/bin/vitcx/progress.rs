@@ -45,6 +45,18 @@ impl Bars {
         }
     }
 
+    /// Reports a failed image on one line: library errors about an image already name it,
+    /// others get the path in front.
+    pub fn report_failure(&self, path: &std::path::Path, err: &anyhow::Error) {
+        let msg = format!("{err:#}");
+        let shown = path.display().to_string();
+        if msg.contains(&shown) {
+            self.println(&format!("vitcx: {msg}"));
+        } else {
+            self.println(&format!("vitcx: {shown}: {msg}"));
+        }
+    }
+
     /// Clears both bars.
     pub fn finish(&self) {
         self.stage.finish_and_clear();
