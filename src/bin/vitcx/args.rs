@@ -45,21 +45,8 @@ pub struct ExplainArgs {
     /// Explain the K most probable classes (all from the same forward passes).
     #[arg(long, value_name = "K", conflicts_with = "classes")]
     pub top_k: Option<usize>,
-    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
-    pub layer: i64,
-    /// Clustering distance threshold in [0, 1].
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
-    pub threshold: f64,
-    /// Standard deviation of the noise added outside each mask (normalised pixel units).
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
-    pub noise_std: f32,
-    /// Seed of the noise generator.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
+    #[command(flatten)]
+    pub vitcx: VitCxArgs,
     /// Do not write the PNG overlay.
     #[arg(long)]
     pub no_overlay: bool,
@@ -141,21 +128,9 @@ pub struct EvalArgs {
     /// Evaluate only the first N images.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Images per forward pass (explanation and curves).
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
-    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
-    pub layer: i64,
-    /// Clustering distance threshold in [0, 1].
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
-    pub threshold: f64,
-    /// Standard deviation of the noise added outside each mask (normalised pixel units).
-    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
-    pub noise_std: f32,
-    /// Seed of the noise generator.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// ViT-CX settings; `--batch` also sets the images per pass of the curves.
+    #[command(flatten)]
+    pub vitcx: VitCxArgs,
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
@@ -188,4 +163,37 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// ViT-CX settings shared by `explain` and `eval`; defaults as [`vitcx::VitCxParams`].
+#[derive(Debug, Args)]
+pub struct VitCxArgs {
+    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub layer: i64,
+    /// Clustering distance threshold in [0, 1].
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub threshold: f64,
+    /// Standard deviation of the noise added outside each mask (normalised pixel units).
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    pub noise_std: f32,
+    /// Seed of the noise generator.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+}
+
+impl VitCxArgs {
+    /// The library's parameters (validated later against the model).
+    pub fn params(&self) -> vitcx::VitCxParams {
+        vitcx::VitCxParams {
+            layer: self.layer,
+            threshold: self.threshold,
+            noise_std: self.noise_std,
+            seed: self.seed,
+            batch: self.batch,
+        }
+    }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::{argmax, Noise, VitCx, VitCxParams};
+use vitcx::explain::{argmax, Noise, VitCx};
 use vitcx::metrics::{self, Baseline, CurveParams};
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
 
@@ -51,16 +51,7 @@ enum Explainer {
 impl Explainer {
     fn new(method: Method, a: &EvalArgs, model: &VisionTransformer) -> Result<Self> {
         match method {
-            Method::VitCx => {
-                let params = VitCxParams {
-                    layer: a.layer,
-                    threshold: a.threshold,
-                    noise_std: a.noise_std,
-                    seed: a.seed,
-                    batch: a.batch,
-                };
-                Ok(Explainer::VitCx(VitCx::new(&params, model)?))
-            }
+            Method::VitCx => Ok(Explainer::VitCx(VitCx::new(&a.vitcx.params(), model)?)),
         }
     }
 
@@ -149,7 +140,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
         step: a.step,
         deletion_baseline: baseline(&a.deletion_baseline, "--deletion-baseline")?,
         insertion_baseline: baseline(&a.insertion_baseline, "--insertion-baseline")?,
-        batch: a.batch,
+        batch: a.vitcx.batch,
     };
     if curve.step == 0 {
         bail!("--step 0; expected at least 1 pixel per step");

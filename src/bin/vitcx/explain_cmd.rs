@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::{top_k, Explanation, Noise, VitCx, VitCxParams};
+use vitcx::explain::{top_k, Explanation, Noise, VitCx};
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
 
 use crate::args::ExplainArgs;
@@ -20,13 +20,7 @@ enum Classes {
 }
 
 pub fn run(a: ExplainArgs) -> Result<ExitCode> {
-    let params = VitCxParams {
-        layer: a.layer,
-        threshold: a.threshold,
-        noise_std: a.noise_std,
-        seed: a.seed,
-        batch: a.batch,
-    };
+    let params = a.vitcx.params();
     let model = crate::load_model(&a.model)?;
     let method = VitCx::new(&params, &model)?;
     let cfg = model.config().clone();
