@@ -378,7 +378,7 @@ mod tests {
             "x.safetensors",
             "dir/model.bin",
             "C:\\models\\vit",
-            "models/",
+            "no-such-models/",
         ] {
             let err = resolve_model(arg, &opts).unwrap_err();
             assert!(matches!(err, Error::Io { .. }), "{arg}: {err:?}");

@@ -55,15 +55,27 @@ pub struct Sample {
 /// Any size works; on images smaller than about 16 px the object may be too small to cover a
 /// pixel centre, and then the mask is empty and `bbox` is `[0, 0, 0, 0]`.
 pub fn sample(seed: u64, index: u64, size: (u32, u32)) -> Sample {
+    sample_with_clutter(seed, index, size, 1.0)
+}
+
+/// [`sample`] with the background clutter scaled by `clutter` in [0, 1]: 1 is the benchmark
+/// (identical to [`sample`]), 0 leaves only the smooth colour gradient behind the object. Used
+/// for curriculum training; the benchmark itself is always `clutter = 1`.
+pub fn sample_with_clutter(seed: u64, index: u64, size: (u32, u32), clutter: f32) -> Sample {
+    let clutter = if clutter.is_finite() {
+        clutter.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(index);
     let (h, w) = size;
     let class_id = rng.random_range(0..CLASSES.len());
     let mut canvas = Canvas::new(w as usize, h as usize);
-    background(&mut canvas, &mut rng);
+    background(&mut canvas, &mut rng, clutter);
     let object = Object::random(class_id, w as f32, h as f32, &mut rng);
     let mask = object.composite(&mut canvas, &mut rng);
-    add_noise(&mut canvas, &mut rng);
+    add_noise(&mut canvas, &mut rng, clutter);
     let image = RgbImage::from_fn(w, h, |x, y| {
         let p = canvas.px[y as usize * canvas.w + x as usize];
         image::Rgb(p.map(|v| v.round().clamp(0.0, 255.0) as u8))
@@ -95,7 +107,8 @@ pub struct ManifestEntry {
 
 /// Writes `count` samples of [`DEFAULT_SIZE`] to `dir` (created if missing): `NNNNN.png`,
 /// `NNNNN.mask.png` and `manifest.jsonl` (one [`ManifestEntry`] as JSON per line, paths relative
-/// to the manifest). Every file is written atomically; the manifest comes last, so a complete
+/// to the manifest), with background `clutter` as in [`sample_with_clutter`] (1 for the
+/// benchmark). Every file is written atomically; the manifest comes last, so a complete
 /// manifest means a complete dataset. `progress` gets the number of samples written so far.
 ///
 /// Errors: [`Error::InvalidArgument`] for `count == 0`; [`Error::Io`] naming the path when the
@@ -104,6 +117,7 @@ pub fn write_dataset(
     dir: &Path,
     count: usize,
     seed: u64,
+    clutter: f32,
     progress: &mut dyn FnMut(usize),
 ) -> Result<()> {
     if count == 0 {
@@ -111,10 +125,15 @@ pub fn write_dataset(
             "count 0 out of range; expected at least 1 sample",
         ));
     }
+    if !(0.0..=1.0).contains(&clutter) {
+        return Err(Error::invalid(format!(
+            "clutter {clutter} out of range; expected a value in [0, 1]"
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut manifest = String::new();
     for i in 0..count {
-        let s = sample(seed, i as u64, DEFAULT_SIZE);
+        let s = sample_with_clutter(seed, i as u64, DEFAULT_SIZE, clutter);
         let image = format!("{i:05}.png");
         let mask = format!("{i:05}.mask.png");
         crate::render::save_png(&s.image, &dir.join(&image))?;
@@ -262,7 +281,7 @@ impl Canvas {
 }
 
 /// Gradient, coarse colour patches, stripes, small blobs and short strokes.
-fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
+fn background(c: &mut Canvas, rng: &mut ChaCha8Rng, clutter: f32) {
     let (wf, hf) = (c.w as f32, c.h as f32);
     let diag = (wf * wf + hf * hf).sqrt().max(1.0);
 
@@ -281,7 +300,7 @@ fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
     // wider than any object, no edges).
     let g = rng.random_range(2..=4usize);
     let nodes: Vec<[f32; 3]> = (0..(g + 1) * (g + 1)).map(|_| random_colour(rng)).collect();
-    let alpha = uniform(rng, 0.15, 0.45);
+    let alpha = uniform(rng, 0.15, 0.45) * clutter;
     let smooth = |t: f32| t * t * (3.0 - 2.0 * t);
     for y in 0..c.h {
         let gy = (y as f32 + 0.5) / hf * g as f32;
@@ -306,7 +325,7 @@ fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
         let (ca, sa) = (a.cos(), a.sin());
         let period = uniform(rng, 5.0, 36.0);
         let phase = uniform(rng, 0.0, TAU);
-        let strength = uniform(rng, 0.1, 0.35);
+        let strength = uniform(rng, 0.1, 0.35) * clutter;
         let sharp = rng.random_bool(0.5);
         c.blend_box((0.0, 0.0, wf, hf), colour, |x, y| {
             let s = 0.5 + 0.5 * ((x * ca + y * sa) * TAU / period + phase).sin();
@@ -315,7 +334,8 @@ fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
     }
 
     // Small blobs of every colour: soft Gaussian spots, discs and ellipses, radius <= 6 px.
-    let n_blobs = rng.random_range(40..=120);
+    let n_blobs = rng.random_range(40..=120usize);
+    let n_blobs = (n_blobs as f32 * clutter).round() as usize;
     for _ in 0..n_blobs {
         let colour = random_colour(rng);
         let (cx, cy) = (uniform(rng, 0.0, wf), uniform(rng, 0.0, hf));
@@ -347,7 +367,9 @@ fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
     }
 
     // Short strokes (4-16 px), too short to form an object-sized cross or star.
-    for _ in 0..rng.random_range(4..=16) {
+    let n_strokes = rng.random_range(4..=16usize);
+    let n_strokes = (n_strokes as f32 * clutter).round() as usize;
+    for _ in 0..n_strokes {
         let colour = random_colour(rng);
         let (x0, y0) = (uniform(rng, 0.0, wf), uniform(rng, 0.0, hf));
         let a = uniform(rng, 0.0, TAU);
@@ -368,8 +390,8 @@ fn background(c: &mut Canvas, rng: &mut ChaCha8Rng) {
 }
 
 /// Gaussian pixel noise, independent per channel, with a random standard deviation.
-fn add_noise(c: &mut Canvas, rng: &mut ChaCha8Rng) {
-    let sigma = uniform(rng, 2.0, 10.0);
+fn add_noise(c: &mut Canvas, rng: &mut ChaCha8Rng, clutter: f32) {
+    let sigma = uniform(rng, 2.0, 10.0) * clutter.max(0.2);
     // Invariant: sigma is finite and positive, so Normal::new cannot fail; fall back to no
     // noise rather than panic all the same.
     let Ok(normal) = Normal::new(0.0f32, sigma) else {
@@ -795,7 +817,7 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(9);
             rng.set_stream(i);
             let _ = rng.random_range(0..CLASSES.len());
-            background(&mut Canvas::new(224, 224), &mut rng);
+            background(&mut Canvas::new(224, 224), &mut rng, 1.0);
             let o = Object::random(s.class_id, 224.0, 224.0, &mut rng);
             let area = s.mask.pixels().filter(|p| p[0] == 255).count() as f32;
             let ratio = area / (PI * o.radius * o.radius);
@@ -819,8 +841,8 @@ mod tests {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         let mut seen = Vec::new();
-        write_dataset(a.path(), 4, 42, &mut |n| seen.push(n)).unwrap();
-        write_dataset(b.path(), 4, 42, &mut |_| {}).unwrap();
+        write_dataset(a.path(), 4, 42, 1.0, &mut |n| seen.push(n)).unwrap();
+        write_dataset(b.path(), 4, 42, 1.0, &mut |_| {}).unwrap();
         assert_eq!(seen, vec![1, 2, 3, 4]);
         let mut names: Vec<_> = std::fs::read_dir(a.path())
             .unwrap()
@@ -885,7 +907,42 @@ mod tests {
     #[test]
     fn zero_count_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
-        let e = write_dataset(dir.path(), 0, 0, &mut |_| {}).unwrap_err();
+        let e = write_dataset(dir.path(), 0, 0, 1.0, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("count 0"), "{e}");
+    }
+
+    #[test]
+    fn clutter_one_is_the_benchmark_and_zero_is_plain() {
+        let a = sample(9, 4, (64, 64));
+        let b = sample_with_clutter(9, 4, (64, 64), 1.0);
+        assert_eq!(a.image, b.image);
+        // Roughness of the background: mean absolute difference of horizontal neighbours
+        // outside the object.
+        let rough = |s: &Sample| {
+            let (mut sum, mut n) = (0f64, 0usize);
+            for y in 0..64 {
+                for x in 0..63 {
+                    if s.mask.get_pixel(x, y).0[0] == 0 && s.mask.get_pixel(x + 1, y).0[0] == 0 {
+                        let (p, q) = (s.image.get_pixel(x, y).0, s.image.get_pixel(x + 1, y).0);
+                        sum += (0..3)
+                            .map(|c| (f64::from(p[c]) - f64::from(q[c])).abs())
+                            .sum::<f64>();
+                        n += 1;
+                    }
+                }
+            }
+            sum / n as f64
+        };
+        let plain = sample_with_clutter(9, 4, (64, 64), 0.0);
+        assert_eq!(plain.class_id, a.class_id);
+        assert!(
+            rough(&plain) < 0.5 * rough(&a),
+            "{} vs {}",
+            rough(&plain),
+            rough(&a)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = write_dataset(dir.path(), 1, 0, 1.5, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("clutter 1.5 out of range"), "{e}");
     }
 }

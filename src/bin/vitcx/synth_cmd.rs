@@ -21,8 +21,9 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
         .progress_chars("=> "),
     );
     bar.set_prefix("synth");
-    let result =
-        vitcx::synth::write_dataset(&a.out, a.count, a.seed, &mut |n| bar.set_position(n as u64));
+    let result = vitcx::synth::write_dataset(&a.out, a.count, a.seed, a.clutter, &mut |n| {
+        bar.set_position(n as u64)
+    });
     bar.finish_and_clear();
     result.with_context(|| format!("cannot write the benchmark to {}", a.out.display()))?;
     if !a.quiet {
