@@ -27,6 +27,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod controls;
 pub mod error;
 pub mod explain;
 pub mod hub;
@@ -39,6 +40,7 @@ pub mod output;
 pub mod render;
 pub mod score;
 pub mod synth;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use explain::{Explanation, Noise, VitCx, VitCxParams};
