@@ -249,3 +249,63 @@ fn eval_rejects_unknown_method_listing_supported_ones() {
     );
     assert!(!out.path().join("x").exists());
 }
+
+#[test]
+fn control_maps_are_scored_like_a_method() {
+    let ds = dataset();
+    let mut pointing = Vec::new();
+    for method in ["random", "center"] {
+        let out = tempfile::tempdir().unwrap();
+        let o = vitcx(&[
+            "eval",
+            "--model",
+            s(&data("vit_timm")),
+            "--data",
+            s(ds.path()),
+            "--method",
+            method,
+            "--step",
+            "3136",
+            "--out",
+            s(out.path()),
+            "--quiet",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["settings"]["method"], method);
+        for metric in ["deletion_auc", "insertion_auc", "pointing_game"] {
+            let m = v[method][metric]["mean"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&m), "{method} {metric} {m}");
+        }
+        pointing.push(v[method]["pointing_game"]["mean"].as_f64().unwrap());
+        // Same seed, same random map: a rerun gives the same per-image numbers.
+        if method == "random" {
+            let again = tempfile::tempdir().unwrap();
+            let o = vitcx(&[
+                "eval",
+                "--model",
+                s(&data("vit_timm")),
+                "--data",
+                s(ds.path()),
+                "--method",
+                method,
+                "--step",
+                "3136",
+                "--out",
+                s(again.path()),
+                "--quiet",
+            ]);
+            assert!(o.status.success());
+            assert_eq!(
+                std::fs::read(out.path().join("per_image.csv")).unwrap(),
+                std::fs::read(again.path().join("per_image.csv")).unwrap()
+            );
+        }
+    }
+    // The centred blob's peak is the image centre, inside both ground-truth boxes (a: 40..180
+    // square; b: left half of a 112-px mask scaled to 224 is x < 112, and the centre pixel
+    // 111.5 rounds to column 111 or 112).
+    assert!(pointing[1] >= 0.5, "{pointing:?}");
+}

@@ -18,14 +18,20 @@ use crate::progress::Bars;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Method {
     VitCx,
+    /// Control: independent uniform noise per pixel.
+    Random,
+    /// Control: a centred Gaussian blob.
+    Center,
 }
 
 impl Method {
-    const ALL: [Method; 1] = [Method::VitCx];
+    const ALL: [Method; 3] = [Method::VitCx, Method::Random, Method::Center];
 
     fn name(self) -> &'static str {
         match self {
             Method::VitCx => "vitcx",
+            Method::Random => "random",
+            Method::Center => "center",
         }
     }
 
@@ -46,37 +52,60 @@ impl Method {
 /// A method set up for one model.
 enum Explainer {
     VitCx(VitCx),
+    Random { seed: u64 },
+    Center,
 }
 
 impl Explainer {
     fn new(method: Method, a: &EvalArgs, model: &VisionTransformer) -> Result<Self> {
         match method {
             Method::VitCx => Ok(Explainer::VitCx(VitCx::new(&a.vitcx.params(), model)?)),
+            Method::Random => Ok(Explainer::Random { seed: a.vitcx.seed }),
+            Method::Center => Ok(Explainer::Center),
         }
     }
 
-    /// Clean probabilities `(C)` and the saliency `(H, W)` of the class chosen by `pick`.
+    /// Clean probabilities `(C)` and the saliency `(H, W)` of the class chosen by `pick`, for
+    /// the `index`-th image of the data set.
     fn explain(
         &self,
         model: &VisionTransformer,
         x: &[f32],
+        index: usize,
         pick: impl FnOnce(&[f32]) -> usize,
         bars: &mut Bars,
     ) -> Result<(Vec<f32>, usize, Vec<f32>)> {
-        match self {
+        let control = match self {
             Explainer::VitCx(m) => {
                 let prepared = m.prepare(model, x, bars)?;
                 let class = pick(&prepared.probs);
                 let noise = Noise::Seeded(m.params().params.seed);
                 let mut ex = m.score(model, x, prepared, &[class], &noise, bars)?;
                 let saliency = ex.saliency.pop().context("explanation has no saliency")?;
-                Ok((ex.probs, class, saliency))
+                return Ok((ex.probs, class, saliency));
             }
-        }
+            Explainer::Random { seed } => {
+                vitcx::controls::random_map(model.spec().input_size, *seed, index as u64)
+            }
+            Explainer::Center => vitcx::controls::centered_gaussian(model.spec().input_size),
+        };
+        let (h, w) = model.spec().input_size;
+        let px = candle_core::Tensor::from_vec(x.to_vec(), (1, 3, h, w), model.device())?;
+        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+        let class = pick(&probs);
+        Ok((probs, class, control))
     }
 
     fn params(&self) -> serde_json::Value {
         match self {
+            Explainer::Random { seed } => json!({
+                "map": "independent uniform [0, 1) per pixel, ChaCha8 stream = image index",
+                "seed": seed,
+            }),
+            Explainer::Center => json!({
+                "map": "Gaussian blob at the image centre, peak 1",
+                "sigma_fraction_of_side": vitcx::controls::CENTER_SIGMA,
+            }),
             Explainer::VitCx(m) => {
                 let p = &m.params().params;
                 json!({
@@ -156,7 +185,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
     if let Some(n) = a.limit {
         entries.truncate(n);
     }
-    let model = crate::load_model(&a.model)?;
+    let model = crate::load_model(a.model.as_deref())?;
     let explainer = Explainer::new(method, &a, &model)?;
     let cfg = model.config().clone();
     std::fs::create_dir_all(&a.out)
@@ -166,7 +195,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
     bars.images.set_prefix("eval");
     let mut rows = Vec::new();
     let mut failures = 0usize;
-    for e in &entries {
+    for (index, e) in entries.iter().enumerate() {
         let shown = e.path.display().to_string();
         bars.images.set_message(
             e.path
@@ -174,7 +203,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        match eval_one(&model, &cfg, &explainer, &curve, e, &mut bars) {
+        match eval_one(&model, &cfg, &explainer, &curve, index, e, &mut bars) {
             Ok(row) => {
                 bars.println(&format!(
                     "{shown}: class {} ({}) deletion {:.4} insertion {:.4}",
@@ -265,6 +294,7 @@ fn eval_one(
     cfg: &ModelConfig,
     explainer: &Explainer,
     curve: &CurveParams,
+    index: usize,
     e: &Entry,
     bars: &mut Bars,
 ) -> Result<Row> {
@@ -279,7 +309,7 @@ fn eval_one(
         (None, None) => None,
     };
     let (probs, class, saliency) =
-        explainer.explain(model, &x, |p| truth.unwrap_or(argmax(p)), bars)?;
+        explainer.explain(model, &x, index, |p| truth.unwrap_or(argmax(p)), bars)?;
     let predicted = argmax(&probs);
     let deletion = metrics::deletion(model, &x, &saliency, class, curve)?;
     let insertion = metrics::insertion(model, &x, &saliency, class, curve)?;
@@ -401,7 +431,7 @@ fn write_outputs(
         "settings": {
             "method": method.name(),
             "method_params": explainer.params(),
-            "model": a.model,
+            "model": crate::model_name(&a.model),
             "data": a.data.display().to_string(),
             "images": rows.len(),
             "step": curve.step,
@@ -452,8 +482,12 @@ mod tests {
     #[test]
     fn method_names_round_trip_and_unknown_lists_supported() {
         assert_eq!(Method::parse("vitcx").unwrap(), Method::VitCx);
+        assert_eq!(Method::parse("center").unwrap(), Method::Center);
         let err = format!("{:#}", Method::parse("rise").unwrap_err());
-        assert_eq!(err, "unknown --method 'rise'; supported methods: vitcx");
+        assert_eq!(
+            err,
+            "unknown --method 'rise'; supported methods: vitcx, random, center"
+        );
     }
 
     #[test]
