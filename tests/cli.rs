@@ -344,3 +344,27 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn no_model_means_the_bundled_demo_model_announced_once() {
+    let img = data("vit_hf/image_224.png");
+    let o = vitcx(&["predict", s(&img), "--top-k", "6"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one notice line: {err}");
+    assert!(err.contains("bundled demo model"), "{err}");
+    let text = String::from_utf8_lossy(&o.stdout);
+    for class in ["circle", "square", "triangle", "star", "cross", "ring"] {
+        assert!(text.contains(class), "{class} missing: {text}");
+    }
+    // Asked for by name: the same model, no notice.
+    let o = vitcx(&["predict", s(&img), "--top-k", "6", "--model", "demo"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), text);
+    let o = vitcx(&["inspect", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["model"], "demo");
+    assert_eq!(v["spec"]["grid"], serde_json::json!([14, 14]));
+    assert_eq!(v["spec"]["patch"], 16);
+}

@@ -43,6 +43,49 @@ pub fn load(path: &Path, device: &Device) -> Result<VisionTransformer> {
     VisionTransformer::new(cfg, w, device)
 }
 
+/// Loads a timm or Hugging Face checkpoint held in memory: `config.json` text and a
+/// `.safetensors` buffer (no preprocessor config). `name` stands for the checkpoint in error
+/// messages. This is how the bundled demo model ([`demo`]) is read from the binary itself.
+pub fn load_from_memory(
+    name: &str,
+    config: &[u8],
+    safetensors: &[u8],
+    device: &Device,
+) -> Result<VisionTransformer> {
+    let config_path = Path::new(name).join("config.json");
+    let weights_path = Path::new(name).join("model.safetensors");
+    let cfg_json: serde_json::Value =
+        serde_json::from_slice(config).map_err(|e| crate::Error::Checkpoint {
+            path: config_path.clone(),
+            reason: format!("invalid json: {e}"),
+        })?;
+    let format = config::detect_format(&config_path, &cfg_json)?;
+    let raw = weights::read_tensors_from_buffer(&weights_path, safetensors, device)?;
+    let w = weights::Weights::new(&weights_path, format, raw)?;
+    let cfg = config::build(format, &config_path, &cfg_json, None, &w)?;
+    VisionTransformer::new(cfg, w, device)
+}
+
+/// The bundled demo model: a small ViT (patch 16, 224 px, 14x14 tokens) trained by
+/// `cargo run --release --example train_demo -- --seed 0` on the generated shapes of
+/// [`crate::synth`], so that vitcx can be tried, and checked against ground truth, without a
+/// download. Its weights are compiled into the library.
+pub fn demo(device: &Device) -> Result<VisionTransformer> {
+    load_from_memory(DEMO_NAME, DEMO_CONFIG, DEMO_WEIGHTS, device)
+}
+
+/// The demo model's accuracy on its held-out generated images, as its training run measured
+/// and recorded it (`vitcx_training.held_out_accuracy` in its `config.json`).
+pub fn demo_held_out_accuracy() -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_slice(DEMO_CONFIG).ok()?;
+    v.get("vitcx_training")?.get("held_out_accuracy")?.as_f64()
+}
+
+/// How the demo model is named on the command line and in reports.
+pub const DEMO_NAME: &str = "demo";
+const DEMO_CONFIG: &[u8] = include_bytes!("../../models/demo/config.json");
+const DEMO_WEIGHTS: &[u8] = include_bytes!("../../models/demo/model.safetensors");
+
 /// Shape facts about a model that explanation methods rely on.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Spec {
@@ -122,6 +165,32 @@ mod tests {
     use super::*;
     use crate::error::Error;
     use crate::npy::read_npy;
+
+    #[test]
+    fn demo_model_loads_from_the_binary_with_its_labels() {
+        let m = demo(&Device::Cpu).unwrap();
+        assert_eq!(m.config().labels, crate::synth::CLASSES.to_vec());
+        assert_eq!((m.spec().patch, m.spec().grid), (16, (14, 14)));
+        let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let p = m
+            .probs(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(p.len(), 6);
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn load_from_memory_reports_bad_buffers() {
+        let e = load_from_memory("mem", b"{not json", DEMO_WEIGHTS, &Device::Cpu).unwrap_err();
+        assert!(e.to_string().contains("invalid json"), "{e}");
+        let e = load_from_memory("mem", DEMO_CONFIG, b"garbage", &Device::Cpu).unwrap_err();
+        assert!(matches!(e, Error::Checkpoint { .. }), "{e:?}");
+        assert!(e.to_string().contains("mem"), "{e}");
+    }
 
     const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
 

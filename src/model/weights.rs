@@ -179,6 +179,28 @@ pub(crate) fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<Strin
         .collect()
 }
 
+/// Reads every tensor of a `.safetensors` buffer as f32 on `device`; `path` names it in errors.
+pub(crate) fn read_tensors_from_buffer(
+    path: &Path,
+    buffer: &[u8],
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let ckpt_err = |e: candle_core::Error| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let raw = candle_core::safetensors::load_buffer(buffer, device).map_err(ckpt_err)?;
+    if raw.is_empty() {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            reason: "no tensors found".into(),
+        });
+    }
+    raw.into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32).map_err(ckpt_err)?)))
+        .collect()
+}
+
 /// How the checkpoint spells tensor names, to report errors in its own terms.
 #[derive(Debug, Clone)]
 struct Naming {

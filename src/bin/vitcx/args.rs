@@ -33,9 +33,10 @@ pub struct ExplainArgs {
     /// Images: files, directories (their png/jpg/jpeg/bmp/webp files) or glob patterns.
     #[arg(required = true)]
     pub images: Vec<String>,
-    /// Checkpoint: a local directory or file, or a Hugging Face Hub id (owner/name[@revision]).
+    /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
+    /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
-    pub model: String,
+    pub model: Option<String>,
     /// Output directory.
     #[arg(long, short, default_value = "vitcx-out")]
     pub out: PathBuf,
@@ -60,9 +61,10 @@ pub struct PredictArgs {
     /// Images: files, directories or glob patterns.
     #[arg(required = true)]
     pub images: Vec<String>,
-    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
+    /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
+    /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
-    pub model: String,
+    pub model: Option<String>,
     /// How many classes to print.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
@@ -73,8 +75,9 @@ pub struct PredictArgs {
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
-    pub model: String,
+    /// Checkpoint: a local directory or file, a Hugging Face Hub id, or `demo` (the bundled shapes
+    /// model, also used when this is left out).
+    pub model: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -91,6 +94,9 @@ pub struct SynthArgs {
     /// Output directory (created if missing): NNNNN.png, NNNNN.mask.png, manifest.jsonl.
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Background clutter in [0, 1]: 1 is the benchmark, 0 a plain gradient (for ablations).
+    #[arg(long, default_value_t = 1.0)]
+    pub clutter: f32,
     /// No progress bar or summary line.
     #[arg(long, short)]
     pub quiet: bool,
@@ -98,13 +104,15 @@ pub struct SynthArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Checkpoint: a local directory or file, or a Hugging Face Hub id.
+    /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
+    /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
-    pub model: String,
+    pub model: Option<String>,
     /// A manifest.jsonl, a directory holding one, or a directory of images (no ground truth).
     #[arg(long)]
     pub data: PathBuf,
-    /// Explanation method to score (supported: vitcx).
+    /// Explanation method to score: vitcx, or a control map (random: uniform noise per pixel;
+    /// center: a centred Gaussian blob) that a faithful method should beat.
     #[arg(long, default_value = "vitcx")]
     pub method: String,
     /// Output directory (per_image.csv, summary.json, deletion.png, insertion.png).

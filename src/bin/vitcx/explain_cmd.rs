@@ -21,7 +21,7 @@ enum Classes {
 
 pub fn run(a: ExplainArgs) -> Result<ExitCode> {
     let params = a.vitcx.params();
-    let model = crate::load_model(&a.model)?;
+    let model = crate::load_model(a.model.as_deref())?;
     let method = VitCx::new(&params, &model)?;
     let cfg = model.config().clone();
     let classes = resolve_classes(&a, &cfg)?;
@@ -227,7 +227,7 @@ fn report(
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
         "model": {
-            "id": a.model,
+            "id": crate::model_name(&a.model),
             "format": cfg.format,
             "family": cfg.family,
             "architecture": cfg.architecture,

@@ -54,8 +54,32 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+/// Model name for reports: the `--model` value, or `demo` when it was left out.
+pub fn model_name(arg: &Option<String>) -> &str {
+    arg.as_deref().unwrap_or(vitcx::model::DEMO_NAME)
+}
+
 /// Resolves `--model` (local path or Hub id) and loads it on the CPU.
-pub fn load_model(arg: &str) -> Result<VisionTransformer> {
+///
+/// No `--model` means the bundled demo model, announced in one line on stderr; `--model demo`
+/// asks for it explicitly (unless a local `demo` path exists, which wins).
+pub fn load_model(arg: Option<&str>) -> Result<VisionTransformer> {
+    let demo = vitcx::model::DEMO_NAME;
+    if arg.is_none() || (arg == Some(demo) && !std::path::Path::new(demo).exists()) {
+        let model = vitcx::model::demo(&candle_core::Device::Cpu)
+            .context("cannot load the bundled demo model")?;
+        if arg.is_none() {
+            let acc = vitcx::model::demo_held_out_accuracy()
+                .map(|a| format!("; {:.1}% right on held-out shapes", 100.0 * a))
+                .unwrap_or_default();
+            eprintln!(
+                "vitcx: no --model given; using the bundled demo model (a small ViT trained on generated shapes: {}{acc})",
+                model.config().labels.join(", ")
+            );
+        }
+        return Ok(model);
+    }
+    let arg = arg.unwrap_or(demo);
     let opts = vitcx::hub::HubOptions::from_env();
     let path = vitcx::hub::resolve_model(arg, &opts)?;
     let model = vitcx::model::load(&path, &candle_core::Device::Cpu)
@@ -65,7 +89,7 @@ pub fn load_model(arg: &str) -> Result<VisionTransformer> {
 
 fn predict(a: PredictArgs) -> Result<ExitCode> {
     use std::io::Write;
-    let model = load_model(&a.model)?;
+    let model = load_model(a.model.as_deref())?;
     let cfg = model.config().clone();
     let (h, w) = model.spec().input_size;
     let mut out = std::io::stdout().lock();
@@ -112,18 +136,18 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
 
 fn inspect(a: InspectArgs) -> Result<ExitCode> {
     use std::io::Write;
-    let model = load_model(&a.model)?;
+    let model = load_model(a.model.as_deref())?;
     let cfg = model.config();
     let spec = model.spec();
     let mut out = std::io::stdout().lock();
     if a.json {
-        let v = serde_json::json!({ "model": a.model, "config": cfg, "spec": spec });
+        let v = serde_json::json!({ "model": model_name(&a.model), "config": cfg, "spec": spec });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let labels = &cfg.labels;
     let shown: Vec<&str> = labels.iter().take(5).map(String::as_str).collect();
-    writeln!(out, "model          {}", a.model)?;
+    writeln!(out, "model          {}", model_name(&a.model))?;
     writeln!(out, "format         {:?}", cfg.format)?;
     writeln!(
         out,
