@@ -543,6 +543,25 @@ mod tests {
                 .unwrap();
             assert!(norm > 0.0 && norm.is_finite(), "{name}: {norm}");
         }
+        // The query and key rows of qkv get their gradient only through the attention softmax.
+        let d = t.params.arch.dim;
+        let qkv = t
+            .vars
+            .iter()
+            .find(|(n, _)| n == "blocks.0.attn.qkv.weight")
+            .unwrap();
+        let g = grads.get(qkv.1.as_tensor()).unwrap();
+        for (part, rows) in [("query", 0), ("key", d)] {
+            let n = g
+                .narrow(0, rows, d)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let n = n.to_scalar::<f32>().unwrap();
+            assert!(n > 0.0, "{part} rows of qkv get no gradient");
+        }
     }
 
     #[test]

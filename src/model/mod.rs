@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::error::Result;
 
 pub mod config;
+mod softmax;
 pub mod vit;
 pub mod weights;
 

@@ -101,7 +101,7 @@ impl Attention {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let attn = q.matmul(&k.t()?)?; // (B, H, T, T)
-        let attn = candle_nn::ops::softmax_last_dim(&attn)?;
+        let attn = super::softmax::softmax_last_dim(&attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.proj.forward(&out)
     }
