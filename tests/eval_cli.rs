@@ -250,26 +250,31 @@ fn eval_rejects_unknown_method_listing_supported_ones() {
     assert!(!out.path().join("x").exists());
 }
 
+/// Runs `vitcx eval` with `method` on the test set at step 3136 (17 points per curve).
+fn eval_method(ds: &Path, method: &str, out: &Path) -> Output {
+    vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(ds),
+        "--method",
+        method,
+        "--step",
+        "3136",
+        "--out",
+        s(out),
+        "--quiet",
+    ])
+}
+
 #[test]
 fn control_maps_are_scored_like_a_method() {
     let ds = dataset();
     let mut pointing = Vec::new();
     for method in ["random", "center"] {
         let out = tempfile::tempdir().unwrap();
-        let o = vitcx(&[
-            "eval",
-            "--model",
-            s(&data("vit_timm")),
-            "--data",
-            s(ds.path()),
-            "--method",
-            method,
-            "--step",
-            "3136",
-            "--out",
-            s(out.path()),
-            "--quiet",
-        ]);
+        let o = eval_method(ds.path(), method, out.path());
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap())
@@ -283,21 +288,9 @@ fn control_maps_are_scored_like_a_method() {
         // Same seed, same random map: a rerun gives the same per-image numbers.
         if method == "random" {
             let again = tempfile::tempdir().unwrap();
-            let o = vitcx(&[
-                "eval",
-                "--model",
-                s(&data("vit_timm")),
-                "--data",
-                s(ds.path()),
-                "--method",
-                method,
-                "--step",
-                "3136",
-                "--out",
-                s(again.path()),
-                "--quiet",
-            ]);
-            assert!(o.status.success());
+            assert!(eval_method(ds.path(), method, again.path())
+                .status
+                .success());
             assert_eq!(
                 std::fs::read(out.path().join("per_image.csv")).unwrap(),
                 std::fs::read(again.path().join("per_image.csv")).unwrap()
