@@ -134,7 +134,7 @@ impl Arch {
 }
 
 /// Draws `n` values N(0, `std`) from `rng`.
-fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
+pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
             let z: f32 = StandardNormal.sample(rng);

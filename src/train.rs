@@ -185,13 +185,7 @@ impl Trainer {
         }
         let (d, c) = (params.arch.dim, params.arch.num_classes);
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x746f_6b65);
-        let w: Vec<f32> = (0..(c + 1) * d)
-            .map(|_| {
-                let z: f32 =
-                    rand_distr::Distribution::sample(&rand_distr::StandardNormal, &mut rng);
-                z * crate::bench::WEIGHT_STD
-            })
-            .collect();
+        let w = crate::bench::normal(&mut rng, (c + 1) * d, crate::bench::WEIGHT_STD);
         let token_head = (
             Var::from_tensor(&Tensor::from_vec(w, (c + 1, d), device)?)?,
             Var::zeros(c + 1, DType::F32, device)?,
@@ -362,7 +356,7 @@ fn training_batch(p: &TrainParams, step: usize, device: &Device) -> Result<Batch
     Ok(Batch {
         px: Tensor::from_vec(px, (p.batch, 3, size, size), device)?,
         labels: Tensor::from_vec(labels, p.batch, device)?,
-        token_labels: Tensor::from_vec(token_labels.clone(), token_labels.len(), device)?,
+        token_labels: Tensor::from_vec(token_labels, p.batch * (size / patch).pow(2), device)?,
     })
 }
 
