@@ -17,9 +17,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::explain::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
-use crate::model::config::{build, detect_format};
-use crate::model::weights::Weights;
-use crate::model::{Backbone, Format, VisionTransformer};
+use crate::model::{Backbone, VisionTransformer};
 
 /// Standard deviation of the random weights (timm's `trunc_normal_(std=0.02)` initialisation).
 pub const WEIGHT_STD: f32 = 0.02;
@@ -225,16 +223,15 @@ pub fn timm_config_json(arch: &Arch, architecture: &str) -> serde_json::Value {
 pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTransformer> {
     let arch = preset.arch();
     // Paths only name the source in error messages.
-    let config_path = Path::new("<in-memory>/config.json");
-    let weights_path = Path::new("<in-memory>/model.safetensors");
-    let json = timm_config_json(&arch, preset.timm_name());
-    let format = detect_format(config_path, &json)?;
-    let w = Weights::new(
-        weights_path,
-        format,
+    let model = crate::model::from_parts(
+        Path::new("<in-memory>/config.json"),
+        &timm_config_json(&arch, preset.timm_name()),
+        None,
+        Path::new("<in-memory>/model.safetensors"),
         random_state_dict(&arch, seed, device)?,
+        device,
     )?;
-    let cfg = build(Format::Timm, config_path, &json, None, &w)?;
+    let cfg = model.config();
     if cfg.layer_norm_eps != arch.layer_norm_eps || cfg.mlp_dim != arch.mlp_dim {
         return Err(Error::invalid(format!(
             "random model config (eps {}, mlp {}) differs from preset {} (eps {}, mlp {})",
@@ -245,7 +242,7 @@ pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTr
             arch.mlp_dim
         )));
     }
-    VisionTransformer::new(cfg, w, device)
+    Ok(model)
 }
 
 /// A fixed synthetic image `(3, H, W)` in normalised pixels for `mean`/`std`: smooth colour

@@ -22,9 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::bench::{random_state_dict, timm_config_json, Arch};
 use crate::error::{Error, Result};
 use crate::explain::argmax;
-use crate::model::config::{build, detect_format};
-use crate::model::weights::Weights;
-use crate::model::{Backbone, Format, Tap, VisionTransformer};
+use crate::model::{Backbone, Tap, VisionTransformer};
 use crate::synth::{self, CLASSES};
 
 /// The timm architecture name written into the demo model's `config.json`.
@@ -307,12 +305,14 @@ fn model_from_state(
     state: HashMap<String, Tensor>,
     device: &Device,
 ) -> Result<VisionTransformer> {
-    let config_path = Path::new("<training>/config.json");
-    let weights_path = Path::new("<training>/model.safetensors");
-    let format = detect_format(config_path, config_json)?;
-    let w = Weights::new(weights_path, format, state)?;
-    let cfg = build(Format::Timm, config_path, config_json, None, &w)?;
-    VisionTransformer::new(cfg, w, device)
+    crate::model::from_parts(
+        Path::new("<training>/config.json"),
+        config_json,
+        None,
+        Path::new("<training>/model.safetensors"),
+        state,
+        device,
+    )
 }
 
 /// One training batch.

@@ -170,8 +170,13 @@ impl TensorFacts {
 
 /// Reads a JSON file.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Checkpoint {
+    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    parse_json(path, &text)
+}
+
+/// Parses JSON read from `path` (a file, or the name of an in-memory buffer).
+pub(crate) fn parse_json(path: &Path, bytes: &[u8]) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("invalid json: {e}"),
     })

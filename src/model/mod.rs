@@ -5,6 +5,7 @@
 //! states its own number of prefix tokens (\[CLS\], \[DIST\], registers) and its token grid, so no
 //! user ever writes a "reshape function" (the reference's top source of mistakes).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
@@ -33,14 +34,30 @@ pub fn load(path: &Path, device: &Device) -> Result<VisionTransformer> {
         _ => None,
     };
     let raw = weights::read_tensors(&files.weights, device)?;
-    let w = weights::Weights::new(&files.weights, format, raw)?;
-    let cfg = config::build(
-        format,
+    from_parts(
         &files.config,
         &cfg_json,
         pre_json.as_ref().map(|(p, v)| (*p, v)),
-        &w,
-    )?;
+        &files.weights,
+        raw,
+        device,
+    )
+}
+
+/// What every loader shares once the files are read: `config.json` (+ Hugging Face
+/// preprocessor config) and the raw tensors, named as the checkpoint names them, become a
+/// checked model. The paths only name the sources in error messages.
+pub(crate) fn from_parts(
+    config_path: &Path,
+    cfg_json: &serde_json::Value,
+    preprocessor: Option<(&Path, &serde_json::Value)>,
+    weights_path: &Path,
+    raw: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<VisionTransformer> {
+    let format = config::detect_format(config_path, cfg_json)?;
+    let w = weights::Weights::new(weights_path, format, raw)?;
+    let cfg = config::build(format, config_path, cfg_json, preprocessor, &w)?;
     VisionTransformer::new(cfg, w, device)
 }
 
@@ -55,16 +72,9 @@ pub fn load_from_memory(
 ) -> Result<VisionTransformer> {
     let config_path = Path::new(name).join("config.json");
     let weights_path = Path::new(name).join("model.safetensors");
-    let cfg_json: serde_json::Value =
-        serde_json::from_slice(config).map_err(|e| crate::Error::Checkpoint {
-            path: config_path.clone(),
-            reason: format!("invalid json: {e}"),
-        })?;
-    let format = config::detect_format(&config_path, &cfg_json)?;
+    let cfg_json = config::parse_json(&config_path, config)?;
     let raw = weights::read_tensors_from_buffer(&weights_path, safetensors, device)?;
-    let w = weights::Weights::new(&weights_path, format, raw)?;
-    let cfg = config::build(format, &config_path, &cfg_json, None, &w)?;
-    VisionTransformer::new(cfg, w, device)
+    from_parts(&config_path, &cfg_json, None, &weights_path, raw, device)
 }
 
 /// The bundled demo model: a small ViT (patch 16, 224 px, 14x14 tokens) trained by

@@ -4,8 +4,8 @@
 //! passes of an explanation or an evaluation of a small ViT that was a fifth of the run time
 //! (perf, `vitcx eval` on the demo model). This kernel computes `exp` with a Cody-Waite range
 //! reduction and a degree-7 Taylor polynomial (relative error about 1e-7 on the reduced range,
-//! float32 rounding level) in plain loops the compiler vectorises, compiled twice: for the
-//! baseline x86-64 and for AVX-512, chosen at run time. Other dtypes and devices fall back to
+//! float32 rounding level) in plain loops the compiler vectorises, compiled for AVX-512, for
+//! AVX2 + FMA and for baseline x86-64, the best one chosen at run time. Other dtypes and devices fall back to
 //! candle-nn. It also has a backward pass, `y * (g - sum(g * y))`: candle-nn 0.11's
 //! `softmax_last_dim` has none (`apply_op1_no_bwd`), so training through it silently leaves the
 //! query and key projections without gradient.
