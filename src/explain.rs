@@ -21,6 +21,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::cluster::{complete_linkage, Clustering};
 use crate::error::{Error, Result};
 use crate::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
+use crate::methods::check_input;
 use crate::model::{Backbone, Tap};
 use crate::score::saliency;
 
@@ -429,17 +430,6 @@ pub fn check_classes(classes: &[usize], num_classes: usize) -> Result<()> {
         ))),
         None => Ok(()),
     }
-}
-
-fn check_input(x: &[f32], (h, w): (usize, usize)) -> Result<()> {
-    if x.len() != 3 * h * w {
-        return Err(Error::invalid(format!(
-            "input has {} values; expected 3 x {h} x {w} = {}",
-            x.len(),
-            3 * h * w
-        )));
-    }
-    Ok(())
 }
 
 /// `len` standard-normal draws from stream `stream` of a ChaCha8 generator seeded with `seed`.

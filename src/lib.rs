@@ -9,6 +9,8 @@
 //! (checkpoint loading, one forward pass for prediction and tokens) -> [`mask`] (feature maps to
 //! masks, similarities) -> [`cluster`] (complete linkage) -> [`score`] (causal scores, coverage
 //! correction) -> [`explain`] (the method, wiring the stages) -> [`render`] / [`output`] (files).
+//! [`methods`] puts ViT-CX beside the methods people compare it with ([`rollout`], [`rise`],
+//! [`gradcam`]) and the control maps of [`controls`]; [`metrics`] scores any of them.
 //!
 //! ```
 //! use vitcx::{explain::NoProgress, model::Backbone, VitCx, VitCxParams};
@@ -30,17 +32,22 @@ pub mod cluster;
 pub mod controls;
 pub mod error;
 pub mod explain;
+pub mod gradcam;
 pub mod hub;
 pub mod image;
 pub mod mask;
+pub mod methods;
 pub mod metrics;
 pub mod model;
 pub mod npy;
 pub mod output;
 pub mod render;
+pub mod rise;
+pub mod rollout;
 pub mod score;
 pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};
 pub use explain::{Explanation, Noise, VitCx, VitCxParams};
+pub use methods::{Explainer, Method, MethodParams, Targets};

@@ -211,6 +211,23 @@ pub fn with_legend(img: &RgbImage, lines: &[String]) -> RgbImage {
     canvas
 }
 
+/// Panels placed left to right, top-aligned, `gap` pixels apart, on the legend background
+/// (e.g. one method's map per panel, for comparing methods on one image).
+pub fn side_by_side(panels: &[RgbImage], gap: u32) -> RgbImage {
+    let w = panels.iter().map(|p| p.width()).sum::<u32>()
+        + gap * u32::try_from(panels.len().saturating_sub(1)).unwrap_or(0);
+    let h = panels.iter().map(|p| p.height()).max().unwrap_or(0);
+    let mut canvas = RgbImage::from_pixel(w, h, BACKGROUND);
+    let mut x0 = 0;
+    for p in panels {
+        for (x, y, px) in p.enumerate_pixels() {
+            canvas.put_pixel(x0 + x, y, *px);
+        }
+        x0 += p.width() + gap;
+    }
+    canvas
+}
+
 /// Writes a PNG atomically (temp file in the same directory, then rename), so a failure leaves no partial file.
 ///
 /// Errors: [`Error::Io`] naming `path` when the directory is missing or not writable or the
@@ -307,6 +324,18 @@ mod tests {
 
     fn photo(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| Rgb([(x * 7) as u8, (y * 5) as u8, 100]))
+    }
+
+    #[test]
+    fn side_by_side_places_panels_top_aligned() {
+        let a = RgbImage::from_pixel(2, 3, Rgb([1, 2, 3]));
+        let b = RgbImage::from_pixel(4, 1, Rgb([9, 9, 9]));
+        let c = side_by_side(&[a, b], 1);
+        assert_eq!(c.dimensions(), (7, 3));
+        assert_eq!(c.get_pixel(1, 2).0, [1, 2, 3]);
+        assert_eq!(c.get_pixel(2, 0).0, BACKGROUND.0, "gap");
+        assert_eq!(c.get_pixel(3, 0).0, [9, 9, 9]);
+        assert_eq!(c.get_pixel(3, 1).0, BACKGROUND.0, "below the shorter panel");
     }
 
     #[test]

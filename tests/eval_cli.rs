@@ -79,6 +79,7 @@ fn eval_writes_csv_summary_and_plots() {
     assert_eq!(
         rows[0],
         [
+            "method",
             "image",
             "class",
             "class_from",
@@ -91,29 +92,29 @@ fn eval_writes_csv_summary_and_plots() {
         ]
     );
     assert_eq!(rows.len(), 4, "{csv}");
-    assert_eq!(&rows[1][..3], ["a.png", "3", "label"]);
-    assert_eq!(&rows[2][..3], ["b.png", "1", "label"]);
+    assert_eq!(&rows[1][..4], ["vitcx", "a.png", "3", "label"]);
+    assert_eq!(&rows[2][1..4], ["b.png", "1", "label"]);
     assert_eq!(
-        &rows[3][..2],
-        ["c.png", rows[3][3]],
+        &rows[3][1..3],
+        ["c.png", rows[3][4]],
         "unlabelled: explains top-1"
     );
-    assert_eq!(rows[3][2], "top1");
+    assert_eq!(rows[3][3], "top1");
     for r in &rows[1..] {
-        assert_eq!(r.len(), 9);
-        for v in &r[5..7] {
+        assert_eq!(r.len(), 10);
+        for v in &r[6..8] {
             let auc: f64 = v.parse().unwrap();
             assert!((0.0..=1.0).contains(&auc), "{v}");
         }
     }
     for r in &rows[1..3] {
-        assert!(["true", "false"].contains(&r[4]));
-        assert!(["true", "false"].contains(&r[7]));
-        let e: f64 = r[8].parse().unwrap();
+        assert!(["true", "false"].contains(&r[5]));
+        assert!(["true", "false"].contains(&r[8]));
+        let e: f64 = r[9].parse().unwrap();
         assert!((0.0..=1.0).contains(&e));
     }
     // No ground truth for c.png: correct and pointing fields empty.
-    assert_eq!([rows[3][4], rows[3][7], rows[3][8]], ["", "", ""]);
+    assert_eq!([rows[3][5], rows[3][8], rows[3][9]], ["", "", ""]);
 
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
@@ -141,7 +142,7 @@ fn eval_writes_csv_summary_and_plots() {
         ],
         [3, 3, 2, 2]
     );
-    let del: Vec<f64> = rows[1..].iter().map(|r| r[5].parse().unwrap()).collect();
+    let del: Vec<f64> = rows[1..].iter().map(|r| r[6].parse().unwrap()).collect();
     let mean = m["deletion_auc"]["mean"].as_f64().unwrap();
     assert!((mean - del.iter().sum::<f64>() / 3.0).abs() < 1e-12);
     let ci = m["deletion_auc"]["ci95"].as_array().unwrap();
@@ -152,7 +153,19 @@ fn eval_writes_csv_summary_and_plots() {
     assert_eq!(st["insertion_baseline"]["kind"], "blur");
     assert_eq!(st["insertion_baseline"]["kernel"], 11);
     assert_eq!(st["insertion_baseline"]["sigma"], 5.0);
-    assert_eq!(st["method_params"]["threshold"], 0.1);
+    assert_eq!(st["methods"], serde_json::json!(["vitcx"]));
+    assert_eq!(st["method_params"]["vitcx"]["threshold"], 0.1);
+    let table = std::fs::read_to_string(out.path().join("table.csv")).unwrap();
+    assert!(
+        table.starts_with("method,metric,mean,ci95_low,ci95_high,n\n"),
+        "{table}"
+    );
+    assert_eq!(table.lines().count(), 6, "{table}");
+    let md = std::fs::read_to_string(out.path().join("table.md")).unwrap();
+    assert!(
+        md.lines().nth(2).unwrap().starts_with("| ViT-CX | "),
+        "{md}"
+    );
     assert!(st["vitcx_version"].is_string());
 
     for png in ["deletion.png", "insertion.png"] {
@@ -237,14 +250,15 @@ fn eval_rejects_unknown_method_listing_supported_ones() {
         "--data",
         s(ds.path()),
         "--method",
-        "gradcam",
+        "vitcx,lime",
         "--out",
         s(&out.path().join("x")),
     ]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("unknown --method 'gradcam'") && err.contains("supported methods: vitcx"),
+        err.contains("--methods: unknown method 'lime'")
+            && err.contains("supported methods: vitcx, rollout, rise, gradcam, random, center"),
         "{err}"
     );
     assert!(!out.path().join("x").exists());
@@ -279,7 +293,7 @@ fn control_maps_are_scored_like_a_method() {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap())
                 .unwrap();
-        assert_eq!(v["settings"]["method"], method);
+        assert_eq!(v["settings"]["methods"], serde_json::json!([method]));
         for metric in ["deletion_auc", "insertion_auc", "pointing_game"] {
             let m = v[method][metric]["mean"].as_f64().unwrap();
             assert!((0.0..=1.0).contains(&m), "{method} {metric} {m}");
@@ -301,4 +315,77 @@ fn control_maps_are_scored_like_a_method() {
     // square; b: left half of a 112-px mask scaled to 224 is x < 112, and the centre pixel
     // 111.5 rounds to column 111 or 112).
     assert!(pointing[1] >= 0.5, "{pointing:?}");
+}
+
+#[test]
+fn several_methods_in_one_run_make_one_table() {
+    let ds = dataset();
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(ds.path()),
+        "--methods",
+        "vitcx,rollout,rise,gradcam,center",
+        "--masks",
+        "16",
+        "--step",
+        "6272",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let methods = ["vitcx", "rollout", "rise", "gradcam", "center"];
+    let csv = std::fs::read_to_string(out.path().join("per_image.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 3 * methods.len(), "{csv}");
+    // Image by image, each method in the order given.
+    let order: Vec<&str> = rows[..methods.len()].iter().map(|r| r[0]).collect();
+    assert_eq!(order, methods);
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    for m in methods {
+        assert_eq!(v[m]["deletion_auc"]["n"], 3, "{m}");
+        assert_eq!(v[m]["pointing_game"]["n"], 2, "{m}");
+        assert!(v["settings"]["seconds_per_image"][m].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(v["settings"]["method_params"]["rise"]["masks"], 16);
+    assert_eq!(
+        v["settings"]["method_params"]["rollout"]["discard_ratio"],
+        0.9
+    );
+    let md = std::fs::read_to_string(out.path().join("table.md")).unwrap();
+    for title in ["ViT-CX", "Rollout", "RISE", "Grad-CAM", "center"] {
+        assert!(md.contains(&format!("| {title} | ")), "{title}: {md}");
+    }
+    let table = std::fs::read_to_string(out.path().join("table.csv")).unwrap();
+    assert_eq!(table.lines().count(), 1 + 5 * methods.len(), "{table}");
+    // The same maps as one method at a time: rollout alone gives the same rows.
+    let alone = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "eval",
+        "--model",
+        s(&data("vit_timm")),
+        "--data",
+        s(ds.path()),
+        "--method",
+        "rollout",
+        "--step",
+        "6272",
+        "--out",
+        s(alone.path()),
+        "--quiet",
+    ]);
+    assert!(o.status.success());
+    let alone = std::fs::read_to_string(alone.path().join("per_image.csv")).unwrap();
+    let together: Vec<&str> = csv.lines().filter(|l| l.starts_with("rollout,")).collect();
+    let alone: Vec<&str> = alone.lines().skip(1).collect();
+    assert_eq!(together, alone);
 }

@@ -165,6 +165,54 @@ pub trait Backbone {
         let out = self.forward(px, None)?;
         Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
     }
+
+    /// The attention probabilities of every block, for methods that read attention (Attention
+    /// Rollout). Models without attention say so with [`crate::Error::Unsupported`].
+    fn attention(&self, px: &Tensor) -> Result<Attention> {
+        let _ = px;
+        Err(crate::Error::Unsupported(
+            "this model does not expose its attention".into(),
+        ))
+    }
+
+    /// The gradient of one class logit per image with respect to the tokens at `tap`, for
+    /// gradient methods (Grad-CAM). `classes` gives the class of each image; `None` takes each
+    /// image's top-1 class from the same pass. Models without a backward pass say so with
+    /// [`crate::Error::Unsupported`].
+    fn tap_gradient(
+        &self,
+        px: &Tensor,
+        tap: Tap,
+        classes: Option<&[usize]>,
+    ) -> Result<TapGradient> {
+        let _ = (px, tap, classes);
+        Err(crate::Error::Unsupported(
+            "this model has no backward pass".into(),
+        ))
+    }
+}
+
+/// What [`Backbone::attention`] returns.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Logits `(B, C)` of the same pass.
+    pub logits: Tensor,
+    /// Attention probabilities `(B, heads, T, T)` of each block in order, prefix tokens included
+    /// (rows: queries, columns: keys; each row sums to 1).
+    pub maps: Vec<Tensor>,
+}
+
+/// What [`Backbone::tap_gradient`] returns.
+#[derive(Debug, Clone)]
+pub struct TapGradient {
+    /// Logits `(B, C)` of the pass.
+    pub logits: Tensor,
+    /// The class whose logit was differentiated, per image.
+    pub classes: Vec<usize>,
+    /// The tap's patch tokens as feature maps `(B, D, gh, gw)`, prefix dropped.
+    pub features: Tensor,
+    /// `d logit[b, classes[b]] / d features[b]`, `(B, D, gh, gw)`.
+    pub gradients: Tensor,
 }
 
 #[cfg(test)]

@@ -5,11 +5,11 @@
 //! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one layer's
 //! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::config::{Family, ModelConfig};
 use super::weights::Weights;
-use super::{Backbone, Forward, Spec, Tap};
+use super::{Attention as AttentionMaps, Backbone, Forward, Spec, Tap, TapGradient};
 use crate::error::{Error, Result};
 
 /// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous.
@@ -87,8 +87,8 @@ struct Attention {
 }
 
 impl Attention {
-    /// `(B, T, D)` -> `(B, T, D)`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`.
+    fn forward(&self, xs: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
         let (b, t, d) = xs.dims3()?;
         let hd = d / self.heads;
         // (B, T, 3, H, hd) -> (3, B, H, T, hd)
@@ -103,7 +103,7 @@ impl Attention {
         let attn = q.matmul(&k.t()?)?; // (B, H, T, T)
         let attn = super::softmax::softmax_last_dim(&attn)?;
         let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.proj.forward(&out)
+        Ok((self.proj.forward(&out)?, keep.then_some(attn)))
     }
 }
 
@@ -154,9 +154,22 @@ impl Block {
     /// `(B, T, D)` -> (block output, norm1 output), both `(B, T, D)`.
     fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let n1 = self.norm1.forward(xs)?;
-        let xs = (xs + self.attn.forward(&n1)?)?;
+        let (out, _) = self.after_norm1(xs, &n1, false)?;
+        Ok((out, n1))
+    }
+
+    /// The block from its input `xs` and `n1 = norm1(xs)` on: the output, and the attention
+    /// probabilities if `keep`. Split here so a gradient can be taken at `n1`.
+    fn after_norm1(
+        &self,
+        xs: &Tensor,
+        n1: &Tensor,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let (a, attn) = self.attn.forward(n1, keep)?;
+        let xs = (xs + a)?;
         let xs = (&xs + self.mlp.forward(&self.norm2.forward(&xs)?)?)?;
-        Ok((xs, n1))
+        Ok((xs, attn))
     }
 }
 
@@ -301,6 +314,112 @@ impl Backbone for VisionTransformer {
     }
 
     fn forward(&self, px: &Tensor, tap: Option<Tap>) -> Result<Forward> {
+        self.check(px, tap)?;
+        let px = px.to_dtype(DType::F32)?;
+        let mut xs = self.embed(&px)?;
+        let mut features = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (out, n1) = block.forward(&xs)?;
+            match tap {
+                Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1)?),
+                Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out)?),
+                _ => {}
+            }
+            xs = out;
+        }
+        Ok(Forward {
+            logits: self.logits(&xs)?,
+            features,
+        })
+    }
+
+    fn attention(&self, px: &Tensor) -> Result<AttentionMaps> {
+        self.check(px, None)?;
+        let mut xs = self.embed(&px.to_dtype(DType::F32)?)?;
+        let mut maps = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let n1 = block.norm1.forward(&xs)?;
+            let (out, attn) = block.after_norm1(&xs, &n1, true)?;
+            maps.extend(attn);
+            xs = out;
+        }
+        Ok(AttentionMaps {
+            logits: self.logits(&xs)?,
+            maps,
+        })
+    }
+
+    fn tap_gradient(
+        &self,
+        px: &Tensor,
+        tap: Tap,
+        classes: Option<&[usize]>,
+    ) -> Result<TapGradient> {
+        self.check(px, Some(tap))?;
+        let b = px.dim(0)?;
+        let c = self.spec.num_classes;
+        if let Some(cls) = classes {
+            if cls.len() != b {
+                return Err(Error::invalid(format!(
+                    "{} classes given for a batch of {b} images",
+                    cls.len()
+                )));
+            }
+            crate::explain::check_classes(cls, c)?;
+        }
+        // The weights are plain tensors, so the graph starts at the tapped tokens: only the
+        // blocks after the tap are differentiated.
+        let mut xs = self.embed(&px.to_dtype(DType::F32)?)?;
+        let mut tapped = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            xs = match tap {
+                Tap::Norm1(l) if l == i => {
+                    let n1 = Var::from_tensor(&block.norm1.forward(&xs)?.detach())?;
+                    let (out, _) = block.after_norm1(&xs, n1.as_tensor(), false)?;
+                    tapped = Some(n1);
+                    out
+                }
+                Tap::Block(l) if l == i => {
+                    let out = Var::from_tensor(&block.forward(&xs)?.0.detach())?;
+                    let t = out.as_tensor().clone();
+                    tapped = Some(out);
+                    t
+                }
+                _ => block.forward(&xs)?.0,
+            };
+        }
+        let tapped = tapped.ok_or_else(|| Error::invalid("tap not reached"))?;
+        let logits = self.logits(&xs)?;
+        let classes = match classes {
+            Some(cls) => cls.to_vec(),
+            None => logits
+                .to_vec2::<f32>()?
+                .iter()
+                .map(|row| crate::explain::argmax(row))
+                .collect(),
+        };
+        let mut onehot = vec![0f32; b * c];
+        for (i, &k) in classes.iter().enumerate() {
+            onehot[i * c + k] = 1.0;
+        }
+        let onehot = Tensor::from_vec(onehot, (b, c), &self.device)?;
+        let score = (&logits * onehot)?.sum_all()?;
+        let grads = score.backward()?;
+        let g = grads
+            .get(tapped.as_tensor())
+            .ok_or_else(|| Error::Unsupported("no gradient reached the tapped tokens".into()))?;
+        Ok(TapGradient {
+            logits: logits.detach(),
+            classes,
+            features: self.to_maps(&tapped.as_tensor().detach())?,
+            gradients: self.to_maps(g)?,
+        })
+    }
+}
+
+impl VisionTransformer {
+    /// Fails unless `px` is `(B, 3, H, W)` at the model's size and `tap` names a block.
+    fn check(&self, px: &Tensor, tap: Option<Tap>) -> Result<()> {
         let (h, w) = self.spec.input_size;
         match px.dims() {
             [b, 3, ph, pw] if *b > 0 && (*ph, *pw) == (h, w) => {}
@@ -319,21 +438,6 @@ impl Backbone for VisionTransformer {
                 )));
             }
         }
-        let px = px.to_dtype(DType::F32)?;
-        let mut xs = self.embed(&px)?;
-        let mut features = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (out, n1) = block.forward(&xs)?;
-            match tap {
-                Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1)?),
-                Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out)?),
-                _ => {}
-            }
-            xs = out;
-        }
-        Ok(Forward {
-            logits: self.logits(&xs)?,
-            features,
-        })
+        Ok(())
     }
 }

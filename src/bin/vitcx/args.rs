@@ -24,6 +24,9 @@ pub enum Command {
     Synth(SynthArgs),
     /// Score explanations over a data set: deletion/insertion AUC, pointing games, accuracy.
     Eval(EvalArgs),
+    /// Explain one image with several methods side by side: one PNG with each map and its
+    /// deletion/insertion AUC, plus JSON.
+    Compare(CompareArgs),
     /// Time a random-weight ViT (default ViT-B/16) forward pass and one explanation on this machine.
     Bench(BenchArgs),
 }
@@ -46,8 +49,14 @@ pub struct ExplainArgs {
     /// Explain the K most probable classes (all from the same forward passes).
     #[arg(long, value_name = "K", conflicts_with = "classes")]
     pub top_k: Option<usize>,
+    /// Explanation method: vitcx, rollout (Attention Rollout), rise, gradcam, or a control map
+    /// (random, center).
+    #[arg(long, default_value = "vitcx")]
+    pub method: String,
     #[command(flatten)]
     pub vitcx: VitCxArgs,
+    #[command(flatten)]
+    pub other: MethodArgs,
     /// Do not write the PNG overlay.
     #[arg(long)]
     pub no_overlay: bool,
@@ -111,13 +120,60 @@ pub struct EvalArgs {
     /// A manifest.jsonl, a directory holding one, or a directory of images (no ground truth).
     #[arg(long)]
     pub data: PathBuf,
-    /// Explanation method to score: vitcx, or a control map (random: uniform noise per pixel;
-    /// center: a centred Gaussian blob) that a faithful method should beat.
-    #[arg(long, default_value = "vitcx")]
-    pub method: String,
-    /// Output directory (per_image.csv, summary.json, deletion.png, insertion.png).
+    /// Methods to score, comma-separated: vitcx, rollout, rise, gradcam, and the control maps
+    /// random (uniform noise per pixel) and center (a centred Gaussian blob).
+    #[arg(long = "methods", alias = "method", default_value = "vitcx")]
+    pub methods: String,
+    /// Output directory (per_image.csv, summary.json, table.csv, table.md, deletion.png,
+    /// insertion.png).
     #[arg(long, short, default_value = "vitcx-eval")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub curve: CurveArgs,
+    /// Evaluate only the first N images.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// ViT-CX settings; `--batch` also sets the images per pass of the curves and of RISE.
+    #[command(flatten)]
+    pub vitcx: VitCxArgs,
+    #[command(flatten)]
+    pub other: MethodArgs,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The image to explain.
+    pub image: PathBuf,
+    /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
+    /// `demo` (the bundled shapes model, also used when this is left out).
+    #[arg(long, short)]
+    pub model: Option<String>,
+    /// Methods, comma-separated, in the order shown.
+    #[arg(long, default_value = "vitcx,rollout,rise,gradcam")]
+    pub methods: String,
+    /// Class to explain (id or exact label). Default: the top-1 class.
+    #[arg(long = "class", value_name = "CLASS")]
+    pub class: Option<String>,
+    /// Output directory (<image>.compare.png and <image>.compare.json).
+    #[arg(long, short, default_value = "vitcx-compare")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub curve: CurveArgs,
+    #[command(flatten)]
+    pub vitcx: VitCxArgs,
+    #[command(flatten)]
+    pub other: MethodArgs,
+    /// No progress bars.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Deletion/insertion curve settings shared by `eval` and `compare` (RISE protocol defaults).
+#[derive(Debug, Args)]
+pub struct CurveArgs {
     /// Pixels changed per step of the deletion/insertion curves (RISE: 224).
     #[arg(long, default_value_t = 224)]
     pub step: usize,
@@ -133,15 +189,44 @@ pub struct EvalArgs {
     /// Blur baseline standard deviation in pixels (RISE: 5).
     #[arg(long, default_value_t = 5.0, allow_negative_numbers = true)]
     pub blur_sigma: f32,
-    /// Evaluate only the first N images.
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// ViT-CX settings; `--batch` also sets the images per pass of the curves.
-    #[command(flatten)]
-    pub vitcx: VitCxArgs,
-    /// No progress bars.
-    #[arg(long, short)]
-    pub quiet: bool,
+}
+
+/// Settings of the methods other than ViT-CX (`--layer` also sets Grad-CAM's layer, `--seed`
+/// the RISE masks and the random control, `--batch` RISE's images per pass).
+#[derive(Debug, Args)]
+pub struct MethodArgs {
+    /// Attention Rollout: fraction of each block's smallest head-averaged attention entries set
+    /// to zero, in [0, 1) (vit-explain's default 0.9; 0 is the paper's plain rollout).
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    pub discard_ratio: f64,
+    /// RISE: number of random masks.
+    #[arg(long, default_value_t = 4000)]
+    pub masks: usize,
+    /// RISE: grid cells per side of a mask.
+    #[arg(long, default_value_t = 8)]
+    pub rise_cells: usize,
+    /// RISE: probability that a grid cell is kept.
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub rise_p1: f64,
+}
+
+/// All methods' settings from the shared flags (validated later, per method).
+pub fn method_params(v: &VitCxArgs, o: &MethodArgs) -> vitcx::MethodParams {
+    vitcx::MethodParams {
+        vitcx: v.params(),
+        rollout: vitcx::rollout::RolloutParams {
+            discard_ratio: o.discard_ratio,
+        },
+        rise: vitcx::rise::RiseParams {
+            masks: o.masks,
+            cells: o.rise_cells,
+            p1: o.rise_p1,
+            seed: v.seed,
+            batch: v.batch,
+        },
+        gradcam: vitcx::gradcam::GradCamParams { layer: v.layer },
+        control_seed: v.seed,
+    }
 }
 
 #[derive(Debug, Args)]
@@ -173,10 +258,11 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
-/// ViT-CX settings shared by `explain` and `eval`; defaults as [`vitcx::VitCxParams`].
+/// ViT-CX settings shared by `explain`, `eval` and `compare`; defaults as [`vitcx::VitCxParams`].
 #[derive(Debug, Args)]
 pub struct VitCxArgs {
-    /// Block whose first LayerNorm gives the feature maps; negative counts from the end.
+    /// Block whose first LayerNorm gives the feature maps (and Grad-CAM's layer); negative
+    /// counts from the end.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub layer: i64,
     /// Clustering distance threshold in [0, 1].
@@ -185,7 +271,7 @@ pub struct VitCxArgs {
     /// Standard deviation of the noise added outside each mask (normalised pixel units).
     #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub noise_std: f32,
-    /// Seed of the noise generator.
+    /// Seed of the noise generator (and of RISE's masks and the random control map).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Images per forward pass.

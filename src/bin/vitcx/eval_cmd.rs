@@ -7,119 +7,13 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::{argmax, Noise, VitCx};
+use vitcx::explain::argmax;
 use vitcx::metrics::{self, Baseline, CurveParams};
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
+use vitcx::{Explainer, Method, Targets};
 
-use crate::args::EvalArgs;
+use crate::args::{CurveArgs, EvalArgs};
 use crate::progress::Bars;
-
-/// Explanation methods `eval` can score. More plug in here: a variant, its name, its setup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Method {
-    VitCx,
-    /// Control: independent uniform noise per pixel.
-    Random,
-    /// Control: a centred Gaussian blob.
-    Center,
-}
-
-impl Method {
-    const ALL: [Method; 3] = [Method::VitCx, Method::Random, Method::Center];
-
-    fn name(self) -> &'static str {
-        match self {
-            Method::VitCx => "vitcx",
-            Method::Random => "random",
-            Method::Center => "center",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .with_context(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|m| m.name()).collect();
-                format!(
-                    "unknown --method '{s}'; supported methods: {}",
-                    names.join(", ")
-                )
-            })
-    }
-}
-
-/// A method set up for one model.
-enum Explainer {
-    VitCx(VitCx),
-    Random { seed: u64 },
-    Center,
-}
-
-impl Explainer {
-    fn new(method: Method, a: &EvalArgs, model: &VisionTransformer) -> Result<Self> {
-        match method {
-            Method::VitCx => Ok(Explainer::VitCx(VitCx::new(&a.vitcx.params(), model)?)),
-            Method::Random => Ok(Explainer::Random { seed: a.vitcx.seed }),
-            Method::Center => Ok(Explainer::Center),
-        }
-    }
-
-    /// Clean probabilities `(C)` and the saliency `(H, W)` of the class chosen by `pick`, for
-    /// the `index`-th image of the data set.
-    fn explain(
-        &self,
-        model: &VisionTransformer,
-        x: &[f32],
-        index: usize,
-        pick: impl FnOnce(&[f32]) -> usize,
-        bars: &mut Bars,
-    ) -> Result<(Vec<f32>, usize, Vec<f32>)> {
-        let control = match self {
-            Explainer::VitCx(m) => {
-                let prepared = m.prepare(model, x, bars)?;
-                let class = pick(&prepared.probs);
-                let noise = Noise::Seeded(m.params().params.seed);
-                let mut ex = m.score(model, x, prepared, &[class], &noise, bars)?;
-                let saliency = ex.saliency.pop().context("explanation has no saliency")?;
-                return Ok((ex.probs, class, saliency));
-            }
-            Explainer::Random { seed } => {
-                vitcx::controls::random_map(model.spec().input_size, *seed, index as u64)
-            }
-            Explainer::Center => vitcx::controls::centered_gaussian(model.spec().input_size),
-        };
-        let (h, w) = model.spec().input_size;
-        let px = candle_core::Tensor::from_vec(x.to_vec(), (1, 3, h, w), model.device())?;
-        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
-        let class = pick(&probs);
-        Ok((probs, class, control))
-    }
-
-    fn params(&self) -> serde_json::Value {
-        match self {
-            Explainer::Random { seed } => json!({
-                "map": "independent uniform [0, 1) per pixel, ChaCha8 stream = image index",
-                "seed": seed,
-            }),
-            Explainer::Center => json!({
-                "map": "Gaussian blob at the image centre, peak 1",
-                "sigma_fraction_of_side": vitcx::controls::CENTER_SIGMA,
-            }),
-            Explainer::VitCx(m) => {
-                let p = &m.params().params;
-                json!({
-                    "layer": m.params().layer,
-                    "layer_arg": p.layer,
-                    "threshold": p.threshold,
-                    "noise_std": p.noise_std.to_string().parse::<f64>().unwrap_or(f64::NAN),
-                    "seed": p.seed,
-                    "batch": p.batch,
-                })
-            }
-        }
-    }
-}
 
 /// One manifest line; everything but `image` is optional so a plain list of images works.
 #[derive(Debug, serde::Deserialize)]
@@ -140,8 +34,9 @@ struct Entry {
     mask: Option<PathBuf>,
 }
 
-/// One row of `per_image.csv`.
+/// One row of `per_image.csv`: one image explained by one method.
 struct Row {
+    method: Method,
     image: String,
     class: usize,
     class_from: &'static str,
@@ -153,78 +48,127 @@ struct Row {
     energy: Option<f64>,
 }
 
-pub fn run(a: EvalArgs) -> Result<ExitCode> {
-    let method = Method::parse(&a.method)?;
+/// Curve settings from the flags, checked before any model or image is read.
+pub fn curve_params(c: &CurveArgs, batch: usize) -> Result<CurveParams> {
     let baseline = |name: &str, flag: &str| -> Result<Baseline> {
         match name {
             "zero" => Ok(Baseline::Zero),
             "blur" => Ok(Baseline::Blur {
-                kernel: a.blur_kernel,
-                sigma: a.blur_sigma,
+                kernel: c.blur_kernel,
+                sigma: c.blur_sigma,
             }),
             other => bail!("unknown {flag} '{other}'; expected zero or blur"),
         }
     };
     let curve = CurveParams {
-        step: a.step,
-        deletion_baseline: baseline(&a.deletion_baseline, "--deletion-baseline")?,
-        insertion_baseline: baseline(&a.insertion_baseline, "--insertion-baseline")?,
-        batch: a.vitcx.batch,
+        step: c.step,
+        deletion_baseline: baseline(&c.deletion_baseline, "--deletion-baseline")?,
+        insertion_baseline: baseline(&c.insertion_baseline, "--insertion-baseline")?,
+        batch,
     };
     if curve.step == 0 {
         bail!("--step 0; expected at least 1 pixel per step");
     }
+    if [c.deletion_baseline.as_str(), c.insertion_baseline.as_str()].contains(&"blur") {
+        metrics::gaussian_kernel(c.blur_kernel, c.blur_sigma)?;
+    }
+    Ok(curve)
+}
+
+/// The curve settings as they go into reports.
+pub fn curve_json(curve: &CurveParams) -> serde_json::Value {
+    let blur = |b: &Baseline| match *b {
+        Baseline::Zero => json!({ "kind": "zero" }),
+        Baseline::Blur { kernel, sigma } => json!({
+            "kind": "blur", "kernel": kernel,
+            "sigma": sigma.to_string().parse::<f64>().unwrap_or(f64::NAN),
+            "border": "reflect (edge pixel not repeated)", "space": "normalised, per channel",
+        }),
+    };
+    json!({
+        "step": curve.step,
+        "batch": curve.batch,
+        "deletion_baseline": blur(&curve.deletion_baseline),
+        "insertion_baseline": blur(&curve.insertion_baseline),
+        "pixel_order": "saliency descending, ties by lower row-major index",
+        "auc": "trapezoid rule over the fraction of pixels changed, x in [0, 1]",
+    })
+}
+
+pub fn run(a: EvalArgs) -> Result<ExitCode> {
+    let methods = Method::parse_list(&a.methods).context("--methods")?;
+    let curve = curve_params(&a.curve, a.vitcx.batch)?;
     if matches!(a.limit, Some(0)) {
         bail!("--limit 0; expected at least 1 image");
-    }
-    // Checks the blur settings (when used) before any model or image is read.
-    if [a.deletion_baseline.as_str(), a.insertion_baseline.as_str()].contains(&"blur") {
-        metrics::gaussian_kernel(a.blur_kernel, a.blur_sigma)?;
     }
     let mut entries = read_data(&a.data)?;
     if let Some(n) = a.limit {
         entries.truncate(n);
     }
     let model = crate::load_model(a.model.as_deref())?;
-    let explainer = Explainer::new(method, &a, &model)?;
+    let params = crate::args::method_params(&a.vitcx, &a.other);
+    let explainers = methods
+        .iter()
+        .map(|&m| Explainer::new(m, &params, &model))
+        .collect::<vitcx::Result<Vec<_>>>()?;
     let cfg = model.config().clone();
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
 
-    let mut bars = Bars::new(entries.len() as u64, a.quiet);
+    let mut bars = Bars::new((entries.len() * explainers.len()) as u64, a.quiet);
     bars.images.set_prefix("eval");
     let mut rows = Vec::new();
+    let mut seconds = vec![0f64; explainers.len()];
     let mut failures = 0usize;
     for (index, e) in entries.iter().enumerate() {
         let shown = e.path.display().to_string();
-        bars.images.set_message(
-            e.path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        match eval_one(&model, &cfg, &explainer, &curve, index, e, &mut bars) {
-            Ok(row) => {
-                bars.println(&format!(
-                    "{shown}: class {} ({}) deletion {:.4} insertion {:.4}",
-                    row.class, row.class_from, row.deletion.auc, row.insertion.auc
-                ));
-                rows.push(row);
-            }
+        let name = e
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let input = match prepare(&model, &cfg, e) {
+            Ok(input) => input,
             Err(err) => {
                 failures += 1;
                 bars.report_failure(&e.path, &err);
+                bars.images.inc(explainers.len() as u64);
+                continue;
             }
+        };
+        for (k, explainer) in explainers.iter().enumerate() {
+            let method = explainer.method();
+            bars.images
+                .set_message(format!("{name} ({})", method.name()));
+            let t = std::time::Instant::now();
+            match eval_one(&model, explainer, &curve, index, e, &input, &mut bars) {
+                Ok(row) => {
+                    seconds[k] += t.elapsed().as_secs_f64();
+                    bars.println(&format!(
+                        "{shown} [{}]: class {} ({}) deletion {:.4} insertion {:.4}",
+                        method.name(),
+                        row.class,
+                        row.class_from,
+                        row.deletion.auc,
+                        row.insertion.auc
+                    ));
+                    rows.push(row);
+                }
+                Err(err) => {
+                    failures += 1;
+                    bars.report_failure(&e.path, &err.context(method.name()));
+                }
+            }
+            bars.images.inc(1);
         }
-        bars.images.inc(1);
     }
     bars.finish();
 
-    write_outputs(&a, method, &explainer, &curve, &rows)?;
+    write_outputs(&a, &explainers, &curve, &rows, &seconds)?;
     if failures > 0 {
         eprintln!(
-            "vitcx: {failures} of {} images failed; results for the others are in {}",
-            entries.len(),
+            "vitcx: {failures} of {} evaluations failed; results for the others are in {}",
+            entries.len() * explainers.len(),
             a.out.display()
         );
         return Ok(ExitCode::from(2));
@@ -289,15 +233,14 @@ fn label(e: &Entry, cfg: &ModelConfig) -> Result<Option<usize>> {
     Ok(id)
 }
 
-fn eval_one(
-    model: &VisionTransformer,
-    cfg: &ModelConfig,
-    explainer: &Explainer,
-    curve: &CurveParams,
-    index: usize,
-    e: &Entry,
-    bars: &mut Bars,
-) -> Result<Row> {
+/// One image read, resized and normalised, with its ground truth.
+struct Input {
+    x: Vec<f32>,
+    truth: Option<usize>,
+    mask: Option<Vec<u8>>,
+}
+
+fn prepare(model: &VisionTransformer, cfg: &ModelConfig, e: &Entry) -> Result<Input> {
     let img = vitcx::image::load_rgb(&e.path)?;
     let size = model.spec().input_size;
     let resized = vitcx::image::resize_bilinear(&img, size);
@@ -308,23 +251,45 @@ fn eval_one(
         (None, Some(b)) => Some(bbox_mask(b, (img.width(), img.height()), size)),
         (None, None) => None,
     };
-    let (probs, class, saliency) =
-        explainer.explain(model, &x, index, |p| truth.unwrap_or(argmax(p)), bars)?;
-    let predicted = argmax(&probs);
-    let deletion = metrics::deletion(model, &x, &saliency, class, curve)?;
-    let insertion = metrics::insertion(model, &x, &saliency, class, curve)?;
+    Ok(Input { x, truth, mask })
+}
+
+fn eval_one(
+    model: &VisionTransformer,
+    explainer: &Explainer,
+    curve: &CurveParams,
+    index: usize,
+    e: &Entry,
+    input: &Input,
+    bars: &mut Bars,
+) -> Result<Row> {
+    let x = &input.x;
+    let targets = match input.truth {
+        Some(t) => Targets::Classes(vec![t]),
+        None => Targets::TopK(1),
+    };
+    let mut ex = explainer.explain(model, x, &targets, index as u64, bars)?;
+    let class = ex.classes[0];
+    let saliency = ex.saliency.pop().context("explanation has no saliency")?;
+    let predicted = argmax(&ex.probs);
+    let deletion = metrics::deletion(model, x, &saliency, class, curve)?;
+    let insertion = metrics::insertion(model, x, &saliency, class, curve)?;
+    let mask = input.mask.as_ref();
     Ok(Row {
+        method: explainer.method(),
         image: e.image.display().to_string(),
         class,
-        class_from: if truth.is_some() { "label" } else { "top1" },
+        class_from: if input.truth.is_some() {
+            "label"
+        } else {
+            "top1"
+        },
         predicted,
-        correct: truth.map(|t| t == predicted),
+        correct: input.truth.map(|t| t == predicted),
         deletion,
         insertion,
-        pointing: mask.as_ref().map(|m| metrics::pointing_game(&saliency, m)),
-        energy: mask
-            .as_ref()
-            .map(|m| metrics::energy_pointing_game(&saliency, m)),
+        pointing: mask.map(|m| metrics::pointing_game(&saliency, m)),
+        energy: mask.map(|m| metrics::energy_pointing_game(&saliency, m)),
     })
 }
 
@@ -368,20 +333,63 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// The metrics of each method, in the order of [`METRICS`], where they exist.
+fn summaries(rows: &[Row], method: Method) -> Vec<(&'static str, metrics::Summary)> {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.method == method).collect();
+    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let columns: [(&str, Vec<f64>); 5] = [
+        (
+            "deletion_auc",
+            rows.iter().map(|r| r.deletion.auc).collect(),
+        ),
+        (
+            "insertion_auc",
+            rows.iter().map(|r| r.insertion.auc).collect(),
+        ),
+        (
+            "pointing_game",
+            rows.iter().filter_map(|r| r.pointing.map(flag)).collect(),
+        ),
+        (
+            "energy_pointing_game",
+            rows.iter().filter_map(|r| r.energy).collect(),
+        ),
+        (
+            "accuracy",
+            rows.iter().filter_map(|r| r.correct.map(flag)).collect(),
+        ),
+    ];
+    columns
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(name, v)| (name, metrics::summarize(&v)))
+        .collect()
+}
+
+/// The metrics in table order, with the direction that is better.
+const METRICS: [(&str, &str); 5] = [
+    ("deletion_auc", "lower is better"),
+    ("insertion_auc", "higher is better"),
+    ("pointing_game", "higher is better"),
+    ("energy_pointing_game", "higher is better"),
+    ("accuracy", "of the model"),
+];
+
 fn write_outputs(
     a: &EvalArgs,
-    method: Method,
-    explainer: &Explainer,
+    explainers: &[Explainer],
     curve: &CurveParams,
     rows: &[Row],
+    seconds: &[f64],
 ) -> Result<()> {
     let opt = |v: Option<String>| v.unwrap_or_default();
     let mut csv = String::from(
-        "image,class,class_from,predicted,correct,deletion_auc,insertion_auc,pointing_game,energy_pointing_game\n",
+        "method,image,class,class_from,predicted,correct,deletion_auc,insertion_auc,pointing_game,energy_pointing_game\n",
     );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{}\n",
+            r.method.name(),
             csv_field(&r.image),
             r.class,
             r.class_from,
@@ -395,57 +403,98 @@ fn write_outputs(
     }
     vitcx::output::write_atomic(&a.out.join("per_image.csv"), csv.as_bytes())?;
 
-    let summary = |v: Vec<f64>| serde_json::to_value(metrics::summarize(&v));
-    let flag = |b: bool| if b { 1.0 } else { 0.0 };
-    let mut m = serde_json::Map::new();
-    m.insert(
-        "deletion_auc".into(),
-        summary(rows.iter().map(|r| r.deletion.auc).collect())?,
+    let mut report = serde_json::Map::new();
+    let mut table_csv = String::from("method,metric,mean,ci95_low,ci95_high,n\n");
+    let mut md = String::from(
+        "| method | deletion AUC ↓ | insertion AUC ↑ | pointing game ↑ | energy pointing game ↑ | s per image |\n|---|---|---|---|---|---|\n",
     );
-    m.insert(
-        "insertion_auc".into(),
-        summary(rows.iter().map(|r| r.insertion.auc).collect())?,
-    );
-    let pointing: Vec<f64> = rows.iter().filter_map(|r| r.pointing.map(flag)).collect();
-    if !pointing.is_empty() {
-        m.insert("pointing_game".into(), summary(pointing)?);
-        m.insert(
-            "energy_pointing_game".into(),
-            summary(rows.iter().filter_map(|r| r.energy).collect())?,
-        );
+    let mut params = serde_json::Map::new();
+    let mut cost = serde_json::Map::new();
+    for (k, ex) in explainers.iter().enumerate() {
+        let method = ex.method();
+        let sums = summaries(rows, method);
+        let mut m = serde_json::Map::new();
+        for (name, s) in &sums {
+            m.insert((*name).into(), serde_json::to_value(s)?);
+            table_csv.push_str(&format!(
+                "{},{name},{},{},{},{}\n",
+                method.name(),
+                s.mean,
+                s.ci95[0],
+                s.ci95[1],
+                s.n
+            ));
+        }
+        report.insert(method.name().into(), serde_json::Value::Object(m));
+        params.insert(method.name().into(), ex.params_json());
+        let n = rows.iter().filter(|r| r.method == method).count();
+        let per_image = if n > 0 {
+            seconds[k] / n as f64
+        } else {
+            f64::NAN
+        };
+        cost.insert(method.name().into(), json!(per_image));
+        let cell = |metric: &str| {
+            sums.iter()
+                .find(|(name, _)| *name == metric)
+                .map(|(_, s)| format!("{:.3} [{:.3}, {:.3}]", s.mean, s.ci95[0], s.ci95[1]))
+                .unwrap_or_else(|| "–".into())
+        };
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {:.2} |\n",
+            method.title(),
+            cell("deletion_auc"),
+            cell("insertion_auc"),
+            cell("pointing_game"),
+            cell("energy_pointing_game"),
+            per_image
+        ));
     }
-    let correct: Vec<f64> = rows.iter().filter_map(|r| r.correct.map(flag)).collect();
-    if !correct.is_empty() {
-        m.insert("accuracy".into(), summary(correct)?);
+    let images = rows
+        .iter()
+        .map(|r| r.image.as_str())
+        .collect::<std::collections::HashSet<_>>();
+    if let Some(first) = explainers.first() {
+        if let Some((_, acc)) = summaries(rows, first.method())
+            .into_iter()
+            .find(|(n, _)| *n == "accuracy")
+        {
+            md.push_str(&format!(
+                "\nModel accuracy on these images: {:.3} [{:.3}, {:.3}] (n = {}).\n",
+                acc.mean, acc.ci95[0], acc.ci95[1], acc.n
+            ));
+        }
     }
-    let blur = |b: &Baseline| match *b {
-        Baseline::Zero => json!({ "kind": "zero" }),
-        Baseline::Blur { kernel, sigma } => json!({
-            "kind": "blur", "kernel": kernel,
-            "sigma": sigma.to_string().parse::<f64>().unwrap_or(f64::NAN),
-            "border": "reflect (edge pixel not repeated)", "space": "normalised, per channel",
-        }),
-    };
-    let report = json!({
-        method.name(): m,
-        "settings": {
-            "method": method.name(),
-            "method_params": explainer.params(),
-            "model": crate::model_name(&a.model),
-            "data": a.data.display().to_string(),
-            "images": rows.len(),
-            "step": curve.step,
-            "batch": curve.batch,
-            "deletion_baseline": blur(&curve.deletion_baseline),
-            "insertion_baseline": blur(&curve.insertion_baseline),
-            "explained_class": "the label where the data gives one, else the top-1 prediction",
-            "pixel_order": "saliency descending, ties by lower row-major index",
-            "auc": "trapezoid rule over the fraction of pixels changed, x in [0, 1]",
-            "ci95": "mean +- t(0.975, n-1) * sd / sqrt(n); [mean, mean] for n = 1",
-            "vitcx_version": env!("CARGO_PKG_VERSION"),
-        },
+    md.push_str(&format!(
+        "\nMean [95% interval] over {} images; curves step {} pixels, deletion to {}, insertion from {}; seconds per image include the curves.\n",
+        images.len(),
+        curve.step,
+        curve.deletion_baseline.name(),
+        curve.insertion_baseline.name()
+    ));
+    let names: Vec<&str> = explainers.iter().map(|e| e.method().name()).collect();
+    let mut settings = json!({
+        "methods": names,
+        "method_params": params,
+        "seconds_per_image": cost,
+        "model": crate::model_name(&a.model),
+        "data": a.data.display().to_string(),
+        "images": images.len(),
+        "explained_class": "the label where the data gives one, else the top-1 prediction",
+        "ci95": "mean +- t(0.975, n-1) * sd / sqrt(n); [mean, mean] for n = 1",
+        "metrics": METRICS.iter().map(|(m, d)| json!({"name": m, "note": d})).collect::<Vec<_>>(),
+        "vitcx_version": env!("CARGO_PKG_VERSION"),
     });
-    vitcx::output::write_json_atomic(&a.out.join("summary.json"), &report)?;
+    if let (Some(s), serde_json::Value::Object(c)) = (settings.as_object_mut(), curve_json(curve)) {
+        s.extend(c);
+    }
+    report.insert("settings".into(), settings);
+    vitcx::output::write_json_atomic(
+        &a.out.join("summary.json"),
+        &serde_json::Value::Object(report),
+    )?;
+    vitcx::output::write_atomic(&a.out.join("table.csv"), table_csv.as_bytes())?;
+    vitcx::output::write_atomic(&a.out.join("table.md"), md.as_bytes())?;
 
     for (name, pick) in [
         (
@@ -454,22 +503,28 @@ fn write_outputs(
         ),
         ("insertion", |r: &Row| &r.insertion),
     ] {
-        let Some(first) = rows.first() else { break };
-        let x = &pick(first).x;
-        let mut mean = vec![0f64; x.len()];
-        for r in rows {
-            for (m, &p) in mean.iter_mut().zip(&pick(r).probs) {
-                *m += f64::from(p) / rows.len() as f64;
+        let mut series = Vec::new();
+        let mut x = Vec::new();
+        for ex in explainers {
+            let method = ex.method();
+            let mine: Vec<&Row> = rows.iter().filter(|r| r.method == method).collect();
+            let Some(first) = mine.first() else { continue };
+            x = pick(first).x.clone();
+            let mut mean = vec![0f64; x.len()];
+            for r in &mine {
+                for (m, &p) in mean.iter_mut().zip(&pick(r).probs) {
+                    *m += f64::from(p) / mine.len() as f64;
+                }
             }
+            let mean: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
+            let label = format!("{} AUC={:.3}", method.title(), metrics::auc(&x, &mean));
+            series.push((label, mean));
         }
-        let mean: Vec<f32> = mean.iter().map(|&v| v as f32).collect();
-        let title = format!(
-            "{name} ({})  mean AUC={:.4}  n={}",
-            method.name(),
-            metrics::auc(x, &mean),
-            rows.len()
-        );
-        let img = metrics::plot_curve(x, &mean, &title, "fraction of pixels", "probability");
+        if series.is_empty() {
+            continue;
+        }
+        let title = format!("{name}, mean over {} images", images.len());
+        let img = metrics::plot_curves(&x, &series, &title, "fraction of pixels", "probability");
         vitcx::render::save_png(&img, &a.out.join(format!("{name}.png")))?;
     }
     Ok(())
@@ -478,17 +533,6 @@ fn write_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn method_names_round_trip_and_unknown_lists_supported() {
-        assert_eq!(Method::parse("vitcx").unwrap(), Method::VitCx);
-        assert_eq!(Method::parse("center").unwrap(), Method::Center);
-        let err = format!("{:#}", Method::parse("rise").unwrap_err());
-        assert_eq!(
-            err,
-            "unknown --method 'rise'; supported methods: vitcx, random, center"
-        );
-    }
 
     #[test]
     fn bbox_mask_scales_to_model_size() {

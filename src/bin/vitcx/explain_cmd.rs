@@ -7,22 +7,18 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::{top_k, Explanation, Noise, VitCx};
+use vitcx::explain::{top_k, Explanation};
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
+use vitcx::{Explainer, Method, Targets};
 
 use crate::args::ExplainArgs;
 use crate::progress::Bars;
 
-/// Which classes to explain, resolved before any image is read.
-enum Classes {
-    Given(Vec<usize>),
-    TopK(usize),
-}
-
 pub fn run(a: ExplainArgs) -> Result<ExitCode> {
-    let params = a.vitcx.params();
+    let method = Method::parse(&a.method).context("--method")?;
     let model = crate::load_model(a.model.as_deref())?;
-    let method = VitCx::new(&params, &model)?;
+    let params = crate::args::method_params(&a.vitcx, &a.other);
+    let method = Explainer::new(method, &params, &model)?;
     let cfg = model.config().clone();
     let classes = resolve_classes(&a, &cfg)?;
     let images = crate::inputs::expand(&a.images)?;
@@ -60,7 +56,8 @@ pub fn run(a: ExplainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Classes> {
+/// Which classes to explain, resolved before any image is read.
+fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Targets> {
     if let Some(k) = a.top_k {
         if k == 0 || k > cfg.num_classes {
             bail!(
@@ -68,22 +65,32 @@ fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Classes> {
                 cfg.num_classes
             );
         }
-        return Ok(Classes::TopK(k));
+        return Ok(Targets::TopK(k));
     }
     let mut ids = Vec::new();
     for c in &a.classes {
-        let id = match c.parse::<usize>() {
-            Ok(id) => id,
-            Err(_) => cfg.labels.iter().position(|l| l == c).with_context(|| {
-                format!("class '{c}' is neither a class id nor a label of this model")
-            })?,
-        };
-        vitcx::explain::check_classes(&[id], cfg.num_classes)?;
+        let id = class_id(c, cfg)?;
         if !ids.contains(&id) {
             ids.push(id);
         }
     }
-    Ok(Classes::Given(ids))
+    Ok(if ids.is_empty() {
+        Targets::TopK(1)
+    } else {
+        Targets::Classes(ids)
+    })
+}
+
+/// A class given as an id or an exact label, checked against the model.
+pub fn class_id(c: &str, cfg: &ModelConfig) -> Result<usize> {
+    let id = match c.parse::<usize>() {
+        Ok(id) => id,
+        Err(_) => cfg.labels.iter().position(|l| l == c).with_context(|| {
+            format!("class '{c}' is neither a class id nor a label of this model")
+        })?,
+    };
+    vitcx::explain::check_classes(&[id], cfg.num_classes)?;
+    Ok(id)
 }
 
 /// The file stem for an image, made unique within this run (`a.png`, `b/a.png` -> `a`, `a-2`).
@@ -105,9 +112,9 @@ fn unique_stem(path: &Path, used: &mut HashSet<String>) -> String {
 fn explain_one(
     model: &VisionTransformer,
     cfg: &ModelConfig,
-    method: &VitCx,
+    method: &Explainer,
     a: &ExplainArgs,
-    classes: &Classes,
+    classes: &Targets,
     path: &Path,
     stem: &str,
     bars: &mut Bars,
@@ -120,14 +127,7 @@ fn explain_one(
     let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
     let load_s = t.elapsed().as_secs_f64();
 
-    let prepared = method.prepare(model, &x, bars)?;
-    let targets = match classes {
-        Classes::Given(ids) if !ids.is_empty() => ids.clone(),
-        Classes::Given(_) => top_k(&prepared.probs, 1),
-        Classes::TopK(k) => top_k(&prepared.probs, *k),
-    };
-    let noise = Noise::Seeded(method.params().params.seed);
-    let ex = method.score(model, &x, prepared, &targets, &noise, bars)?;
+    let ex = method.explain(model, &x, classes, 0, bars)?;
 
     // Everything is computed: now write, each file atomically.
     let t = Instant::now();
@@ -150,11 +150,7 @@ fn explain_one(
         let overlay = vitcx::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
         let lines = vec![
             format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
-            format!(
-                "ViT-CX  N={} masks  layer {}",
-                ex.n_masks,
-                method.params().layer
-            ),
+            describe(method, &ex),
         ];
         let picture = vitcx::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
@@ -178,20 +174,34 @@ fn explain_one(
     vitcx::output::write_json_atomic(&a.out.join(format!("{stem}.json")), &report)?;
     let c = ex.classes[0];
     Ok(format!(
-        "{}: class {c} ({}) p={:.3}, N={} masks -> {}",
+        "{}: class {c} ({}) p={:.3}, {} -> {}",
         path.display(),
         cfg.labels.get(c).map(String::as_str).unwrap_or("?"),
         ex.probs[c],
-        ex.n_masks,
+        describe(method, &ex),
         a.out.join(&files[0]).display()
     ))
+}
+
+/// One line on how a map was made, for legends and logs.
+pub fn describe(method: &Explainer, ex: &Explanation) -> String {
+    match method {
+        Explainer::VitCx(m) => {
+            format!("ViT-CX  N={} masks  layer {}", ex.n_masks, m.params().layer)
+        }
+        Explainer::Rollout(m) => format!("Rollout  discard {}", m.params().discard_ratio),
+        Explainer::Rise(m) => format!("RISE  N={} masks  s={}", ex.n_masks, m.params().cells),
+        Explainer::GradCam(m) => format!("Grad-CAM  layer {}", m.layer()),
+        Explainer::Random(_) => "control: random map".into(),
+        Explainer::Center => "control: centred Gaussian".into(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn report(
     a: &ExplainArgs,
     cfg: &ModelConfig,
-    method: &VitCx,
+    method: &Explainer,
     path: &Path,
     (iw, ih): (u32, u32),
     ex: &Explanation,
@@ -220,10 +230,18 @@ fn report(
     }
     seconds.insert("write".into(), json!(write_s));
     seconds.insert("total".into(), json!(total_s));
-    let p = &method.params().params;
+    let mut params = method.params_json();
+    if let Some(p) = params.as_object_mut() {
+        p.insert(
+            "resize".into(),
+            json!("bilinear, half-pixel centres, no antialiasing, whole image stretched"),
+        );
+        p.insert("mean".into(), json!(cfg.preprocess.mean));
+        p.insert("std".into(), json!(cfg.preprocess.std));
+    }
     json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
-        "method": "vitcx",
+        "method": method.method().name(),
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
         "model": {
@@ -240,19 +258,7 @@ fn report(
         "n_feature_maps": ex.n_feature_maps,
         "saliency_shape": [ex.size.0, ex.size.1],
         "overlay": png,
-        "params": {
-            "layer": method.params().layer,
-            "layer_arg": p.layer,
-            "tap": "norm1",
-            "threshold": p.threshold,
-            // Through its shortest decimal form, so 0.1f32 reads 0.1 and not 0.10000000149.
-            "noise_std": p.noise_std.to_string().parse::<f64>().unwrap_or(f64::NAN),
-            "seed": p.seed,
-            "batch": p.batch,
-            "resize": "bilinear, half-pixel centres, no antialiasing, whole image stretched",
-            "mean": cfg.preprocess.mean,
-            "std": cfg.preprocess.std,
-        },
+        "params": params,
         "seconds": seconds,
     })
 }

@@ -3,6 +3,7 @@
 
 mod args;
 mod bench_cmd;
+mod compare_cmd;
 mod eval_cmd;
 mod explain_cmd;
 mod inputs;
@@ -50,6 +51,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Inspect(a) => inspect(a),
         Command::Synth(a) => synth_cmd::run(a),
         Command::Eval(a) => eval_cmd::run(a),
+        Command::Compare(a) => compare_cmd::run(a),
         Command::Bench(a) => bench_cmd::run(a),
     }
 }

@@ -70,7 +70,7 @@ impl Progress for Bars {
         self.stage.set_length(total);
         self.stage.set_position(0);
         let what = match stage {
-            Stage::PerturbedForward => "forward passes (masked + noisy images)",
+            Stage::PerturbedForward => "forward passes of perturbed images",
             s => s.name(),
         };
         self.stage.set_message(what.to_string());

@@ -1,0 +1,119 @@
+//! `vitcx compare`: one image explained by several methods, side by side in one PNG with each
+//! map's deletion and insertion AUC under it, plus the numbers as JSON and each map as `.npy`.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde_json::json;
+use vitcx::model::Backbone;
+use vitcx::{metrics, Explainer, Method, Targets};
+
+use crate::args::CompareArgs;
+use crate::progress::Bars;
+
+pub fn run(a: CompareArgs) -> Result<ExitCode> {
+    let methods = Method::parse_list(&a.methods).context("--methods")?;
+    let curve = crate::eval_cmd::curve_params(&a.curve, a.vitcx.batch)?;
+    let model = crate::load_model(a.model.as_deref())?;
+    let cfg = model.config().clone();
+    let params = crate::args::method_params(&a.vitcx, &a.other);
+    let explainers = methods
+        .iter()
+        .map(|&m| Explainer::new(m, &params, &model))
+        .collect::<vitcx::Result<Vec<_>>>()?;
+    let targets = match &a.class {
+        Some(c) => Targets::Classes(vec![crate::explain_cmd::class_id(c, &cfg)?]),
+        None => Targets::TopK(1),
+    };
+    let img = vitcx::image::load_rgb(&a.image)?;
+    let size = model.spec().input_size;
+    let resized = vitcx::image::resize_bilinear(&img, size);
+    let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+    std::fs::create_dir_all(&a.out)
+        .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
+    let stem = a
+        .image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+
+    let mut bars = Bars::new(explainers.len() as u64, a.quiet);
+    bars.images.set_prefix("compare");
+    let mut panels = Vec::new();
+    let mut entries = Vec::new();
+    let mut class_line = None;
+    for ex in &explainers {
+        let method = ex.method();
+        bars.images.set_message(method.name());
+        let t = Instant::now();
+        let mut e = ex
+            .explain(&model, &x, &targets, 0, &mut bars)
+            .with_context(|| format!("{} failed", method.name()))?;
+        let explain_s = t.elapsed().as_secs_f64();
+        let class = e.classes[0];
+        let saliency = e.saliency.pop().context("explanation has no saliency")?;
+        let t = Instant::now();
+        let deletion = metrics::deletion(&model, &x, &saliency, class, &curve)?;
+        let insertion = metrics::insertion(&model, &x, &saliency, class, &curve)?;
+        let curves_s = t.elapsed().as_secs_f64();
+        let npy = format!("{stem}.{}.saliency.npy", method.name());
+        vitcx::output::write_npy_atomic(&a.out.join(&npy), &[size.0, size.1], &saliency)?;
+        let overlay = vitcx::render::overlay(&resized, &saliency, size, 0.5)?;
+        panels.push(vitcx::render::with_legend(
+            &overlay,
+            &[
+                method.title().to_string(),
+                format!("deletion AUC {:.3}", deletion.auc),
+                format!("insertion AUC {:.3}", insertion.auc),
+            ],
+        ));
+        class_line.get_or_insert_with(|| {
+            let label = cfg.labels.get(class).cloned().unwrap_or_default();
+            (class, label, e.probs[class])
+        });
+        bars.println(&format!(
+            "{}: {} deletion {:.4} insertion {:.4} ({:.2} s)",
+            a.image.display(),
+            method.name(),
+            deletion.auc,
+            insertion.auc,
+            explain_s
+        ));
+        entries.push(json!({
+            "method": method.name(),
+            "params": ex.params_json(),
+            "deletion_auc": deletion.auc,
+            "insertion_auc": insertion.auc,
+            "saliency": npy,
+            "seconds": { "explain": explain_s, "curves": curves_s },
+        }));
+        bars.images.inc(1);
+    }
+    bars.finish();
+
+    let (class, label, p) = class_line.context("no method given")?;
+    let first = vitcx::render::with_legend(
+        &resized,
+        &[
+            "image".to_string(),
+            format!("class {class} {label}"),
+            format!("p={p:.3}"),
+        ],
+    );
+    panels.insert(0, first);
+    let png = format!("{stem}.compare.png");
+    vitcx::render::save_png(&vitcx::render::side_by_side(&panels, 8), &a.out.join(&png))?;
+    let report = json!({
+        "vitcx_version": env!("CARGO_PKG_VERSION"),
+        "image": a.image.display().to_string(),
+        "model": crate::model_name(&a.model),
+        "class": { "id": class, "label": label, "probability": p },
+        "methods": entries,
+        "curves": crate::eval_cmd::curve_json(&curve),
+        "figure": png,
+    });
+    vitcx::output::write_json_atomic(&a.out.join(format!("{stem}.compare.json")), &report)?;
+    eprintln!("vitcx: wrote {}", a.out.join(&png).display());
+    Ok(ExitCode::SUCCESS)
+}

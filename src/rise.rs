@@ -1,0 +1,360 @@
+//! RISE (Petsiuk, Das, Saenko, "RISE: Randomized Input Sampling for Explanation of Black-box
+//! Models", BMVC 2018, <https://arxiv.org/abs/1806.07421>), as its reference code computes it:
+//! `N` random binary grids of `s x s` cells (each cell kept with probability `p1`) are upsampled
+//! bilinearly to `(s + 1)` cells of `ceil(H / s)` pixels, shifted by a random offset below one
+//! cell and cropped to the image; the saliency of class `c` is `sum_i p_c(x * m_i) m_i / (N p1)`.
+//!
+//! The masks are made batch by batch from a seeded generator (mask `i` from stream `i`), so
+//! memory does not grow with `N` and the same seed gives the same map; the perturbed forward
+//! passes go through the same batched [`Backbone::probs`] as ViT-CX's.
+//! The upsampling is scikit-image's `resize(order=1, mode="reflect")`: half-pixel coordinates,
+//! mirrored about the first and last cell centres, computed in f64 and stored as f32.
+
+use std::time::Instant;
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::{Error, Result};
+use crate::explain::{Explanation, Progress, Stage};
+use crate::methods::Targets;
+use crate::model::Backbone;
+
+/// RISE settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RiseParams {
+    /// Number of random masks N. Default 4000.
+    pub masks: usize,
+    /// Grid cells per side, s. Default 8.
+    pub cells: usize,
+    /// Probability that a cell is kept, p1. Default 0.5.
+    pub p1: f64,
+    /// Seed of the mask generator. Default 0.
+    pub seed: u64,
+    /// Masked images per forward pass. Default 32.
+    pub batch: usize,
+}
+
+impl Default for RiseParams {
+    fn default() -> Self {
+        Self {
+            masks: 4000,
+            cells: 8,
+            p1: 0.5,
+            seed: 0,
+            batch: 32,
+        }
+    }
+}
+
+/// One RISE mask before upsampling: its binary grid and its shift.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GridMask {
+    /// `s x s` cells, row-major, 1 = kept.
+    pub grid: Vec<f32>,
+    /// Crop offset `(row, col)` in pixels of the upsampled grid, each below one cell.
+    pub shift: (usize, usize),
+}
+
+/// Where the masks come from.
+#[derive(Debug, Clone)]
+pub enum MaskSource {
+    /// Drawn from a ChaCha8 generator: mask `i` from stream `i` of the seed.
+    Seeded(u64),
+    /// Given grids and shifts (e.g. the reference's stored draw), in order.
+    Given(Vec<GridMask>),
+}
+
+/// RISE with checked settings.
+#[derive(Debug, Clone)]
+pub struct Rise {
+    params: RiseParams,
+}
+
+impl Rise {
+    /// RISE with `params`, validated here.
+    pub fn new(params: &RiseParams) -> Result<Self> {
+        if params.masks == 0 {
+            return Err(Error::invalid("RISE needs at least 1 mask; got 0"));
+        }
+        if params.cells == 0 {
+            return Err(Error::invalid("RISE grid of 0 cells; expected at least 1"));
+        }
+        if !(params.p1 > 0.0 && params.p1 <= 1.0) {
+            return Err(Error::invalid(format!(
+                "RISE p1 {} out of range; expected a probability in (0, 1]",
+                params.p1
+            )));
+        }
+        if params.batch == 0 {
+            return Err(Error::invalid(
+                "batch size 0 out of range; expected at least 1",
+            ));
+        }
+        Ok(Self {
+            params: params.clone(),
+        })
+    }
+
+    /// The settings.
+    pub fn params(&self) -> &RiseParams {
+        &self.params
+    }
+
+    /// Explains `x` `(3, H, W)` (normalised pixels) with seeded masks.
+    pub fn explain(
+        &self,
+        model: &dyn Backbone,
+        x: &[f32],
+        targets: &Targets,
+        progress: &mut dyn Progress,
+    ) -> Result<Explanation> {
+        let source = MaskSource::Seeded(self.params.seed);
+        self.explain_with(model, x, targets, &source, progress)
+    }
+
+    /// Explains `x` with masks from `source` (`Given` must hold at least N masks of this grid).
+    pub fn explain_with(
+        &self,
+        model: &dyn Backbone,
+        x: &[f32],
+        targets: &Targets,
+        source: &MaskSource,
+        progress: &mut dyn Progress,
+    ) -> Result<Explanation> {
+        let (h, w) = model.spec().input_size;
+        crate::methods::check_input(x, (h, w))?;
+        let p = &self.params;
+        let s = p.cells;
+        if let MaskSource::Given(given) = source {
+            if given.len() < p.masks {
+                return Err(Error::invalid(format!(
+                    "{} masks given; RISE is set to use {}",
+                    given.len(),
+                    p.masks
+                )));
+            }
+            let cell = cell_size((h, w), s);
+            if let Some(bad) = given
+                .iter()
+                .find(|m| m.grid.len() != s * s || m.shift.0 >= cell.0 || m.shift.1 >= cell.1)
+            {
+                return Err(Error::invalid(format!(
+                    "given mask has {} cells and shift {:?}; expected {s}x{s} cells and a shift below {cell:?}",
+                    bad.grid.len(),
+                    bad.shift
+                )));
+            }
+        }
+        let mut timings = Vec::new();
+
+        progress.start(Stage::Forward, 1);
+        let t0 = Instant::now();
+        let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
+        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+        let classes = targets.resolve(&probs)?;
+        timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));
+        progress.advance(1);
+
+        progress.start(Stage::PerturbedForward, p.masks as u64);
+        let t0 = Instant::now();
+        let plane = h * w;
+        let mut sums = vec![vec![0f64; plane]; classes.len()];
+        let mut mask_s = 0.0;
+        for start in (0..p.masks).step_by(p.batch) {
+            let end = (start + p.batch).min(p.masks);
+            let tm = Instant::now();
+            let masks: Vec<Vec<f32>> = (start..end)
+                .map(|i| {
+                    let m = match source {
+                        MaskSource::Seeded(seed) => random_grid(*seed, i as u64, s, p.p1, (h, w)),
+                        MaskSource::Given(given) => given[i].clone(),
+                    };
+                    upsample(&m, s, (h, w))
+                })
+                .collect();
+            let mut batch = Vec::with_capacity(masks.len() * x.len());
+            for m in &masks {
+                for xc in x.chunks_exact(plane) {
+                    batch.extend(xc.iter().zip(m).map(|(&v, &mv)| v * mv));
+                }
+            }
+            mask_s += tm.elapsed().as_secs_f64();
+            let px = Tensor::from_vec(batch, (masks.len(), 3, h, w), model.device())?;
+            let out = model.probs(&px)?.to_vec2::<f32>()?;
+            for (row, m) in out.iter().zip(&masks) {
+                for (sum, &c) in sums.iter_mut().zip(&classes) {
+                    let pc = f64::from(row[c]);
+                    for (acc, &mv) in sum.iter_mut().zip(m) {
+                        *acc += pc * f64::from(mv);
+                    }
+                }
+            }
+            progress.advance((end - start) as u64);
+        }
+        timings.push((Stage::Masks, mask_s));
+        timings.push((Stage::PerturbedForward, t0.elapsed().as_secs_f64() - mask_s));
+
+        progress.start(Stage::Aggregation, 1);
+        let t0 = Instant::now();
+        let norm = p.masks as f64 * p.p1;
+        let saliency = sums
+            .into_iter()
+            .map(|sum| sum.into_iter().map(|v| (v / norm) as f32).collect())
+            .collect();
+        timings.push((Stage::Aggregation, t0.elapsed().as_secs_f64()));
+        progress.advance(1);
+
+        Ok(Explanation {
+            probs,
+            classes,
+            saliency,
+            size: (h, w),
+            n_masks: p.masks,
+            n_feature_maps: 0,
+            timings,
+        })
+    }
+}
+
+/// Cell size `(ceil(H / s), ceil(W / s))` in pixels.
+pub fn cell_size((h, w): (usize, usize), s: usize) -> (usize, usize) {
+    (h.div_ceil(s), w.div_ceil(s))
+}
+
+/// Mask `index` of the seeded draw: `s * s` cells kept with probability `p1`, then the row and
+/// column shift, all from ChaCha8 stream `index` of `seed`.
+pub fn random_grid(seed: u64, index: u64, s: usize, p1: f64, size: (usize, usize)) -> GridMask {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    let grid = (0..s * s)
+        .map(|_| f32::from(u8::from(rng.random::<f64>() < p1)))
+        .collect();
+    let cell = cell_size(size, s);
+    let shift = (rng.random_range(0..cell.0), rng.random_range(0..cell.1));
+    GridMask { grid, shift }
+}
+
+/// The mask `(H, W)`: the grid upsampled to `(s + 1) * cell` pixels per side as scikit-image's
+/// `resize(order=1, mode="reflect", anti_aliasing=False)` does, cropped at the shift.
+pub fn upsample(m: &GridMask, s: usize, (h, w): (usize, usize)) -> Vec<f32> {
+    let cell = cell_size((h, w), s);
+    let up = ((s + 1) * cell.0, (s + 1) * cell.1);
+    let rows = axis(s, up.0, m.shift.0, h);
+    let cols = axis(s, up.1, m.shift.1, w);
+    let mut out = Vec::with_capacity(h * w);
+    for &(r0, r1, fr) in &rows {
+        let (g0, g1) = (&m.grid[r0 * s..(r0 + 1) * s], &m.grid[r1 * s..(r1 + 1) * s]);
+        for &(c0, c1, fc) in &cols {
+            let top = f64::from(g0[c0]) * (1.0 - fc) + f64::from(g0[c1]) * fc;
+            let bottom = f64::from(g1[c0]) * (1.0 - fc) + f64::from(g1[c1]) * fc;
+            out.push((top * (1.0 - fr) + bottom * fr) as f32);
+        }
+    }
+    out
+}
+
+/// For output pixels `offset..offset + len` of an axis upsampled from `n` to `out` samples:
+/// the two source indices and the weight of the second, with scipy's half-pixel coordinates
+/// `(o + 0.5) * n / out - 0.5` mirrored about the first and last sample (`mode="mirror"`).
+fn axis(n: usize, out: usize, offset: usize, len: usize) -> Vec<(usize, usize, f64)> {
+    let scale = n as f64 / out as f64;
+    let last = (n - 1) as f64;
+    (offset..offset + len)
+        .map(|o| {
+            let mut c = (o as f64 + 0.5) * scale - 0.5;
+            if n == 1 {
+                return (0, 0, 0.0);
+            }
+            if c < 0.0 {
+                c = -c;
+            }
+            if c > last {
+                c = 2.0 * last - c;
+            }
+            let i0 = (c.floor() as usize).min(n - 1);
+            let i1 = (i0 + 1).min(n - 1);
+            (i0, i1, c - i0 as f64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_ones_grid_gives_all_ones_mask() {
+        let m = GridMask {
+            grid: vec![1.0; 64],
+            shift: (5, 17),
+        };
+        let u = upsample(&m, 8, (224, 224));
+        assert_eq!(u.len(), 224 * 224);
+        assert!(u.iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn upsampling_interpolates_between_cell_centres_and_mirrors_at_the_edge() {
+        // 2 cells [0, 1] on a 4-pixel image: cell 2, upsampled to 6 pixels, no shift.
+        // Coordinates (o + 0.5) / 3 - 0.5 = -1/3, 0, 1/3, 2/3, 1, 4/3 -> mirrored 1/3, ..., 2/3.
+        let m = GridMask {
+            grid: vec![0.0, 1.0, 0.0, 1.0],
+            shift: (0, 0),
+        };
+        let u = upsample(&m, 2, (4, 4));
+        let row: Vec<f32> = u[..4].to_vec();
+        let want = [1.0 / 3.0, 0.0, 1.0 / 3.0, 2.0 / 3.0];
+        for (a, b) in row.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{row:?}");
+        }
+        // Shifted by one pixel: the window starts one output pixel later.
+        let shifted = upsample(
+            &GridMask {
+                shift: (0, 1),
+                ..m.clone()
+            },
+            2,
+            (4, 4),
+        );
+        assert!((shifted[3] - 1.0).abs() < 1e-6, "{shifted:?}");
+    }
+
+    #[test]
+    fn seeded_grids_are_reproducible_and_near_p1() {
+        let a = random_grid(3, 7, 8, 0.5, (224, 224));
+        assert_eq!(a, random_grid(3, 7, 8, 0.5, (224, 224)));
+        assert_ne!(a, random_grid(3, 8, 8, 0.5, (224, 224)));
+        assert!(a.shift.0 < 28 && a.shift.1 < 28);
+        let kept: f32 = (0..200)
+            .flat_map(|i| random_grid(0, i, 8, 0.25, (224, 224)).grid)
+            .sum();
+        let share = kept / (200.0 * 64.0);
+        assert!((share - 0.25).abs() < 0.03, "{share}");
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        for p in [
+            RiseParams {
+                masks: 0,
+                ..Default::default()
+            },
+            RiseParams {
+                p1: 0.0,
+                ..Default::default()
+            },
+            RiseParams {
+                cells: 0,
+                ..Default::default()
+            },
+            RiseParams {
+                batch: 0,
+                ..Default::default()
+            },
+        ] {
+            assert!(Rise::new(&p).is_err(), "{p:?}");
+        }
+    }
+}
