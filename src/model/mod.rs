@@ -14,7 +14,9 @@ use serde::Serialize;
 use crate::error::Result;
 
 pub mod config;
+mod gelu;
 mod softmax;
+mod vecmath;
 pub mod vit;
 pub mod weights;
 

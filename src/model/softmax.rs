@@ -14,6 +14,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
+use super::vecmath::exp_nonpositive;
+
 /// Softmax over the last dimension of `xs`.
 pub(crate) fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 {
@@ -129,59 +131,10 @@ fn softmax_rows_generic(src: &[f32], dst: &mut [f32], n: usize) {
     }
 }
 
-/// `exp(x)` for `x <= 0` (NaN stays NaN; below -87.3 gives 0 instead of a subnormal, which a
-/// softmax whose largest term is 1 cannot tell apart). Branch-free so it vectorises.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 split in a part exact in float32 and the rest (Cody-Waite).
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.max(-87.3);
-    let k = (xc * LOG2E + ROUND) - ROUND;
-    let r = (xc - k * LN2_HI) - k * LN2_LO;
-    // exp(r) for |r| <= ln2 / 2: Taylor to degree 7, Horner form.
-    let mut p = 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    // 2^k from its exponent bits; k is in [-126, 0] here, so no overflow (wrapping keeps the
-    // dev profile's overflow check, which would stop vectorisation, out of the loop).
-    let scale = f32::from_bits(((k as i32).wrapping_add(127) as u32) << 23);
-    let y = p * scale;
-    let y = if x < -87.3 { 0.0 } else { y };
-    // NaN in, NaN out (x != x only for NaN).
-    #[allow(clippy::eq_op)]
-    let y = if x != x { x } else { y };
-    y
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    #[test]
-    fn exp_matches_libm_to_float_rounding() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let (got, want) = (f64::from(exp_nonpositive(x)), f64::from(x).exp());
-            worst = worst.max((got - want).abs() / want);
-            x += 0.001_7;
-        }
-        assert!(worst < 3e-7, "worst relative error {worst}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert_eq!(exp_nonpositive(-100.0), 0.0);
-        assert_eq!(exp_nonpositive(f32::NEG_INFINITY), 0.0);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
-    }
 
     #[test]
     fn softmax_matches_candle_nn_and_rows_sum_to_one() {

@@ -33,6 +33,20 @@ impl Linear {
         Ok(Linear { wt, b })
     }
 
+    /// `GELU(self(xs))`, the bias and the activation in one pass.
+    fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut dims = xs.dims().to_vec();
+        let inp = dims.pop().unwrap_or(1);
+        let rows = xs.elem_count() / inp.max(1);
+        let ys = xs.reshape((rows, inp))?.matmul(&self.wt)?;
+        let ys = match &self.b {
+            Some(b) => super::gelu::bias_gelu(&ys, b)?,
+            None => ys.gelu_erf()?,
+        };
+        dims.push(self.wt.dim(1)?);
+        Ok(ys.reshape(dims)?)
+    }
+
     /// `(.., in)` -> `(.., out)`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut dims = xs.dims().to_vec();
@@ -116,7 +130,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward(xs)?.gelu_erf()?;
+        let h = self.fc1.forward_gelu(xs)?;
         self.fc2.forward(&h)
     }
 }
