@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 
+mod attention;
 pub mod config;
 mod gelu;
 mod softmax;

@@ -46,12 +46,11 @@ impl CustomOp1 for FastSoftmax {
         let src = &all[start..end];
         let dims = layout.shape().dims();
         let n = dims.last().copied().unwrap_or(1).max(1);
-        let mut dst = vec![0f32; src.len()];
+        let mut dst = src.to_vec();
         // Enough rows per task to amortise the scheduling.
         let rows_per_task = (4096 / n).max(1);
-        src.par_chunks(n * rows_per_task)
-            .zip(dst.par_chunks_mut(n * rows_per_task))
-            .for_each(|(s, d)| softmax_rows(s, d, n));
+        dst.par_chunks_mut(n * rows_per_task)
+            .for_each(|d| softmax_in_place(d, n));
         Ok((CpuStorage::F32(dst), layout.shape().clone()))
     }
 
@@ -66,43 +65,43 @@ impl CustomOp1 for FastSoftmax {
     }
 }
 
-/// Softmax of each length-`n` row of `src` into `dst`, on the best instruction set available.
-fn softmax_rows(src: &[f32], dst: &mut [f32], n: usize) {
+/// Softmax of each length-`n` row of `buf`, in place, on the best instruction set available.
+pub(crate) fn softmax_in_place(buf: &mut [f32], n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { softmax_rows_avx512(src, dst, n) };
+            unsafe { softmax_rows_avx512(buf, n) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { softmax_rows_avx2(src, dst, n) };
+            unsafe { softmax_rows_avx2(buf, n) };
             return;
         }
     }
-    softmax_rows_generic(src, dst, n);
+    softmax_rows_generic(buf, n);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(src: &[f32], dst: &mut [f32], n: usize) {
-    softmax_rows_generic(src, dst, n)
+unsafe fn softmax_rows_avx512(buf: &mut [f32], n: usize) {
+    softmax_rows_generic(buf, n)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(src: &[f32], dst: &mut [f32], n: usize) {
-    softmax_rows_generic(src, dst, n)
+unsafe fn softmax_rows_avx2(buf: &mut [f32], n: usize) {
+    softmax_rows_generic(buf, n)
 }
 
 #[inline(always)]
-fn softmax_rows_generic(src: &[f32], dst: &mut [f32], n: usize) {
-    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+fn softmax_rows_generic(buf: &mut [f32], n: usize) {
+    for d in buf.chunks_exact_mut(n) {
         // Sixteen running maxima (one AVX-512 register); `max` is exact in any order.
         let mut lanes = [f32::NEG_INFINITY; 16];
-        let mut chunks = s.chunks_exact(16);
+        let mut chunks = d.chunks_exact(16);
         for c in &mut chunks {
             for (l, &v) in lanes.iter_mut().zip(c) {
                 *l = if v > *l { v } else { *l };
@@ -112,8 +111,8 @@ fn softmax_rows_generic(src: &[f32], dst: &mut [f32], n: usize) {
             .iter()
             .chain(chunks.remainder())
             .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        for (o, &v) in d.iter_mut().zip(s) {
-            *o = exp_nonpositive(v - max);
+        for o in d.iter_mut() {
+            *o = exp_nonpositive(*o - max);
         }
         // Sixteen partial sums (one AVX-512 register), so the sum vectorises too.
         let mut lanes = [0f32; 16];
@@ -156,10 +155,10 @@ mod tests {
         }
         // Every instruction-set path gives the same numbers as the generic one.
         let src = xs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let mut a = vec![0f32; src.len()];
-        let mut b = vec![0f32; src.len()];
-        softmax_rows(&src, &mut a, 197);
-        softmax_rows_generic(&src, &mut b, 197);
+        let mut a = src.clone();
+        let mut b = src.clone();
+        softmax_in_place(&mut a, 197);
+        softmax_rows_generic(&mut b, 197);
         let worst = a
             .iter()
             .zip(&b)

@@ -103,6 +103,11 @@ struct Attention {
 impl Attention {
     /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`.
     fn forward(&self, xs: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if !keep {
+            let out =
+                super::attention::self_attention(&self.qkv.forward(xs)?, self.heads, self.scale)?;
+            return Ok((self.proj.forward(&out)?, None));
+        }
         let (b, t, d) = xs.dims3()?;
         let hd = d / self.heads;
         // (B, T, 3, H, hd) -> (3, B, H, T, hd)

@@ -1,0 +1,241 @@
+//! Multi-head self-attention from the fused qkv projection in one op: for each image and head,
+//! `softmax(q k^T * scale) v`, with `q`, `k`, `v` read in place from the `(B, T, 3 * D)`
+//! projection (strided matrix products, no permuted copies) and the `T x T` scores in a
+//! per-task buffer that never becomes a tensor, written straight into `(B, T, D)`.
+//!
+//! Composed from candle ops, attention costs a permuted copy of q, k and v, a zeroed `(B, H, T, T)`
+//! score tensor, a second one for the softmax and a transposed copy of the output; with a small
+//! width (the demo model: 14x14 tokens, width 64) that was most of a forward pass (perf of
+//! `vitcx eval` on the demo model: softmax 15%, memset 14%, memmove 7%). The matrix products use
+//! the `gemm` crate candle itself uses. The backward pass (training, Grad-CAM) is written with
+//! candle ops. Other dtypes and devices take the composed path.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// `(B, T, 3 * D)` fused projection (q, k, v; heads inside each) -> `(B, T, D)`.
+pub(crate) fn self_attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        qkv.contiguous()?.apply_op1(FusedAttention { heads, scale })
+    } else {
+        let (b, t, d3) = qkv.dims3()?;
+        let (q, k, v) = split(qkv, heads)?;
+        let attn = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d3 / 3))
+    }
+}
+
+/// `(B, T, 3 * D)` -> q, k, v as contiguous `(B, H, T, hd)`.
+fn split(qkv: &Tensor, heads: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    let hd = d3 / 3 / heads;
+    let p = qkv
+        .reshape((b, t, 3, heads, hd))?
+        .permute((2, 0, 3, 1, 4))?;
+    Ok((
+        p.get(0)?.contiguous()?,
+        p.get(1)?.contiguous()?,
+        p.get(2)?.contiguous()?,
+    ))
+}
+
+struct FusedAttention {
+    heads: usize,
+    scale: f64,
+}
+
+impl CustomOp1 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "vitcx-self-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(all) = storage else {
+            candle_core::bail!("vitcx attention: expected f32, got {:?}", storage.dtype())
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("vitcx attention: input must be contiguous")
+        };
+        let (b, t, d3) = layout.shape().dims3()?;
+        let h = self.heads;
+        if h == 0 || d3 % (3 * h) != 0 {
+            candle_core::bail!("vitcx attention: width {d3} is not 3 x {h} heads x head size")
+        }
+        let d = d3 / 3;
+        let hd = d / h;
+        let src = &all[start..end];
+        let mut out = vec![0f32; b * t * d];
+        let scale = self.scale as f32;
+        // One task per image: its heads write disjoint columns of its (T, D) output rows.
+        out.par_chunks_mut(t * d)
+            .zip(src.par_chunks(t * d3))
+            .for_each_init(
+                || vec![0f32; t * t],
+                |scores, (o, x)| {
+                    for head in 0..h {
+                        // SAFETY: every pointer/stride pair below stays inside `x` (T rows of
+                        // 3D), `scores` (T x T) or `o` (T rows of D) as the shapes checked above
+                        // give; `o`'s columns of this head are written by this task only.
+                        unsafe { attend(x, o, scores, (t, d, hd), head, scale) };
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(out), Shape::from_dims(&[b, t, d])))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let (b, t, d3) = qkv.dims3()?;
+        let h = self.heads;
+        let hd = d3 / 3 / h;
+        let (q, k, v) = split(qkv, h)?;
+        let a = super::softmax::softmax_last_dim(&(q.matmul(&k.t()?)? * self.scale)?)?;
+        let go = grad_res
+            .reshape((b, t, h, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let dv = a.t()?.matmul(&go)?;
+        let da = go.matmul(&v.t()?)?;
+        let ds = (&a * da.broadcast_sub(&(&da * &a)?.sum_keepdim(D::Minus1)?)?)?;
+        let dq = (ds.matmul(&k)? * self.scale)?;
+        let dk = (ds.t()?.matmul(&q)? * self.scale)?;
+        let g = Tensor::stack(&[dq, dk, dv], 0)? // (3, B, H, T, hd)
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((b, t, d3))?;
+        Ok(Some(g))
+    }
+}
+
+/// One head of one image: `o[:, head] = softmax(q k^T * scale) v`, reading q, k, v from the
+/// `(T, 3D)` rows of `x`.
+///
+/// # Safety
+/// `x` must hold `T * 3D` values, `o` `T * D`, `scores` `T * T`, with `D = heads * hd` and
+/// `head < D / hd`.
+unsafe fn attend(
+    x: &[f32],
+    o: &mut [f32],
+    scores: &mut [f32],
+    (t, d, hd): (usize, usize, usize),
+    head: usize,
+    scale: f32,
+) {
+    let d3 = (3 * d) as isize;
+    let q = x.as_ptr().add(head * hd);
+    let k = x.as_ptr().add(d + head * hd);
+    let v = x.as_ptr().add(2 * d + head * hd);
+    // scores (T x T) = scale * q (T x hd, rows 3D apart) @ k^T (hd x T: k's rows as columns).
+    gemm::gemm(
+        t,
+        t,
+        hd,
+        scores.as_mut_ptr(),
+        1,
+        t as isize,
+        false,
+        q,
+        1,
+        d3,
+        k,
+        d3,
+        1,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+    super::softmax::softmax_in_place(scores, t);
+    // o (T x hd, rows D apart) = scores (T x T) @ v (T x hd, rows 3D apart).
+    gemm::gemm(
+        t,
+        hd,
+        t,
+        o.as_mut_ptr().add(head * hd),
+        1,
+        d as isize,
+        false,
+        scores.as_ptr(),
+        1,
+        t as isize,
+        v,
+        1,
+        d3,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn seq(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * k).sin() * 2.0).collect()
+    }
+
+    /// The composed reference: permuted copies, scores, softmax, product, transpose.
+    fn composed(qkv: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let (b, t, d3) = qkv.dims3().unwrap();
+        let (q, k, v) = split(qkv, heads).unwrap();
+        let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let e = s
+            .broadcast_sub(&s.max_keepdim(D::Minus1).unwrap())
+            .unwrap()
+            .exp()
+            .unwrap();
+        let a = e.broadcast_div(&e.sum_keepdim(D::Minus1).unwrap()).unwrap();
+        a.matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, t, d3 / 3))
+            .unwrap()
+    }
+
+    #[test]
+    fn matches_the_composed_ops() {
+        // 2 images, 7 tokens, 3 heads of 4.
+        let qkv = Tensor::from_vec(seq(2 * 7 * 36, 0.31), (2, 7, 36), &Device::Cpu).unwrap();
+        let ours = self_attention(&qkv, 3, 0.5).unwrap();
+        assert_eq!(ours.dims(), &[2, 7, 12]);
+        let want = composed(&qkv, 3, 0.5);
+        let d = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn gradient_matches_the_composed_ops() {
+        let x = Var::from_vec(seq(2 * 5 * 24, 0.47), (2, 5, 24), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(seq(2 * 5 * 8, 1.7), (2, 5, 8), &Device::Cpu).unwrap();
+        let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = loss(self_attention(x.as_tensor(), 2, 0.7).unwrap());
+        let g2 = loss(composed(x.as_tensor(), 2, 0.7));
+        let d = (g1.get(x.as_tensor()).unwrap() - g2.get(x.as_tensor()).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+    }
+}
