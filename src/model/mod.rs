@@ -16,6 +16,7 @@ use crate::error::Result;
 mod attention;
 pub mod config;
 mod gelu;
+mod layer_norm;
 mod softmax;
 mod vecmath;
 pub mod vit;

@@ -5,7 +5,7 @@
 //! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one layer's
 //! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks.
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{DType, Device, Tensor, Var};
 
 use super::config::{Family, ModelConfig};
 use super::weights::Weights;
@@ -62,7 +62,7 @@ impl Linear {
 }
 
 /// LayerNorm over the last dimension, two-pass (mean, then variance of the centred values) as
-/// PyTorch does; candle-nn's fused kernel uses E[x^2] - E[x]^2, which loses digits.
+/// PyTorch does, in one fused op ([`super::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -80,14 +80,12 @@ impl LayerNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mean = xs.mean_keepdim(D::Minus1)?;
-        let xc = xs.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-        Ok(xc
-            .broadcast_mul(&inv_std)?
-            .broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?)
+        Ok(super::layer_norm::layer_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
     }
 }
 
