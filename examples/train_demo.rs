@@ -72,6 +72,9 @@ struct Args {
     /// Turn augmentation off (for comparison).
     #[arg(long)]
     no_augment: bool,
+    /// Curriculum: raise the background clutter from 0 to 1 over this many steps (0: none).
+    #[arg(long, default_value_t = 0)]
+    clutter_ramp: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
         lr: args.lr.unwrap_or(d.lr),
         warmup: args.warmup.unwrap_or(d.warmup),
         token_label_weight: args.token_label_weight.unwrap_or(d.token_label_weight),
+        clutter_ramp: args.clutter_ramp,
         augment: !args.no_augment,
         arch: vitcx::bench::Arch {
             heads: args.heads.unwrap_or(d.arch.heads),
@@ -157,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         "weight_decay": params.weight_decay,
         "augment": params.augment,
         "token_label_weight": params.token_label_weight,
+        "clutter_ramp": params.clutter_ramp,
         "held_out_seed": HELD_OUT_SEED,
         "held_out_images": args.eval_count,
         "held_out_accuracy": acc,

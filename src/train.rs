@@ -83,6 +83,9 @@ pub struct TrainParams {
     /// its patch, or "background" (Jiang et al., "All Tokens Matter", NeurIPS 2021). The dense
     /// signal gets a small ViT off the loss plateau far sooner than the \[CLS\] loss alone.
     pub token_label_weight: f64,
+    /// Curriculum: the background clutter of the training images rises linearly from 0 (a plain
+    /// gradient) to 1 (the benchmark) over this many steps; 0 trains on the benchmark throughout.
+    pub clutter_ramp: usize,
 }
 
 impl Default for TrainParams {
@@ -97,6 +100,7 @@ impl Default for TrainParams {
             weight_decay: 0.05,
             augment: true,
             token_label_weight: 1.0,
+            clutter_ramp: 0,
         }
     }
 }
@@ -127,6 +131,15 @@ impl TrainParams {
             )));
         }
         Ok(())
+    }
+
+    /// Background clutter of the training images at 0-based `step` (see `clutter_ramp`).
+    pub fn clutter_at(&self, step: usize) -> f32 {
+        if self.clutter_ramp == 0 {
+            1.0
+        } else {
+            (step as f32 / self.clutter_ramp as f32).min(1.0)
+        }
     }
 
     /// Learning rate at 0-based `step`: linear warm-up, then cosine from `lr` to `lr / 100`.
@@ -337,7 +350,12 @@ fn training_batch(p: &TrainParams, step: usize, device: &Device) -> Result<Batch
     let mut token_labels = Vec::new();
     for i in 0..p.batch {
         let index = (step * p.batch + i) as u64;
-        let s = synth::sample(data_seed, index, (size as u32, size as u32));
+        let s = synth::sample_with_clutter(
+            data_seed,
+            index,
+            (size as u32, size as u32),
+            p.clutter_at(step),
+        );
         let (mut img, mut mask) = (s.image, s.mask);
         if p.augment {
             let mut rng = ChaCha8Rng::seed_from_u64(data_seed ^ 0x6175_6780);
@@ -471,7 +489,21 @@ mod tests {
             weight_decay: 0.0,
             augment: true,
             token_label_weight: 1.0,
+            clutter_ramp: 0,
         }
+    }
+
+    #[test]
+    fn clutter_ramps_up_linearly_then_stays_at_the_benchmark() {
+        let p = TrainParams {
+            clutter_ramp: 10,
+            ..Default::default()
+        };
+        assert_eq!(p.clutter_at(0), 0.0);
+        assert_eq!(p.clutter_at(5), 0.5);
+        assert_eq!(p.clutter_at(10), 1.0);
+        assert_eq!(p.clutter_at(99), 1.0);
+        assert_eq!(TrainParams::default().clutter_at(0), 1.0);
     }
 
     #[test]
