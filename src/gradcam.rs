@@ -71,15 +71,14 @@ impl GradCam {
         targets: &Targets,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
+        let px = crate::methods::input_tensor(model, x)?;
         let spec = model.spec();
         let (h, w) = spec.input_size;
-        crate::methods::check_input(x, (h, w))?;
         let tap = Tap::Norm1(self.layer);
         let mut timings = Vec::new();
 
         progress.start(Stage::Forward, 1);
         let t0 = Instant::now();
-        let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
         // The top-1 class comes from the gradient pass itself; other targets need the
         // probabilities first.
         let (probs, grads) = match targets {

@@ -64,6 +64,13 @@ pub fn check_input(x: &[f32], (h, w): (usize, usize)) -> Result<()> {
     Ok(())
 }
 
+/// `x` `(3, H, W)` checked against the model's input size, as a batch of one on its device.
+pub fn input_tensor(model: &dyn Backbone, x: &[f32]) -> Result<Tensor> {
+    let (h, w) = model.spec().input_size;
+    check_input(x, (h, w))?;
+    Ok(Tensor::from_slice(x, (1, 3, h, w), model.device())?)
+}
+
 /// An explanation method, or a control map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -288,11 +295,10 @@ fn control(
     progress: &mut dyn Progress,
     map: impl FnOnce((usize, usize)) -> Vec<f32>,
 ) -> Result<Explanation> {
+    let px = input_tensor(model, x)?;
     let (h, w) = model.spec().input_size;
-    check_input(x, (h, w))?;
     progress.start(Stage::Forward, 1);
     let t0 = std::time::Instant::now();
-    let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
     let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
     let classes = targets.resolve(&probs)?;
     let m = map((h, w));

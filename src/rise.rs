@@ -123,8 +123,8 @@ impl Rise {
         source: &MaskSource,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
+        let px = crate::methods::input_tensor(model, x)?;
         let (h, w) = model.spec().input_size;
-        crate::methods::check_input(x, (h, w))?;
         let p = &self.params;
         let s = p.cells;
         if let MaskSource::Given(given) = source {
@@ -151,7 +151,6 @@ impl Rise {
 
         progress.start(Stage::Forward, 1);
         let t0 = Instant::now();
-        let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
         let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
         let classes = targets.resolve(&probs)?;
         timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));

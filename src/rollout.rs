@@ -12,8 +12,6 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
-
 use crate::error::{Error, Result};
 use crate::explain::{Explanation, Progress, Stage};
 use crate::mask::upsample_bilinear;
@@ -68,14 +66,13 @@ impl Rollout {
         targets: &Targets,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
+        let px = crate::methods::input_tensor(model, x)?;
         let spec = model.spec();
         let (h, w) = spec.input_size;
-        crate::methods::check_input(x, (h, w))?;
         let mut timings = Vec::new();
 
         progress.start(Stage::Forward, 1);
         let t0 = Instant::now();
-        let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
         let att = model.attention(&px)?;
         let probs = candle_nn::ops::softmax_last_dim(&att.logits)?
             .flatten_all()?

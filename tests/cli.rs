@@ -1,33 +1,14 @@
 //! End-to-end tests of the `vitcx` binary: files written, numbers right, errors exit 2 with a
 //! one-line message and leave no partial output.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(rel)
-}
-
-fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run vitcx")
-}
+use common::{data, s, vitcx};
+use std::path::Path;
+use std::process::Output;
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 fn files_in(dir: &Path) -> Vec<String> {

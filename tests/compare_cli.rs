@@ -1,40 +1,11 @@
 //! End-to-end tests of `vitcx compare` and of `vitcx explain --method`: the files written, the
 //! maps equal to the PyTorch references where those exist, and clear errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
+
+use common::{data, max_abs_diff, s, vitcx};
 
 use vitcx::npy::read_npy;
-
-fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(rel)
-}
-
-fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run vitcx")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
 
 #[test]
 fn compare_writes_one_figure_the_numbers_and_each_map() {

@@ -1,30 +1,11 @@
 //! End-to-end tests of `vitcx eval`: a tiny manifest with masks in, per-image CSV, summary JSON
 //! and curve plots out; a bad method exits 2 naming the supported ones.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn data(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(rel)
-}
-
-fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run vitcx")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{data, s, vitcx};
+use std::path::Path;
+use std::process::Output;
 
 /// A grey mask PNG of `w x h` with the rectangle `[x0, x1) x [y0, y1)` set to 255.
 fn mask_png(path: &Path, (w, h): (u32, u32), [x0, y0, x1, y1]: [u32; 4]) {
@@ -264,22 +245,26 @@ fn eval_rejects_unknown_method_listing_supported_ones() {
     assert!(!out.path().join("x").exists());
 }
 
-/// Runs `vitcx eval` with `method` on the test set at step 3136 (17 points per curve).
-fn eval_method(ds: &Path, method: &str, out: &Path) -> Output {
-    vitcx(&[
+/// Runs `vitcx eval` of the test checkpoint on `ds` into `out`, quietly, with `extra` flags.
+fn eval_on(ds: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = data("vit_timm");
+    let mut args = vec![
         "eval",
         "--model",
-        s(&data("vit_timm")),
+        s(&model),
         "--data",
         s(ds),
-        "--method",
-        method,
-        "--step",
-        "3136",
         "--out",
         s(out),
         "--quiet",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    vitcx(&args)
+}
+
+/// Runs `vitcx eval` with `method` on the test set at step 3136 (17 points per curve).
+fn eval_method(ds: &Path, method: &str, out: &Path) -> Output {
+    eval_on(ds, out, &["--method", method, "--step", "3136"])
 }
 
 #[test]
@@ -321,22 +306,18 @@ fn control_maps_are_scored_like_a_method() {
 fn several_methods_in_one_run_make_one_table() {
     let ds = dataset();
     let out = tempfile::tempdir().unwrap();
-    let o = vitcx(&[
-        "eval",
-        "--model",
-        s(&data("vit_timm")),
-        "--data",
-        s(ds.path()),
-        "--methods",
-        "vitcx,rollout,rise,gradcam,center",
-        "--masks",
-        "16",
-        "--step",
-        "6272",
-        "--out",
-        s(out.path()),
-        "--quiet",
-    ]);
+    let o = eval_on(
+        ds.path(),
+        out.path(),
+        &[
+            "--methods",
+            "vitcx,rollout,rise,gradcam,center",
+            "--masks",
+            "16",
+            "--step",
+            "6272",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let methods = ["vitcx", "rollout", "rise", "gradcam", "center"];
     let csv = std::fs::read_to_string(out.path().join("per_image.csv")).unwrap();
@@ -369,20 +350,11 @@ fn several_methods_in_one_run_make_one_table() {
     assert_eq!(table.lines().count(), 1 + 5 * methods.len(), "{table}");
     // The same maps as one method at a time: rollout alone gives the same rows.
     let alone = tempfile::tempdir().unwrap();
-    let o = vitcx(&[
-        "eval",
-        "--model",
-        s(&data("vit_timm")),
-        "--data",
-        s(ds.path()),
-        "--method",
-        "rollout",
-        "--step",
-        "6272",
-        "--out",
-        s(alone.path()),
-        "--quiet",
-    ]);
+    let o = eval_on(
+        ds.path(),
+        alone.path(),
+        &["--method", "rollout", "--step", "6272"],
+    );
     assert!(o.status.success());
     let alone = std::fs::read_to_string(alone.path().join("per_image.csv")).unwrap();
     let together: Vec<&str> = csv.lines().filter(|l| l.starts_with("rollout,")).collect();

@@ -1,6 +1,9 @@
 //! The gate: vitcx reproduces the ViT-CX reference implementation on the three golden cases
 //! (tests/data/<case>, copied from the reference outputs; see tests/data/README.md).
 
+mod common;
+
+use common::max_abs_diff;
 use std::path::PathBuf;
 
 use candle_core::Device;
@@ -19,14 +22,6 @@ fn case_dir(case: &str) -> PathBuf {
 fn manifest(case: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(case_dir(case).join("manifest.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn range(v: &[f32]) -> f32 {

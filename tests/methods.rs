@@ -3,6 +3,9 @@
 //! rollout as vit-explain with rows renormalised, Grad-CAM by pytorch-grad-cam 1.5.7, RISE as
 //! its reference code with a stored set of grids and shifts), plus the methods' properties.
 
+mod common;
+
+use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
@@ -40,14 +43,6 @@ fn class(name: &str) -> usize {
     let text = std::fs::read_to_string(case(name).join("methods/methods.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["class"].as_u64().unwrap() as usize
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

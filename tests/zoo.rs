@@ -2,6 +2,9 @@
 //! odd head counts, 1000 classes, HF DeiT-distilled, a `pytorch_model.bin`, 7x7/10x10/6x6 grids.
 //! Fixtures: `tests/data/zoo/<case>`, made by `scripts/make_fixtures.py` (see scripts/README.md).
 
+mod common;
+
+use common::max_abs_diff;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -10,14 +13,6 @@ use vitcx::npy::read_npy;
 
 fn zoo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/zoo")
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

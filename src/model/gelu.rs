@@ -164,13 +164,8 @@ mod tests {
                 .unwrap(),
         );
         for v in [x.as_tensor(), b.as_tensor()] {
-            let d = (g1.get(v).unwrap() - g2.get(v).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-5, "{d}");
         }
     }
 }

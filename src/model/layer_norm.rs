@@ -218,13 +218,8 @@ mod tests {
         let g1 = loss(layer_norm(xt, wt, bt, 1e-5).unwrap());
         let g2 = loss(composed(xt, wt, bt, 1e-5).unwrap());
         for v in [xt, wt, bt] {
-            let d = (g1.get(v).unwrap() - g2.get(v).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
+            let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            assert!(d < 1e-5, "{d}");
         }
     }
 }

@@ -219,6 +219,14 @@ pub struct TapGradient {
     pub gradients: Tensor,
 }
 
+/// Largest absolute difference of two tensors of one shape (for the kernels' tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+        .expect("tensors of one shape")
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
