@@ -79,13 +79,13 @@ impl CustomOp1 for FusedAttention {
         out.par_chunks_mut(t * d)
             .zip(src.par_chunks(t * d3))
             .for_each_init(
-                || vec![0f32; t * t],
-                |scores, (o, x)| {
+                || (vec![0f32; t * t], vec![0f32; t]),
+                |(scores, inv), (o, x)| {
                     for head in 0..h {
                         // SAFETY: every pointer/stride pair below stays inside `x` (T rows of
                         // 3D), `scores` (T x T) or `o` (T rows of D) as the shapes checked above
                         // give; `o`'s columns of this head are written by this task only.
-                        unsafe { attend(x, o, scores, (t, d, hd), head, scale) };
+                        unsafe { attend(x, o, scores, inv, (t, d, hd), head, scale) };
                     }
                 },
             );
@@ -120,15 +120,17 @@ impl CustomOp1 for FusedAttention {
 }
 
 /// One head of one image: `o[:, head] = softmax(q k^T * scale) v`, reading q, k, v from the
-/// `(T, 3D)` rows of `x`.
+/// `(T, 3D)` rows of `x`. The softmax is normalised after the product with `v`: each output
+/// row (hd values) is divided by its row sum instead of each score row (T values).
 ///
 /// # Safety
-/// `x` must hold `T * 3D` values, `o` `T * D`, `scores` `T * T`, with `D = heads * hd` and
-/// `head < D / hd`.
+/// `x` must hold `T * 3D` values, `o` `T * D`, `scores` `T * T`, `inv` `T`, with
+/// `D = heads * hd` and `head < D / hd`.
 unsafe fn attend(
     x: &[f32],
     o: &mut [f32],
     scores: &mut [f32],
+    inv: &mut [f32],
     (t, d, hd): (usize, usize, usize),
     head: usize,
     scale: f32,
@@ -159,7 +161,7 @@ unsafe fn attend(
         false,
         gemm::Parallelism::None,
     );
-    super::softmax::softmax_in_place(scores, t);
+    super::softmax::exp_rows(scores, t, inv);
     // o (T x hd, rows D apart) = scores (T x T) @ v (T x hd, rows 3D apart).
     gemm::gemm(
         t,
@@ -182,6 +184,11 @@ unsafe fn attend(
         false,
         gemm::Parallelism::None,
     );
+    for (row, &s) in o.chunks_exact_mut(d).zip(inv.iter()) {
+        for v in &mut row[head * hd..(head + 1) * hd] {
+            *v *= s;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -67,38 +67,51 @@ impl CustomOp1 for FastSoftmax {
 
 /// Softmax of each length-`n` row of `buf`, in place, on the best instruction set available.
 pub(crate) fn softmax_in_place(buf: &mut [f32], n: usize) {
+    let mut inv = vec![0f32; buf.len() / n.max(1)];
+    exp_rows(buf, n, &mut inv);
+    for (row, &s) in buf.chunks_exact_mut(n).zip(&inv) {
+        for v in row.iter_mut() {
+            *v *= s;
+        }
+    }
+}
+
+/// The unnormalised softmax of each length-`n` row of `buf`, in place: `exp(x - max(row))`,
+/// and `1 / sum` of each row into `inv_sums`. Attention applies the `1 / sum` to its (much
+/// narrower) output rows instead of to the scores.
+pub(crate) fn exp_rows(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { softmax_rows_avx512(buf, n) };
+            unsafe { exp_rows_avx512(buf, n, inv_sums) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { softmax_rows_avx2(buf, n) };
+            unsafe { exp_rows_avx2(buf, n, inv_sums) };
             return;
         }
     }
-    softmax_rows_generic(buf, n);
+    exp_rows_generic(buf, n, inv_sums);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn softmax_rows_avx512(buf: &mut [f32], n: usize) {
-    softmax_rows_generic(buf, n)
+unsafe fn exp_rows_avx512(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
+    exp_rows_generic(buf, n, inv_sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_rows_avx2(buf: &mut [f32], n: usize) {
-    softmax_rows_generic(buf, n)
+unsafe fn exp_rows_avx2(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
+    exp_rows_generic(buf, n, inv_sums)
 }
 
 #[inline(always)]
-fn softmax_rows_generic(buf: &mut [f32], n: usize) {
-    for d in buf.chunks_exact_mut(n) {
+fn exp_rows_generic(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
+    for (d, inv) in buf.chunks_exact_mut(n).zip(inv_sums.iter_mut()) {
         // Sixteen running maxima (one AVX-512 register); `max` is exact in any order.
         let mut lanes = [f32::NEG_INFINITY; 16];
         let mut chunks = d.chunks_exact(16);
@@ -111,22 +124,21 @@ fn softmax_rows_generic(buf: &mut [f32], n: usize) {
             .iter()
             .chain(chunks.remainder())
             .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        for o in d.iter_mut() {
-            *o = exp_nonpositive(*o - max);
-        }
-        // Sixteen partial sums (one AVX-512 register), so the sum vectorises too.
+        // exp and sixteen partial sums in the same pass.
         let mut lanes = [0f32; 16];
-        let mut chunks = d.chunks_exact(16);
+        let mut chunks = d.chunks_exact_mut(16);
         for c in &mut chunks {
-            for (l, &v) in lanes.iter_mut().zip(c) {
-                *l += v;
+            for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
+                *v = exp_nonpositive(*v - max);
+                *l += *v;
             }
         }
-        let sum = lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>();
-        let inv = 1.0 / sum;
-        for o in d.iter_mut() {
-            *o *= inv;
+        let mut rest = 0f32;
+        for v in chunks.into_remainder() {
+            *v = exp_nonpositive(*v - max);
+            rest += *v;
         }
+        *inv = 1.0 / (lanes.iter().sum::<f32>() + rest);
     }
 }
 
@@ -158,7 +170,11 @@ mod tests {
         let mut a = src.clone();
         let mut b = src.clone();
         softmax_in_place(&mut a, 197);
-        softmax_rows_generic(&mut b, 197);
+        let mut inv = vec![0f32; b.len() / 197];
+        exp_rows_generic(&mut b, 197, &mut inv);
+        for (row, s) in b.chunks_exact_mut(197).zip(inv) {
+            row.iter_mut().for_each(|v| *v *= s);
+        }
         let worst = a
             .iter()
             .zip(&b)
