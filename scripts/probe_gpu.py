@@ -6,7 +6,12 @@
 #   for i in $(seq 0 15); do vitcx synth --count 4000 --seed $((1000+i)) --out /tmp/tr$i -q & done
 #   vitcx synth --count 2000 --seed 778 --out /tmp/val -q; wait
 #   python3 scripts/probe_gpu.py seconds=150 every=500 runs=tl0:0:1e-3:128,tl1:1:1e-3:128
-import sys, json, time, glob, os, numpy as np, torch, timm
+# decay=1 decays the learning rate by a cosine over each run's seconds (after the 200-step
+# warm-up); save=DIR writes the last run's model as a timm checkpoint vitcx loads
+# (DIR/model.safetensors + DIR/config.json, the demo model's config with this run recorded under
+# `vitcx_training`); then measure it as the demo model is measured:
+#   cargo run --release --example train_demo -- --evaluate DIR
+import sys, json, math, time, glob, os, numpy as np, torch, timm
 from multiprocessing import Pool
 from PIL import Image
 A=dict(a.split('=') for a in sys.argv[1:])
@@ -35,7 +40,8 @@ def run(tl, lr, bs, seconds, tag):
     norm=lambda x:(x.float()/255-0.5)/0.5
     t1=time.time(); s=0; seen=0
     while time.time()-t1<seconds:
-        for g in opt.param_groups: g['lr']=lr*min(1,(s+1)/200)
+        frac=(time.time()-t1)/seconds if A.get('decay')=='1' and s>=200 else 0
+        for g in opt.param_groups: g['lr']=lr*min(1,(s+1)/200)*0.5*(1+math.cos(math.pi*min(frac,1)))
         idx=torch.randint(0,len(yt),(bs,),device=dev); x=Xt[idx]; tt=Tt[idx].reshape(bs,14,14)
         if s%2: x=x.flip(3); tt=tt.flip(2)
         if (s//2)%2: x=x.flip(2); tt=tt.flip(1)
@@ -49,5 +55,18 @@ def run(tl, lr, bs, seconds, tag):
                 acc=sum((m(norm(Xv[i:i+500])).argmax(1)==yv[i:i+500]).sum().item() for i in range(0,len(yv),500))/len(yv)
             m.train()
             print(f"{tag} step {s} images {seen} loss {loss.item():.3f} val {acc:.4f} {time.time()-t1:.0f}s", flush=True)
+    return m, dict(trainer='scripts/probe_gpu.py (PyTorch '+torch.__version__+', timm '+timm.__version__+', '+('bf16 autocast on CUDA' if dev=='cuda' else 'f32 on CPU')+')',
+                   steps=s, images_seen=seen, lr=lr, batch=bs, token_label_weight=tl, seconds=seconds,
+                   cosine_decay=A.get('decay')=='1', train_pool=len(yt), args=sys.argv[1:])
+def save(m, record, out):
+    from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in m.state_dict().items()}, f"{out}/model.safetensors")
+    here=os.path.dirname(os.path.abspath(__file__))
+    cfg=json.load(open(f"{here}/../models/demo/config.json"))
+    cfg['vitcx_training']=record
+    json.dump(cfg, open(f"{out}/config.json", 'w'), indent=1)
+    print(f"saved {out}", flush=True)
 for spec in A.get('runs','tl0:0:1e-3:128,tl1:1:1e-3:128').split(','):
-    tag,tl,lr,bs=spec.split(':'); run(float(tl),float(lr),int(bs),float(A.get('seconds',150)),tag)
+    tag,tl,lr,bs=spec.split(':'); last=run(float(tl),float(lr),int(bs),float(A.get('seconds',150)),tag)
+if 'save' in A: save(*last, A['save'])
