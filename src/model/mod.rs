@@ -17,6 +17,7 @@ mod attention;
 pub mod config;
 mod gelu;
 mod layer_norm;
+mod linear;
 mod softmax;
 mod vecmath;
 pub mod vit;

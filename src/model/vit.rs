@@ -52,10 +52,11 @@ impl Linear {
         let mut dims = xs.dims().to_vec();
         let inp = dims.pop().unwrap_or(1);
         let rows = xs.elem_count() / inp.max(1);
-        let mut ys = xs.reshape((rows, inp))?.matmul(&self.wt)?;
-        if let Some(b) = &self.b {
-            ys = ys.broadcast_add(b)?;
-        }
+        let xs = xs.reshape((rows, inp))?;
+        let ys = match &self.b {
+            Some(b) => super::linear::linear(&xs, &self.wt, b)?,
+            None => xs.matmul(&self.wt)?,
+        };
         dims.push(self.wt.dim(1)?);
         Ok(ys.reshape(dims)?)
     }
