@@ -25,7 +25,7 @@ pub(crate) fn self_attention(
     } else {
         let (b, t, d3) = qkv.dims3()?;
         let (q, k, v) = split(qkv, heads)?;
-        let attn = candle_nn::ops::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
+        let attn = super::softmax::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
         attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d3 / 3))
     }
 }

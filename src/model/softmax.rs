@@ -5,10 +5,10 @@
 //! (perf, `vitcx eval` on the demo model). This kernel computes `exp` with a Cody-Waite range
 //! reduction and a degree-7 Taylor polynomial (relative error about 1e-7 on the reduced range,
 //! float32 rounding level) in plain loops the compiler vectorises, compiled for AVX-512, for
-//! AVX2 + FMA and for baseline x86-64, the best one chosen at run time. Other dtypes and devices fall back to
-//! candle-nn. It also has a backward pass, `y * (g - sum(g * y))`: candle-nn 0.11's
-//! `softmax_last_dim` has none (`apply_op1_no_bwd`), so training through it silently leaves the
-//! query and key projections without gradient.
+//! AVX2 + FMA and for baseline x86-64, the best one chosen at run time. Other dtypes and devices
+//! take a softmax composed of differentiable candle ops. It also has a backward pass,
+//! `y * (g - sum(g * y))`: candle-nn 0.11's `softmax_last_dim` has none (`apply_op1_no_bwd`), so
+//! training through it silently leaves the query and key projections without gradient.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
@@ -21,7 +21,10 @@ pub(crate) fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 {
         xs.contiguous()?.apply_op1(FastSoftmax)
     } else {
-        candle_nn::ops::softmax_last_dim(xs)
+        // candle-nn's softmax has no backward pass: compose it from differentiable ops, so that
+        // training and Grad-CAM work on other dtypes and devices too.
+        let e = xs.broadcast_sub(&xs.max_keepdim(D::Minus1)?)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
     }
 }
 
@@ -180,6 +183,33 @@ mod tests {
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(worst < 1e-7, "{worst}");
+    }
+
+    #[test]
+    fn the_fallback_is_differentiable_too() {
+        // f64 takes the composed path (as another device would).
+        let x = candle_core::Var::from_vec(
+            vec![0.3f64, -1.2, 2.0, 0.5, 0.1, -0.4],
+            (2, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = softmax_last_dim(x.as_tensor()).unwrap();
+        let rows = y.sum(D::Minus1).unwrap().to_vec1::<f64>().unwrap();
+        assert!(rows.iter().all(|s| (s - 1.0).abs() < 1e-12));
+        let w = Tensor::new(&[[1.0f64, 0.0, 0.0], [0.0, 2.0, 0.0]], &Device::Cpu).unwrap();
+        let g = (y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = g
+            .get(x.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(
+            gx.to_scalar::<f64>().unwrap() > 0.0,
+            "gradient reaches the input"
+        );
     }
 
     #[test]
