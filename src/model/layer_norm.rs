@@ -6,7 +6,6 @@
 //! chosen at run time. The backward pass (training, Grad-CAM) is written with candle ops. Other
 //! dtypes and devices take the composed path.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -48,16 +47,6 @@ struct FusedLayerNorm {
     eps: f64,
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(all) = s else {
-        candle_core::bail!("vitcx layer-norm: {what} must be f32, got {:?}", s.dtype())
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("vitcx layer-norm: {what} must be contiguous")
-    };
-    Ok(&all[a..b])
-}
-
 impl CustomOp3 for FusedLayerNorm {
     fn name(&self) -> &'static str {
         "vitcx-layer-norm"
@@ -72,8 +61,11 @@ impl CustomOp3 for FusedLayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = slice(s1, l1, "input")?;
-        let (w, b) = (slice(s2, l2, "weight")?, slice(s3, l3, "bias")?);
+        let src = super::f32_slice(s1, l1, "vitcx layer-norm", "input")?;
+        let (w, b) = (
+            super::f32_slice(s2, l2, "vitcx layer-norm", "weight")?,
+            super::f32_slice(s3, l3, "vitcx layer-norm", "bias")?,
+        );
         let n = l1.shape().dims().last().copied().unwrap_or(0);
         if n == 0 || w.len() != n || b.len() != n {
             candle_core::bail!(

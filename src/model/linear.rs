@@ -7,7 +7,6 @@
 //! backward pass (training, Grad-CAM) is written with candle ops. Other dtypes and devices take
 //! candle's matmul and broadcast add.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
 /// `xs (rows, in) @ wt (in, out) + bias (out)` -> `(rows, out)`.
@@ -22,16 +21,6 @@ pub(crate) fn linear(xs: &Tensor, wt: &Tensor, bias: &Tensor) -> candle_core::Re
 }
 
 struct Linear;
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(all) = s else {
-        candle_core::bail!("vitcx linear: {what} must be f32, got {:?}", s.dtype())
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("vitcx linear: {what} must be contiguous")
-    };
-    Ok(&all[a..b])
-}
 
 impl CustomOp3 for Linear {
     fn name(&self) -> &'static str {
@@ -48,9 +37,9 @@ impl CustomOp3 for Linear {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, wt, b) = (
-            slice(s1, l1, "input")?,
-            slice(s2, l2, "weight")?,
-            slice(s3, l3, "bias")?,
+            super::f32_slice(s1, l1, "vitcx linear", "input")?,
+            super::f32_slice(s2, l2, "vitcx linear", "weight")?,
+            super::f32_slice(s3, l3, "vitcx linear", "bias")?,
         );
         let (rows, inp) = l1.shape().dims2()?;
         let (inp2, out) = l2.shape().dims2()?;

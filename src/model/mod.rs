@@ -220,6 +220,24 @@ pub struct TapGradient {
     pub gradients: Tensor,
 }
 
+/// The f32 values of a contiguous CPU storage, for the CPU kernels' `cpu_fwd`; `op` and `what`
+/// name the operation and operand in the error.
+pub(crate) fn f32_slice<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    use candle_core::backend::BackendStorage;
+    let candle_core::CpuStorage::F32(all) = s else {
+        candle_core::bail!("{op}: {what} must be f32, got {:?}", s.dtype())
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: {what} must be contiguous")
+    };
+    Ok(&all[a..b])
+}
+
 /// Largest absolute difference of two tensors of one shape (for the kernels' tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
