@@ -10,7 +10,6 @@
 //! the `gemm` crate candle itself uses. The backward pass (training, Grad-CAM) is written with
 //! candle ops. Other dtypes and devices take the composed path.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -23,11 +22,22 @@ pub(crate) fn self_attention(
     if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
         qkv.contiguous()?.apply_op1(FusedAttention { heads, scale })
     } else {
-        let (b, t, d3) = qkv.dims3()?;
-        let (q, k, v) = split(qkv, heads)?;
-        let attn = super::softmax::softmax_last_dim(&(q.matmul(&k.t()?)? * scale)?)?;
-        attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d3 / 3))
+        Ok(composed(qkv, heads, scale)?.0)
     }
+}
+
+/// The same from candle ops, keeping the attention probabilities `(B, H, T, T)` (for Attention
+/// Rollout, and the path off the CPU): `q` is scaled before the product, as timm does.
+pub(crate) fn composed(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (b, t, d3) = qkv.dims3()?;
+    let (q, k, v) = split(qkv, heads)?;
+    let attn = super::softmax::softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?;
+    let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d3 / 3))?;
+    Ok((out, attn))
 }
 
 /// `(B, T, 3 * D)` -> q, k, v as contiguous `(B, H, T, hd)`.
@@ -59,12 +69,7 @@ impl CustomOp1 for FusedAttention {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("vitcx attention: expected f32, got {:?}", storage.dtype())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("vitcx attention: input must be contiguous")
-        };
+        let src = super::f32_slice(storage, layout, "vitcx attention", "input")?;
         let (b, t, d3) = layout.shape().dims3()?;
         let h = self.heads;
         if h == 0 || d3 % (3 * h) != 0 {
@@ -72,7 +77,6 @@ impl CustomOp1 for FusedAttention {
         }
         let d = d3 / 3;
         let hd = d / h;
-        let src = &all[start..end];
         let mut out = vec![0f32; b * t * d];
         let scale = self.scale as f32;
         // One task per image: its heads write disjoint columns of its (T, D) output rows.
@@ -200,8 +204,8 @@ mod tests {
         (0..n).map(|i| ((i as f32) * k).sin() * 2.0).collect()
     }
 
-    /// The composed reference: permuted copies, scores, softmax, product, transpose.
-    fn composed(qkv: &Tensor, heads: usize, scale: f64) -> Tensor {
+    /// An independent reference: permuted copies, scores, softmax, product, transpose.
+    fn reference(qkv: &Tensor, heads: usize, scale: f64) -> Tensor {
         let (b, t, d3) = qkv.dims3().unwrap();
         let (q, k, v) = split(qkv, heads).unwrap();
         let s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
@@ -225,7 +229,10 @@ mod tests {
         let qkv = Tensor::from_vec(seq(2 * 7 * 36, 0.31), (2, 7, 36), &Device::Cpu).unwrap();
         let ours = self_attention(&qkv, 3, 0.5).unwrap();
         assert_eq!(ours.dims(), &[2, 7, 12]);
-        let want = composed(&qkv, 3, 0.5);
+        let want = reference(&qkv, 3, 0.5);
+        let (kept, attn) = composed(&qkv, 3, 0.5).unwrap();
+        assert!(crate::model::max_abs_diff(&kept, &want) < 1e-6);
+        assert_eq!(attn.dims(), &[2, 3, 7, 7]);
         let d = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
@@ -236,7 +243,7 @@ mod tests {
         let w = Tensor::from_vec(seq(2 * 5 * 8, 1.7), (2, 5, 8), &Device::Cpu).unwrap();
         let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let g1 = loss(self_attention(x.as_tensor(), 2, 0.7).unwrap());
-        let g2 = loss(composed(x.as_tensor(), 2, 0.7));
+        let g2 = loss(reference(x.as_tensor(), 2, 0.7));
         let v = x.as_tensor();
         let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(d < 1e-5, "{d}");

@@ -7,7 +7,6 @@
 //! devices fall back to candle's ops. The backward pass (for training) is written with candle
 //! ops: `d/dz GELU(z) = Phi(z) + z phi(z)`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -36,18 +35,8 @@ impl CustomOp2 for BiasGelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(bs)) = (s1, s2) else {
-            candle_core::bail!(
-                "vitcx bias-gelu: expected f32, got {:?} and {:?}",
-                s1.dtype(),
-                s2.dtype()
-            )
-        };
-        let (Some((x0, x1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("vitcx bias-gelu: inputs must be contiguous")
-        };
-        let (src, bias) = (&xs[x0..x1], &bs[b0..b1]);
+        let src = super::f32_slice(s1, l1, "vitcx bias-gelu", "input")?;
+        let bias = super::f32_slice(s2, l2, "vitcx bias-gelu", "bias")?;
         let n = l1.shape().dims().last().copied().unwrap_or(1);
         if bias.len() != n || n == 0 {
             candle_core::bail!(

@@ -10,7 +10,6 @@
 //! `y * (g - sum(g * y))`: candle-nn 0.11's `softmax_last_dim` has none (`apply_op1_no_bwd`), so
 //! training through it silently leaves the query and key projections without gradient.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
@@ -40,13 +39,7 @@ impl CustomOp1 for FastSoftmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(all) = storage else {
-            candle_core::bail!("vitcx softmax: expected f32, got {:?}", storage.dtype())
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("vitcx softmax: input must be contiguous")
-        };
-        let src = &all[start..end];
+        let src = super::f32_slice(storage, layout, "vitcx softmax", "input")?;
         let dims = layout.shape().dims();
         let n = dims.last().copied().unwrap_or(1).max(1);
         let mut dst = src.to_vec();

@@ -102,26 +102,15 @@ struct Attention {
 impl Attention {
     /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`.
     fn forward(&self, xs: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
-        if !keep {
-            let out =
-                super::attention::self_attention(&self.qkv.forward(xs)?, self.heads, self.scale)?;
-            return Ok((self.proj.forward(&out)?, None));
-        }
-        let (b, t, d) = xs.dims3()?;
-        let hd = d / self.heads;
-        // (B, T, 3, H, hd) -> (3, B, H, T, hd)
-        let qkv = self
-            .qkv
-            .forward(xs)?
-            .reshape((b, t, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = (qkv.get(0)? * self.scale)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let attn = q.matmul(&k.t()?)?; // (B, H, T, T)
-        let attn = super::softmax::softmax_last_dim(&attn)?;
-        let out = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        Ok((self.proj.forward(&out)?, keep.then_some(attn)))
+        let qkv = self.qkv.forward(xs)?;
+        let (out, attn) = if keep {
+            let (out, attn) = super::attention::composed(&qkv, self.heads, self.scale)?;
+            (out, Some(attn))
+        } else {
+            let out = super::attention::self_attention(&qkv, self.heads, self.scale)?;
+            (out, None)
+        };
+        Ok((self.proj.forward(&out)?, attn))
     }
 }
 
