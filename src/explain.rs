@@ -21,7 +21,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::cluster::{complete_linkage, Clustering};
 use crate::error::{Error, Result};
 use crate::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
-use crate::methods::check_input;
+use crate::methods::{check_input, input_tensor, probs_of};
 use crate::model::{Backbone, Tap};
 use crate::score::saliency;
 
@@ -226,18 +226,14 @@ impl VitCx {
         x: &[f32],
         progress: &mut dyn Progress,
     ) -> Result<Prepared> {
-        let spec = model.spec();
-        let (h, w) = spec.input_size;
-        check_input(x, (h, w))?;
+        let px = input_tensor(model, x)?;
+        let (h, w) = model.spec().input_size;
         let mut timings = Vec::new();
 
         progress.start(Stage::Forward, 1);
         let t = Instant::now();
-        let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
         let out = model.forward(&px, Some(Tap::Norm1(self.params.layer)))?;
-        let probs = candle_nn::ops::softmax_last_dim(&out.logits)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let probs = probs_of(&out.logits)?;
         let features = out.features.ok_or_else(|| {
             Error::Unsupported("model returned no feature maps for the requested layer".into())
         })?;

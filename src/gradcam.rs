@@ -11,8 +11,6 @@
 
 use std::time::Instant;
 
-use candle_core::Tensor;
-
 use crate::error::Result;
 use crate::explain::{resolve_layer, Explanation, Progress, Stage};
 use crate::mask::upsample_bilinear;
@@ -84,10 +82,10 @@ impl GradCam {
         let (probs, grads) = match targets {
             Targets::TopK(1) => {
                 let g = model.tap_gradient(&px, tap, None)?;
-                (softmax_row(&g.logits)?, g)
+                (crate::methods::probs_of(&g.logits)?, g)
             }
             _ => {
-                let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+                let probs = crate::methods::clean_probs(model, &px)?;
                 let classes = targets.resolve(&probs)?;
                 let batch = px.repeat((classes.len(), 1, 1, 1))?;
                 (probs, model.tap_gradient(&batch, tap, Some(&classes))?)
@@ -156,12 +154,6 @@ fn scale(v: &mut [f32]) {
     v.iter_mut().for_each(|x| *x -= min);
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     v.iter_mut().for_each(|x| *x /= SCALE_EPS + max);
-}
-
-fn softmax_row(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(candle_nn::ops::softmax_last_dim(logits)?
-        .flatten_all()?
-        .to_vec1::<f32>()?)
 }
 
 #[cfg(test)]

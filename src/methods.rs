@@ -71,6 +71,18 @@ pub fn input_tensor(model: &dyn Backbone, x: &[f32]) -> Result<Tensor> {
     Ok(Tensor::from_slice(x, (1, 3, h, w), model.device())?)
 }
 
+/// Softmax probabilities `(C)` of one image from its logits `(1, C)`.
+pub fn probs_of(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(candle_nn::ops::softmax_last_dim(logits)?
+        .flatten_all()?
+        .to_vec1::<f32>()?)
+}
+
+/// The model's probabilities `(C)` for one image `px` `(1, 3, H, W)`.
+pub fn clean_probs(model: &dyn Backbone, px: &Tensor) -> Result<Vec<f32>> {
+    Ok(model.probs(px)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
 /// An explanation method, or a control map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -299,7 +311,7 @@ fn control(
     let (h, w) = model.spec().input_size;
     progress.start(Stage::Forward, 1);
     let t0 = std::time::Instant::now();
-    let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+    let probs = clean_probs(model, &px)?;
     let classes = targets.resolve(&probs)?;
     let m = map((h, w));
     progress.advance(1);

@@ -151,7 +151,7 @@ impl Rise {
 
         progress.start(Stage::Forward, 1);
         let t0 = Instant::now();
-        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+        let probs = crate::methods::clean_probs(model, &px)?;
         let classes = targets.resolve(&probs)?;
         timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));
         progress.advance(1);

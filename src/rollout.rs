@@ -74,9 +74,7 @@ impl Rollout {
         progress.start(Stage::Forward, 1);
         let t0 = Instant::now();
         let att = model.attention(&px)?;
-        let probs = candle_nn::ops::softmax_last_dim(&att.logits)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let probs = crate::methods::probs_of(&att.logits)?;
         let classes = targets.resolve(&probs)?;
         let mut fused = Vec::with_capacity(att.maps.len());
         let mut tokens = 0;

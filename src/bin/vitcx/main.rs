@@ -109,7 +109,7 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
         let resized = vitcx::image::resize_bilinear(&img, (h, w));
         let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
         let px = candle_core::Tensor::from_vec(x, (1, 3, h, w), model.device())?;
-        let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
+        let probs = vitcx::methods::clean_probs(&model, &px)?;
         let top = vitcx::explain::top_k(&probs, a.top_k);
         if a.json {
             reports.push(serde_json::json!({
