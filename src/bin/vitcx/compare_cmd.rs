@@ -2,14 +2,14 @@
 //! map's deletion and insertion AUC under it, plus the numbers as JSON and each map as `.npy`.
 
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::json;
 use vitcx::model::Backbone;
-use vitcx::{metrics, Explainer, Method, Targets};
+use vitcx::{Explainer, Method, Targets};
 
 use crate::args::CompareArgs;
+use crate::eval_cmd::{explain_and_score, Scored};
 use crate::progress::Bars;
 
 pub fn run(a: CompareArgs) -> Result<ExitCode> {
@@ -46,17 +46,16 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
     for ex in &explainers {
         let method = ex.method();
         bars.images.set_message(method.name());
-        let t = Instant::now();
-        let mut e = ex
-            .explain(&model, &x, &targets, 0, &mut bars)
+        let Scored {
+            probs,
+            class,
+            saliency,
+            deletion,
+            insertion,
+            explain_s,
+            curves_s,
+        } = explain_and_score(&model, ex, &x, &targets, 0, &curve, &mut bars)
             .with_context(|| format!("{} failed", method.name()))?;
-        let explain_s = t.elapsed().as_secs_f64();
-        let class = e.classes[0];
-        let saliency = e.saliency.pop().context("explanation has no saliency")?;
-        let t = Instant::now();
-        let deletion = metrics::deletion(&model, &x, &saliency, class, &curve)?;
-        let insertion = metrics::insertion(&model, &x, &saliency, class, &curve)?;
-        let curves_s = t.elapsed().as_secs_f64();
         let npy = format!("{stem}.{}.saliency.npy", method.name());
         vitcx::output::write_npy_atomic(&a.out.join(&npy), &[size.0, size.1], &saliency)?;
         let overlay = vitcx::render::overlay(&resized, &saliency, size, 0.5)?;
@@ -70,7 +69,7 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
         ));
         class_line.get_or_insert_with(|| {
             let label = cfg.labels.get(class).cloned().unwrap_or_default();
-            (class, label, e.probs[class])
+            (class, label, probs[class])
         });
         bars.println(&format!(
             "{}: {} deletion {:.4} insertion {:.4} ({:.2} s)",

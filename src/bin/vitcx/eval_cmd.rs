@@ -254,6 +254,49 @@ fn prepare(model: &VisionTransformer, cfg: &ModelConfig, e: &Entry) -> Result<In
     Ok(Input { x, truth, mask })
 }
 
+/// One method's map of one image and its deletion and insertion curves, with the seconds each
+/// part took.
+pub struct Scored {
+    pub probs: Vec<f32>,
+    /// The explained class (the first of the targets).
+    pub class: usize,
+    pub saliency: Vec<f32>,
+    pub deletion: metrics::Curve,
+    pub insertion: metrics::Curve,
+    pub explain_s: f64,
+    pub curves_s: f64,
+}
+
+/// Explains `x` with `explainer` for the first of `targets` and scores that map by deletion and
+/// insertion (`index`: the image's position in a data set, for the seeded controls).
+pub fn explain_and_score(
+    model: &VisionTransformer,
+    explainer: &Explainer,
+    x: &[f32],
+    targets: &Targets,
+    index: usize,
+    curve: &CurveParams,
+    bars: &mut Bars,
+) -> Result<Scored> {
+    let t = std::time::Instant::now();
+    let mut ex = explainer.explain(model, x, targets, index as u64, bars)?;
+    let explain_s = t.elapsed().as_secs_f64();
+    let class = ex.classes[0];
+    let saliency = ex.saliency.pop().context("explanation has no saliency")?;
+    let t = std::time::Instant::now();
+    let deletion = metrics::deletion(model, x, &saliency, class, curve)?;
+    let insertion = metrics::insertion(model, x, &saliency, class, curve)?;
+    Ok(Scored {
+        probs: ex.probs,
+        class,
+        saliency,
+        deletion,
+        insertion,
+        explain_s,
+        curves_s: t.elapsed().as_secs_f64(),
+    })
+}
+
 fn eval_one(
     model: &VisionTransformer,
     explainer: &Explainer,
@@ -268,17 +311,13 @@ fn eval_one(
         Some(t) => Targets::Classes(vec![t]),
         None => Targets::TopK(1),
     };
-    let mut ex = explainer.explain(model, x, &targets, index as u64, bars)?;
-    let class = ex.classes[0];
-    let saliency = ex.saliency.pop().context("explanation has no saliency")?;
-    let predicted = argmax(&ex.probs);
-    let deletion = metrics::deletion(model, x, &saliency, class, curve)?;
-    let insertion = metrics::insertion(model, x, &saliency, class, curve)?;
+    let s = explain_and_score(model, explainer, x, &targets, index, curve, bars)?;
+    let predicted = argmax(&s.probs);
     let mask = input.mask.as_ref();
     Ok(Row {
         method: explainer.method(),
         image: e.image.display().to_string(),
-        class,
+        class: s.class,
         class_from: if input.truth.is_some() {
             "label"
         } else {
@@ -286,10 +325,10 @@ fn eval_one(
         },
         predicted,
         correct: input.truth.map(|t| t == predicted),
-        deletion,
-        insertion,
-        pointing: mask.map(|m| metrics::pointing_game(&saliency, m)),
-        energy: mask.map(|m| metrics::energy_pointing_game(&saliency, m)),
+        pointing: mask.map(|m| metrics::pointing_game(&s.saliency, m)),
+        energy: mask.map(|m| metrics::energy_pointing_game(&s.saliency, m)),
+        deletion: s.deletion,
+        insertion: s.insertion,
     })
 }
 
@@ -410,9 +449,14 @@ fn write_outputs(
     );
     let mut params = serde_json::Map::new();
     let mut cost = serde_json::Map::new();
+    // The model's accuracy, the same for every method; reported once, from the first.
+    let mut accuracy = None;
     for (k, ex) in explainers.iter().enumerate() {
         let method = ex.method();
         let sums = summaries(rows, method);
+        if k == 0 {
+            accuracy = sums.iter().find(|(n, _)| *n == "accuracy").map(|(_, s)| *s);
+        }
         let mut m = serde_json::Map::new();
         for (name, s) in &sums {
             m.insert((*name).into(), serde_json::to_value(s)?);
@@ -454,16 +498,11 @@ fn write_outputs(
         .iter()
         .map(|r| r.image.as_str())
         .collect::<std::collections::HashSet<_>>();
-    if let Some(first) = explainers.first() {
-        if let Some((_, acc)) = summaries(rows, first.method())
-            .into_iter()
-            .find(|(n, _)| *n == "accuracy")
-        {
-            md.push_str(&format!(
-                "\nModel accuracy on these images: {:.3} [{:.3}, {:.3}] (n = {}).\n",
-                acc.mean, acc.ci95[0], acc.ci95[1], acc.n
-            ));
-        }
+    if let Some(acc) = accuracy {
+        md.push_str(&format!(
+            "\nModel accuracy on these images: {:.3} [{:.3}, {:.3}] (n = {}).\n",
+            acc.mean, acc.ci95[0], acc.ci95[1], acc.n
+        ));
     }
     md.push_str(&format!(
         "\nMean [95% interval] over {} images; curves step {} pixels, deletion to {}, insertion from {}; seconds per image include the curves.\n",
