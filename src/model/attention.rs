@@ -7,10 +7,10 @@
 //! score tensor, a second one for the softmax and a transposed copy of the output; with a small
 //! width (the demo model: 14x14 tokens, width 64) that was most of a forward pass (perf of
 //! `vitcx eval` on the demo model: softmax 15%, memset 14%, memmove 7%). The matrix products use
-//! the `gemm` crate candle itself uses. The backward pass (training, Grad-CAM) is written with
-//! candle ops. Other dtypes and devices take the composed path.
+//! the `gemm` crate candle itself uses. The backward pass (training, Grad-CAM) is fused the same
+//! way ([`AttentionGrad`]). Other dtypes and devices take the composed path.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// `(B, T, 3 * D)` fused projection (q, k, v; heads inside each) -> `(B, T, D)`.
@@ -102,6 +102,34 @@ impl CustomOp1 for FusedAttention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let grad = AttentionGrad {
+            heads: self.heads,
+            scale: self.scale,
+        };
+        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+            Ok(Some(
+                qkv.contiguous()?
+                    .apply_op2_no_bwd(&grad_res.contiguous()?, &grad)?,
+            ))
+        } else {
+            Ok(Some(grad.composed(qkv, grad_res)?))
+        }
+    }
+}
+
+/// The gradient of [`FusedAttention`] with respect to its `(B, T, 3D)` input, given the
+/// gradient of its `(B, T, D)` output. Training spends most of its attention time here: composed
+/// from candle ops it materialises half a dozen `(B, H, T, T)` tensors (40 MB each for a batch
+/// of 64 demo-model images); fused, each image and head recomputes its probabilities in a
+/// `T x T` buffer that stays in cache, as the forward pass does.
+struct AttentionGrad {
+    heads: usize,
+    scale: f64,
+}
+
+impl AttentionGrad {
+    /// The same from candle ops (off the CPU, and the tests' reference).
+    fn composed(&self, qkv: &Tensor, grad_res: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, d3) = qkv.dims3()?;
         let h = self.heads;
         let hd = d3 / 3 / h;
@@ -116,10 +144,57 @@ impl CustomOp1 for FusedAttention {
         let ds = (&a * da.broadcast_sub(&(&da * &a)?.sum_keepdim(D::Minus1)?)?)?;
         let dq = (ds.matmul(&k)? * self.scale)?;
         let dk = (ds.t()?.matmul(&q)? * self.scale)?;
-        let g = Tensor::stack(&[dq, dk, dv], 0)? // (3, B, H, T, hd)
+        Tensor::stack(&[dq, dk, dv], 0)? // (3, B, H, T, hd)
             .permute((1, 3, 0, 2, 4))?
-            .reshape((b, t, d3))?;
-        Ok(Some(g))
+            .reshape((b, t, d3))
+    }
+}
+
+impl CustomOp2 for AttentionGrad {
+    fn name(&self) -> &'static str {
+        "vitcx-self-attention-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let op = "vitcx attention gradient";
+        let src = super::f32_slice(s1, l1, op, "input")?;
+        let go = super::f32_slice(s2, l2, op, "output gradient")?;
+        let (b, t, d3) = l1.shape().dims3()?;
+        let h = self.heads;
+        if h == 0 || d3 % (3 * h) != 0 {
+            candle_core::bail!("{op}: width {d3} is not 3 x {h} heads x head size")
+        }
+        let d = d3 / 3;
+        if l2.shape().dims() != [b, t, d] {
+            candle_core::bail!(
+                "{op}: output gradient {:?}, expected {:?}",
+                l2.shape().dims(),
+                [b, t, d]
+            )
+        }
+        let hd = d / h;
+        let mut grad = vec![0f32; b * t * d3];
+        let scale = self.scale as f32;
+        grad.par_chunks_mut(t * d3)
+            .zip(src.par_chunks(t * d3))
+            .zip(go.par_chunks(t * d))
+            .for_each_init(
+                || (vec![0f32; t * t], vec![0f32; t * t], vec![0f32; t]),
+                |(p, dp, inv), ((g, x), go)| {
+                    for head in 0..h {
+                        // SAFETY: as in `attend`; `g` has the layout of `x` and `go` of the
+                        // forward output, and this task alone writes `g`.
+                        unsafe { attend_grad(x, go, g, (p, dp, inv), (t, d, hd), head, scale) };
+                    }
+                },
+            );
+        Ok((CpuStorage::F32(grad), Shape::from_dims(&[b, t, d3])))
     }
 }
 
@@ -195,6 +270,158 @@ unsafe fn attend(
     }
 }
 
+/// The gradient of one head of one image (see [`attend`]): with `P = softmax(q k^T * scale)`
+/// and `dO` the output gradient, `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(P * dP))`,
+/// `dQ = scale * dS K` and `dK = scale * dS^T Q`, written into the head's q, k and v columns
+/// of `g` (laid out like `x`).
+///
+/// # Safety
+/// `x` and `g` must hold `T * 3D` values, `go` `T * D`, `p` and `dp` `T * T`, `inv` `T`, with
+/// `D = heads * hd` and `head < D / hd`.
+unsafe fn attend_grad(
+    x: &[f32],
+    go: &[f32],
+    g: &mut [f32],
+    (p, dp, inv): (&mut [f32], &mut [f32], &mut [f32]),
+    (t, d, hd): (usize, usize, usize),
+    head: usize,
+    scale: f32,
+) {
+    let d3 = (3 * d) as isize;
+    let ti = t as isize;
+    let q = x.as_ptr().add(head * hd);
+    let k = x.as_ptr().add(d + head * hd);
+    let v = x.as_ptr().add(2 * d + head * hd);
+    let dout = go.as_ptr().add(head * hd);
+    let gq = g.as_mut_ptr().add(head * hd);
+    let gk = g.as_mut_ptr().add(d + head * hd);
+    let gv = g.as_mut_ptr().add(2 * d + head * hd);
+    let none = gemm::Parallelism::None;
+    // P (T x T) = softmax(scale * q k^T), recomputed.
+    gemm::gemm(
+        t,
+        t,
+        hd,
+        p.as_mut_ptr(),
+        1,
+        ti,
+        false,
+        q,
+        1,
+        d3,
+        k,
+        d3,
+        1,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        none,
+    );
+    super::softmax::exp_rows(p, t, inv);
+    for (row, &s) in p.chunks_exact_mut(t).zip(inv.iter()) {
+        for e in row {
+            *e *= s;
+        }
+    }
+    // dV (T x hd, rows 3D apart) = P^T (element (i, j) at p[j * T + i]) @ dO (rows D apart).
+    gemm::gemm(
+        t,
+        hd,
+        t,
+        gv,
+        1,
+        d3,
+        false,
+        p.as_ptr(),
+        ti,
+        1,
+        dout,
+        1,
+        d as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        none,
+    );
+    // dP (T x T) = dO (T x hd) @ V^T (element (c, j) at v[j * 3D + c]).
+    gemm::gemm(
+        t,
+        t,
+        hd,
+        dp.as_mut_ptr(),
+        1,
+        ti,
+        false,
+        dout,
+        1,
+        d as isize,
+        v,
+        d3,
+        1,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        none,
+    );
+    // dS = P * (dP - rowsum(P * dP)), in place of dP.
+    for (prow, drow) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
+        let dot: f32 = prow.iter().zip(drow.iter()).map(|(a, b)| a * b).sum();
+        for (e, &a) in drow.iter_mut().zip(prow) {
+            *e = a * (*e - dot);
+        }
+    }
+    // dQ = scale * dS (T x T) @ K (rows 3D apart).
+    gemm::gemm(
+        t,
+        hd,
+        t,
+        gq,
+        1,
+        d3,
+        false,
+        dp.as_ptr(),
+        1,
+        ti,
+        k,
+        1,
+        d3,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        none,
+    );
+    // dK = scale * dS^T @ Q.
+    gemm::gemm(
+        t,
+        hd,
+        t,
+        gk,
+        1,
+        d3,
+        false,
+        dp.as_ptr(),
+        ti,
+        1,
+        q,
+        1,
+        d3,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        none,
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +474,24 @@ mod tests {
         let v = x.as_tensor();
         let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(d < 1e-5, "{d}");
+    }
+
+    #[test]
+    fn fused_gradient_matches_its_composed_form() {
+        // 3 images, 17 tokens, 3 heads of 8: several gemm tiles and a ragged edge.
+        let qkv = Tensor::from_vec(seq(3 * 17 * 72, 0.13), (3, 17, 72), &Device::Cpu).unwrap();
+        let go = Tensor::from_vec(seq(3 * 17 * 24, 0.71), (3, 17, 24), &Device::Cpu).unwrap();
+        let op = AttentionGrad {
+            heads: 3,
+            scale: 0.35,
+        };
+        let fused = qkv.apply_op2_no_bwd(&go, &op).unwrap();
+        let want = op.composed(&qkv, &go).unwrap();
+        assert_eq!(fused.dims(), &[3, 17, 72]);
+        let d = crate::model::max_abs_diff(&fused, &want);
+        assert!(d < 1e-5, "{d}");
+        // A wrongly shaped output gradient is an error, not a read out of bounds.
+        let bad = Tensor::zeros((3, 17, 23), DType::F32, &Device::Cpu).unwrap();
+        assert!(qkv.apply_op2_no_bwd(&bad, &op).is_err());
     }
 }

@@ -4,8 +4,8 @@
 //! candle's matmul writes into a freshly zeroed buffer and the bias is added in a second pass over
 //! the output; here the bias copy replaces the zeroing and the second pass disappears. The product
 //! is the same `gemm` call candle makes (AVX-512 kernels chosen at run time, rayon threads). The
-//! backward pass (training, Grad-CAM) is written with candle ops. Other dtypes and devices take
-//! candle's matmul and broadcast add.
+//! backward pass (training, Grad-CAM) is two candle matmuls and the bias sum done as a third.
+//! Other dtypes and devices take candle's matmul and broadcast add.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -99,7 +99,7 @@ impl CustomOp3 for Linear {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let gx = grad.matmul(&wt.t()?)?;
         let gw = xs.t()?.matmul(grad)?;
-        let gb = grad.sum(0)?;
+        let gb = super::sum_leading(grad)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }

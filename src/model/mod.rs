@@ -238,6 +238,49 @@ pub(crate) fn f32_slice<'a>(
     Ok(&all[a..b])
 }
 
+/// Row blocks of a `(rows, n)` result computed in parallel, each block also accumulating `k`
+/// column sums of length `n` (the bias and scale gradients of the backward kernels):
+/// `f(first_row, block, sums)`. Returns `(rows + k) * n` values, the rows then the `k` sums.
+/// The blocks' sums are added in block order, so the result does not depend on scheduling and
+/// a training run stays reproducible.
+pub(crate) fn rows_with_column_sums(
+    rows: usize,
+    n: usize,
+    k: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let per_block = (16384 / n.max(1)).max(1);
+    let mut out = vec![0f32; (rows + k) * n];
+    let (body, tail) = out.split_at_mut(rows * n);
+    let partial: Vec<Vec<f32>> = body
+        .par_chunks_mut(per_block * n.max(1))
+        .enumerate()
+        .map(|(i, block)| {
+            let mut sums = vec![0f32; k * n];
+            f(i * per_block, block, &mut sums);
+            sums
+        })
+        .collect();
+    for p in &partial {
+        for (t, v) in tail.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    out
+}
+
+/// Sum over every dimension but the last (a bias gradient), as one matrix-vector product:
+/// candle's reduction over a leading dimension is strided and single-threaded (13% of a demo
+/// training step).
+pub(crate) fn sum_leading(t: &Tensor) -> candle_core::Result<Tensor> {
+    let n = t.dims().last().copied().unwrap_or(1);
+    let rows = t.elem_count() / n.max(1);
+    let ones = Tensor::ones((1, rows), t.dtype(), t.device())?;
+    ones.matmul(&t.reshape((rows, n))?.contiguous()?)?
+        .reshape(n)
+}
+
 /// Largest absolute difference of two tensors of one shape (for the kernels' tests).
 #[cfg(test)]
 pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
