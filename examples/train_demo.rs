@@ -75,6 +75,13 @@ struct Args {
     /// Curriculum: raise the background clutter from 0 to 1 over this many steps (0: none).
     #[arg(long, default_value_t = 0)]
     clutter_ramp: usize,
+    /// Generate this many training images once and draw every batch from them (0: a fresh
+    /// image for every sample; about half the time of a step goes into generating them).
+    #[arg(long, default_value_t = 0)]
+    pool: usize,
+    /// Start from the weights of this checkpoint (same architecture) instead of fresh ones.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +98,7 @@ fn main() -> anyhow::Result<()> {
         warmup: args.warmup.unwrap_or(d.warmup),
         token_label_weight: args.token_label_weight.unwrap_or(d.token_label_weight),
         clutter_ramp: args.clutter_ramp,
+        pool: args.pool,
         augment: !args.no_augment,
         arch: vitcx::bench::Arch {
             heads: args.heads.unwrap_or(d.arch.heads),
@@ -103,7 +111,14 @@ fn main() -> anyhow::Result<()> {
     };
     eprintln!("training {:?}", params);
     let device = Device::Cpu;
-    let mut trainer = Trainer::new(params.clone(), &device)?;
+    if params.pool > 0 {
+        eprintln!("generating a pool of {} training images", params.pool);
+    }
+    let mut trainer = match &args.resume {
+        Some(dir) => Trainer::resume(params.clone(), dir, &device)
+            .with_context(|| format!("cannot resume from {}", dir.display()))?,
+        None => Trainer::new(params.clone(), &device)?,
+    };
     let bar = ProgressBar::new(params.steps as u64).with_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps {elapsed_precise}<{eta_precise} {msg}",
@@ -162,6 +177,8 @@ fn main() -> anyhow::Result<()> {
         "augment": params.augment,
         "token_label_weight": params.token_label_weight,
         "clutter_ramp": params.clutter_ramp,
+        "pool": params.pool,
+        "resumed_from": args.resume.as_ref().map(|d| d.display().to_string()),
         "held_out_seed": HELD_OUT_SEED,
         "held_out_images": args.eval_count,
         "held_out_accuracy": acc,
