@@ -179,6 +179,8 @@ fn main() -> anyhow::Result<()> {
         "clutter_ramp": params.clutter_ramp,
         "pool": params.pool,
         "resumed_from": args.resume.as_ref().map(|d| d.display().to_string()),
+        // How the starting weights were made, so the chain of runs stays on record.
+        "resumed_from_training": args.resume.as_ref().and_then(|d| previous_training(d)),
         "held_out_seed": HELD_OUT_SEED,
         "held_out_images": args.eval_count,
         "held_out_accuracy": acc,
@@ -221,6 +223,13 @@ fn evaluate(dir: &std::path::Path, count: usize) -> anyhow::Result<()> {
         100.0 * acc
     );
     Ok(())
+}
+
+/// The `vitcx_training` record of the checkpoint in `dir`, if it has one.
+fn previous_training(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let text = std::fs::read(dir.join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    config.get("vitcx_training").cloned()
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden (not a terminal).
