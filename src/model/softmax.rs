@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::vecmath::exp_nonpositive;
+use super::vecmath::exp_nonpositive_with;
 
 /// Softmax over the last dimension of `xs`.
 pub(crate) fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -90,23 +90,24 @@ pub(crate) fn exp_rows(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
             return;
         }
     }
-    exp_rows_generic(buf, n, inv_sums);
+    exp_rows_generic::<false>(buf, n, inv_sums);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn exp_rows_avx512(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
-    exp_rows_generic(buf, n, inv_sums)
+    exp_rows_generic::<true>(buf, n, inv_sums)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_rows_avx2(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
-    exp_rows_generic(buf, n, inv_sums)
+    exp_rows_generic::<true>(buf, n, inv_sums)
 }
 
+/// `FMA`: the exp polynomial in fused multiply-adds (the AVX2 and AVX-512 paths).
 #[inline(always)]
-fn exp_rows_generic(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
+fn exp_rows_generic<const FMA: bool>(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
     for (d, inv) in buf.chunks_exact_mut(n).zip(inv_sums.iter_mut()) {
         // Sixteen running maxima (one AVX-512 register); `max` is exact in any order.
         let mut lanes = [f32::NEG_INFINITY; 16];
@@ -125,14 +126,22 @@ fn exp_rows_generic(buf: &mut [f32], n: usize, inv_sums: &mut [f32]) {
         let mut chunks = d.chunks_exact_mut(16);
         for c in &mut chunks {
             for (l, v) in lanes.iter_mut().zip(c.iter_mut()) {
-                *v = exp_nonpositive(*v - max);
+                *v = exp_nonpositive_with::<FMA>(*v - max);
                 *l += *v;
             }
         }
+        // The ragged tail (5 of ViT's 197 columns) through a padded 16-lane block: scalar, it
+        // cost a third of the row. Padding is -inf, whose exp is 0; the sum stays in order.
+        let tail = chunks.into_remainder();
+        let mut pad = [f32::NEG_INFINITY; 16];
+        pad[..tail.len()].copy_from_slice(tail);
+        for v in pad.iter_mut() {
+            *v = exp_nonpositive_with::<FMA>(*v - max);
+        }
         let mut rest = 0f32;
-        for v in chunks.into_remainder() {
-            *v = exp_nonpositive(*v - max);
-            rest += *v;
+        for (v, &e) in tail.iter_mut().zip(&pad) {
+            *v = e;
+            rest += e;
         }
         *inv = 1.0 / (lanes.iter().sum::<f32>() + rest);
     }
@@ -161,13 +170,13 @@ mod tests {
         for s in sums.to_vec1::<f32>().unwrap() {
             assert!((s - 1.0).abs() < 1e-5, "{s}");
         }
-        // Every instruction-set path gives the same numbers as the generic one.
+        // Every instruction-set path gives the generic one's numbers, up to the FMA rounding.
         let src = xs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut a = src.clone();
         let mut b = src.clone();
         softmax_in_place(&mut a, 197);
         let mut inv = vec![0f32; b.len() / 197];
-        exp_rows_generic(&mut b, 197, &mut inv);
+        exp_rows_generic::<false>(&mut b, 197, &mut inv);
         for (row, s) in b.chunks_exact_mut(197).zip(inv) {
             row.iter_mut().for_each(|v| *v *= s);
         }
@@ -175,7 +184,7 @@ mod tests {
             .iter()
             .zip(&b)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(worst < 1e-7, "{worst}");
+        assert!(worst < 2e-7, "{worst}");
     }
 
     #[test]
