@@ -198,6 +198,58 @@ impl CustomOp2 for AttentionGrad {
     }
 }
 
+/// A matrix read in place: element `(i, j)` at `ptr + i * rs + j * cs`. q, k and v are such
+/// views into the fused projection (rows 3D apart), and a transpose is the same view with the
+/// strides swapped.
+#[derive(Clone, Copy)]
+struct Strided {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Strided {
+    fn new(ptr: *const f32, rs: isize, cs: isize) -> Self {
+        Strided { ptr, rs, cs }
+    }
+}
+
+/// `dst = scale * a @ b` for `(m, n, k)` = `a` `m x k`, `b` `k x n`; `dst` is `m x n` with
+/// rows `dst_rs` apart, overwritten. Single-threaded: the callers run one task per image.
+///
+/// # Safety
+/// Every element the shapes and strides address must lie inside its buffer, and `dst` must not
+/// overlap `a` or `b`.
+unsafe fn product(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs): (*mut f32, isize),
+    a: Strided,
+    b: Strided,
+    scale: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        false,
+        a.ptr,
+        a.cs,
+        a.rs,
+        b.ptr,
+        b.cs,
+        b.rs,
+        0.0,
+        scale,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// One head of one image: `o[:, head] = softmax(q k^T * scale) v`, reading q, k, v from the
 /// `(T, 3D)` rows of `x`. The softmax is normalised after the product with `v`: each output
 /// row (hd values) is divided by its row sum instead of each score row (T values).
@@ -219,49 +271,21 @@ unsafe fn attend(
     let k = x.as_ptr().add(d + head * hd);
     let v = x.as_ptr().add(2 * d + head * hd);
     // scores (T x T) = scale * q (T x hd, rows 3D apart) @ k^T (hd x T: k's rows as columns).
-    gemm::gemm(
-        t,
-        t,
-        hd,
-        scores.as_mut_ptr(),
-        1,
-        t as isize,
-        false,
-        q,
-        1,
-        d3,
-        k,
-        d3,
-        1,
-        0.0,
+    product(
+        (t, t, hd),
+        (scores.as_mut_ptr(), t as isize),
+        Strided::new(q, d3, 1),
+        Strided::new(k, 1, d3),
         scale,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
     );
     super::softmax::exp_rows(scores, t, inv);
     // o (T x hd, rows D apart) = scores (T x T) @ v (T x hd, rows 3D apart).
-    gemm::gemm(
-        t,
-        hd,
-        t,
-        o.as_mut_ptr().add(head * hd),
-        1,
-        d as isize,
-        false,
-        scores.as_ptr(),
-        1,
-        t as isize,
-        v,
-        1,
-        d3,
-        0.0,
+    product(
+        (t, hd, t),
+        (o.as_mut_ptr().add(head * hd), d as isize),
+        Strided::new(scores.as_ptr(), t as isize, 1),
+        Strided::new(v, d3, 1),
         1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
     );
     for (row, &s) in o.chunks_exact_mut(d).zip(inv.iter()) {
         for v in &mut row[head * hd..(head + 1) * hd] {
@@ -296,28 +320,13 @@ unsafe fn attend_grad(
     let gq = g.as_mut_ptr().add(head * hd);
     let gk = g.as_mut_ptr().add(d + head * hd);
     let gv = g.as_mut_ptr().add(2 * d + head * hd);
-    let none = gemm::Parallelism::None;
     // P (T x T) = softmax(scale * q k^T), recomputed.
-    gemm::gemm(
-        t,
-        t,
-        hd,
-        p.as_mut_ptr(),
-        1,
-        ti,
-        false,
-        q,
-        1,
-        d3,
-        k,
-        d3,
-        1,
-        0.0,
+    product(
+        (t, t, hd),
+        (p.as_mut_ptr(), ti),
+        Strided::new(q, d3, 1),
+        Strided::new(k, 1, d3),
         scale,
-        false,
-        false,
-        false,
-        none,
     );
     super::softmax::exp_rows(p, t, inv);
     for (row, &s) in p.chunks_exact_mut(t).zip(inv.iter()) {
@@ -326,48 +335,20 @@ unsafe fn attend_grad(
         }
     }
     // dV (T x hd, rows 3D apart) = P^T (element (i, j) at p[j * T + i]) @ dO (rows D apart).
-    gemm::gemm(
-        t,
-        hd,
-        t,
-        gv,
-        1,
-        d3,
-        false,
-        p.as_ptr(),
-        ti,
-        1,
-        dout,
-        1,
-        d as isize,
-        0.0,
+    product(
+        (t, hd, t),
+        (gv, d3),
+        Strided::new(p.as_ptr(), 1, ti),
+        Strided::new(dout, d as isize, 1),
         1.0,
-        false,
-        false,
-        false,
-        none,
     );
     // dP (T x T) = dO (T x hd) @ V^T (element (c, j) at v[j * 3D + c]).
-    gemm::gemm(
-        t,
-        t,
-        hd,
-        dp.as_mut_ptr(),
-        1,
-        ti,
-        false,
-        dout,
-        1,
-        d as isize,
-        v,
-        d3,
-        1,
-        0.0,
+    product(
+        (t, t, hd),
+        (dp.as_mut_ptr(), ti),
+        Strided::new(dout, d as isize, 1),
+        Strided::new(v, 1, d3),
         1.0,
-        false,
-        false,
-        false,
-        none,
     );
     // dS = P * (dP - rowsum(P * dP)), in place of dP.
     for (prow, drow) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)) {
@@ -377,48 +358,20 @@ unsafe fn attend_grad(
         }
     }
     // dQ = scale * dS (T x T) @ K (rows 3D apart).
-    gemm::gemm(
-        t,
-        hd,
-        t,
-        gq,
-        1,
-        d3,
-        false,
-        dp.as_ptr(),
-        1,
-        ti,
-        k,
-        1,
-        d3,
-        0.0,
+    product(
+        (t, hd, t),
+        (gq, d3),
+        Strided::new(dp.as_ptr(), ti, 1),
+        Strided::new(k, d3, 1),
         scale,
-        false,
-        false,
-        false,
-        none,
     );
     // dK = scale * dS^T @ Q.
-    gemm::gemm(
-        t,
-        hd,
-        t,
-        gk,
-        1,
-        d3,
-        false,
-        dp.as_ptr(),
-        ti,
-        1,
-        q,
-        1,
-        d3,
-        0.0,
+    product(
+        (t, hd, t),
+        (gk, d3),
+        Strided::new(dp.as_ptr(), 1, ti),
+        Strided::new(q, d3, 1),
         scale,
-        false,
-        false,
-        false,
-        none,
     );
 }
 
