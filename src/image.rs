@@ -224,6 +224,20 @@ pub fn resize_bilinear(img: &RgbImage, size: (usize, usize)) -> RgbImage {
     RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(0, 0))
 }
 
+/// What the model sees of an image: the image stretched to `size` `(H, W)` as the reference
+/// resizes ([`resize_bilinear`]), and its normalised `(3, H, W)` input ([`to_input`]). The
+/// resized image is what maps are drawn over.
+pub fn model_input(
+    img: &RgbImage,
+    size: (usize, usize),
+    mean: [f32; 3],
+    std: [f32; 3],
+) -> (RgbImage, Vec<f32>) {
+    let resized = resize_bilinear(img, size);
+    let input = to_input(&resized, mean, std);
+    (resized, input)
+}
+
 /// Scales to [0, 1] and normalises per channel: (v / 255 - mean) / std, as f32, laid out (3, H, W).
 ///
 /// `mean` and `std` come from the checkpoint's configuration; a zero `std` gives infinities,

@@ -28,8 +28,8 @@ pub fn run(a: CompareArgs) -> Result<ExitCode> {
     };
     let img = vitcx::image::load_rgb(&a.image)?;
     let size = model.spec().input_size;
-    let resized = vitcx::image::resize_bilinear(&img, size);
-    let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+    let (resized, x) =
+        vitcx::image::model_input(&img, size, cfg.preprocess.mean, cfg.preprocess.std);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
     let stem = a

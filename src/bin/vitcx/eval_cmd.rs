@@ -243,8 +243,7 @@ struct Input {
 fn prepare(model: &VisionTransformer, cfg: &ModelConfig, e: &Entry) -> Result<Input> {
     let img = vitcx::image::load_rgb(&e.path)?;
     let size = model.spec().input_size;
-    let resized = vitcx::image::resize_bilinear(&img, size);
-    let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+    let (_, x) = vitcx::image::model_input(&img, size, cfg.preprocess.mean, cfg.preprocess.std);
     let truth = label(e, cfg)?;
     let mask = match (&e.mask, e.bbox) {
         (Some(m), _) => Some(load_mask(m, size)?),

@@ -123,8 +123,7 @@ fn explain_one(
     let t = Instant::now();
     let img = vitcx::image::load_rgb(path)?;
     let size = model.spec().input_size;
-    let resized = vitcx::image::resize_bilinear(&img, size);
-    let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+    let (_, x) = vitcx::image::model_input(&img, size, cfg.preprocess.mean, cfg.preprocess.std);
     let load_s = t.elapsed().as_secs_f64();
 
     let ex = method.explain(model, &x, classes, 0, bars)?;

@@ -106,8 +106,8 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
                 continue;
             }
         };
-        let resized = vitcx::image::resize_bilinear(&img, (h, w));
-        let x = vitcx::image::to_input(&resized, cfg.preprocess.mean, cfg.preprocess.std);
+        let (_, x) =
+            vitcx::image::model_input(&img, (h, w), cfg.preprocess.mean, cfg.preprocess.std);
         let px = candle_core::Tensor::from_vec(x, (1, 3, h, w), model.device())?;
         let probs = vitcx::methods::clean_probs(&model, &px)?;
         let top = vitcx::explain::top_k(&probs, a.top_k);
