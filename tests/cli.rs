@@ -4,7 +4,7 @@
 mod common;
 
 use common::{data, s, vitcx};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 
 fn stderr(o: &Output) -> String {
@@ -324,6 +324,30 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+#[test]
+fn the_readme_first_command_explains_a_bundled_shape_with_the_demo_model() {
+    // README quick start: `cargo run --release -- explain examples/shapes/cross.png --out DIR`.
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/shapes/cross.png");
+    let dir = tempfile::tempdir().unwrap();
+    let o = vitcx(&["explain", s(&example), "--out", s(dir.path()), "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bundled demo model"), "{}", stderr(&o));
+    let files = files_in(dir.path());
+    assert!(files.contains(&"cross.png".to_string()), "{files:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("cross.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["model"]["id"], "demo", "{report}");
+    let png = image::open(dir.path().join("cross.png")).unwrap();
+    assert!(png.width() >= 224 && png.height() >= 224);
+    // Every bundled example is a benchmark image of the class its file is named after.
+    for class in ["circle", "square", "triangle", "star", "cross", "ring"] {
+        let p = example.with_file_name(format!("{class}.png"));
+        let img = image::open(&p).unwrap();
+        assert_eq!((img.width(), img.height()), (224, 224), "{}", p.display());
+    }
 }
 
 #[test]
