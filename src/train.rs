@@ -197,6 +197,14 @@ impl Trainer {
     /// Fresh weights (timm's initialisation scale: N(0, 0.02) matrices and tokens, zero biases,
     /// unit LayerNorm weights) drawn from `params.seed`.
     pub fn new(params: TrainParams, device: &Device) -> Result<Self> {
+        let mut trainer = Trainer::without_pool(params, device)?;
+        trainer.pool = training_pool(&trainer.params);
+        Ok(trainer)
+    }
+
+    /// [`Trainer::new`] before its pool is generated (which takes minutes for a large pool, so
+    /// [`Trainer::resume`] checks the checkpoint first).
+    fn without_pool(params: TrainParams, device: &Device) -> Result<Self> {
         params.check()?;
         let mut config_json = timm_config_json(&params.arch, DEMO_ARCHITECTURE);
         config_json["label_names"] = serde_json::json!(CLASSES);
@@ -225,7 +233,6 @@ impl Trainer {
                 ..ParamsAdamW::default()
             },
         )?;
-        let pool = training_pool(&params);
         Ok(Trainer {
             params,
             config_json,
@@ -234,7 +241,7 @@ impl Trainer {
             opt,
             step: 0,
             device: device.clone(),
-            pool,
+            pool: Vec::new(),
         })
     }
 
@@ -242,7 +249,7 @@ impl Trainer {
     /// vitcx-trained model of the same architecture), to continue a run. The optimiser state
     /// and the token-label head start afresh; the learning-rate schedule starts at step 0.
     pub fn resume(params: TrainParams, dir: &Path, device: &Device) -> Result<Self> {
-        let trainer = Trainer::new(params, device)?;
+        let mut trainer = Trainer::without_pool(params, device)?;
         let path = dir.join("model.safetensors");
         let state = candle_core::safetensors::load(&path, device)
             .map_err(|e| Error::invalid(format!("cannot read {}: {e}", path.display())))?;
@@ -268,6 +275,7 @@ impl Trainer {
             }
             var.set(&t.to_dtype(DType::F32)?)?;
         }
+        trainer.pool = training_pool(&trainer.params);
         Ok(trainer)
     }
 
