@@ -114,24 +114,15 @@ impl CustomOp3 for BiasGeluGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = "vitcx bias-gelu gradient";
-        let src = super::f32_slice(s1, l1, op, "input")?;
-        let bias = super::f32_slice(s2, l2, op, "bias")?;
-        let grad = super::f32_slice(s3, l3, op, "output gradient")?;
-        let n = bias.len();
-        if n == 0 || src.len() % n != 0 || grad.len() != src.len() {
-            candle_core::bail!(
-                "{op}: {} inputs, {} gradients, bias of {n}",
-                src.len(),
-                grad.len()
-            )
-        }
-        let rows = src.len() / n;
-        let out = super::rows_with_column_sums(rows, n, 1, |r0, gx, gb| {
-            let span = r0 * n..r0 * n + gx.len();
-            bias_gelu_grad_rows(&src[span.clone()], bias, &grad[span], gx, gb)
-        });
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[rows + 1, n])))
+        super::row_grad_cpu(
+            "vitcx bias-gelu gradient",
+            "bias",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            1,
+            bias_gelu_grad_rows,
+        )
     }
 }
 

@@ -154,25 +154,16 @@ impl CustomOp3 for LayerNormGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let op = "vitcx layer-norm gradient";
-        let src = super::f32_slice(s1, l1, op, "input")?;
-        let w = super::f32_slice(s2, l2, op, "weight")?;
-        let grad = super::f32_slice(s3, l3, op, "output gradient")?;
-        let n = w.len();
-        if n == 0 || src.len() % n != 0 || grad.len() != src.len() {
-            candle_core::bail!(
-                "{op}: {} inputs, {} gradients, weight of {n}",
-                src.len(),
-                grad.len()
-            )
-        }
-        let rows = src.len() / n;
         let eps = self.eps as f32;
-        let out = super::rows_with_column_sums(rows, n, 2, |r0, gx, sums| {
-            let span = r0 * n..r0 * n + gx.len();
-            grad_rows(&src[span.clone()], w, &grad[span], eps, gx, sums)
-        });
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[rows + 2, n])))
+        super::row_grad_cpu(
+            "vitcx layer-norm gradient",
+            "weight",
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            2,
+            |src, w, grad, gx, sums| grad_rows(src, w, grad, eps, gx, sums),
+        )
     }
 }
 

@@ -270,6 +270,41 @@ pub(crate) fn rows_with_column_sums(
     out
 }
 
+/// The CPU side of a row-wise backward kernel (bias-GELU, LayerNorm): `input` `(rows, N)`, a
+/// per-column `vector` of `N` (`what` names it in errors: bias, weight) and the output gradient
+/// shaped like the input give `(rows + k, N)`: the input gradient's rows, then `k` column sums.
+/// `f(input_rows, vector, grad_rows, gx_rows, sums)` computes one block of rows.
+pub(crate) fn row_grad_cpu(
+    op: &str,
+    what: &str,
+    (s1, l1): (&candle_core::CpuStorage, &candle_core::Layout),
+    (s2, l2): (&candle_core::CpuStorage, &candle_core::Layout),
+    (s3, l3): (&candle_core::CpuStorage, &candle_core::Layout),
+    k: usize,
+    f: impl Fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let src = f32_slice(s1, l1, op, "input")?;
+    let vector = f32_slice(s2, l2, op, what)?;
+    let grad = f32_slice(s3, l3, op, "output gradient")?;
+    let n = vector.len();
+    if n == 0 || src.len() % n != 0 || grad.len() != src.len() {
+        candle_core::bail!(
+            "{op}: {} inputs, {} gradients, {what} of {n}",
+            src.len(),
+            grad.len()
+        )
+    }
+    let rows = src.len() / n;
+    let out = rows_with_column_sums(rows, n, k, |r0, gx, sums| {
+        let span = r0 * n..r0 * n + gx.len();
+        f(&src[span.clone()], vector, &grad[span], gx, sums)
+    });
+    Ok((
+        candle_core::CpuStorage::F32(out),
+        candle_core::Shape::from_dims(&[rows + k, n]),
+    ))
+}
+
 /// Sum over every dimension but the last (a bias gradient), as one matrix-vector product:
 /// candle's reduction over a leading dimension is strided and single-threaded (13% of a demo
 /// training step).
