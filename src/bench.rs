@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::explain::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
-use crate::model::{Backbone, VisionTransformer};
+use crate::model::{Backbone, Precision, VisionTransformer};
 
 /// Standard deviation of the random weights (timm's `trunc_normal_(std=0.02)` initialisation).
 pub const WEIGHT_STD: f32 = 0.02;
@@ -297,14 +297,15 @@ pub struct ForwardTiming {
     pub gflops: f64,
 }
 
-/// Times `model.forward` (logits only, no tap) on `batch` copies of `x` `(3, H, W)`: one warm-up
-/// run, then `repeats` timed runs.
+/// Times a forward pass at `precision` (probabilities only, no tap) on `batch` copies of `x`
+/// `(3, H, W)`: one warm-up run, then `repeats` timed runs.
 pub fn time_forward(
     model: &VisionTransformer,
     x: &[f32],
     batch: usize,
     repeats: usize,
     flops_per_image: f64,
+    precision: Precision,
 ) -> Result<ForwardTiming> {
     if batch == 0 || repeats == 0 {
         return Err(Error::invalid(format!(
@@ -323,9 +324,9 @@ pub fn time_forward(
     let mut runs_s = Vec::with_capacity(repeats);
     for i in 0..=repeats {
         let t = Instant::now();
-        let out = model.forward(&px, None)?;
-        // Reading the logits back makes sure the pass has finished on any device.
-        let _ = out.logits.flatten_all()?.to_vec1::<f32>()?;
+        let probs = model.probs_at(&px, precision)?;
+        // Reading the result back makes sure the pass has finished on any device.
+        let _ = probs.flatten_all()?.to_vec1::<f32>()?;
         if i > 0 {
             runs_s.push(t.elapsed().as_secs_f64());
         }
@@ -360,6 +361,11 @@ pub struct ExplainTiming {
     /// Estimated seconds had every clustered mask been scored: the stages before scoring plus
     /// the per-mask time of the scoring stages times `n_masks_clustered`.
     pub projected_full_s: f64,
+    /// The class explained (top-1 of the clean f32 pass).
+    pub class: usize,
+    /// The saliency map, for comparing precisions.
+    #[serde(skip)]
+    pub saliency: Vec<f32>,
 }
 
 /// Explains the top-1 class of `x` `(3, H, W)` with `params`, scoring at most `max_masks`
@@ -412,7 +418,64 @@ pub fn time_explanation(
         perturbed_forward_s_per_image: perturbed / (images_per_mask * n).max(1) as f64,
         explain_s_per_mask: total_s / n.max(1) as f64,
         projected_full_s: total_s - scoring + scoring / n.max(1) as f64 * n_masks_clustered as f64,
+        class: classes[0],
+        saliency: ex.saliency.into_iter().next().unwrap_or_default(),
     })
+}
+
+/// How far bf16 perturbed passes move the answer on one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Bf16Fidelity {
+    /// Pearson correlation of the f32 and the bf16 saliency maps.
+    pub saliency_pearson: f64,
+    /// Top-1 class of an f32 pass over the clean image.
+    pub top1_f32: usize,
+    /// Top-1 class of a bf16 pass over the clean image.
+    pub top1_bf16: usize,
+    /// Whether the two agree.
+    pub same_top1: bool,
+    /// Largest difference between the two passes' class probabilities.
+    pub max_abs_prob_diff: f32,
+}
+
+/// Compares the f32 and bf16 saliency maps of `x` `(3, H, W)` and both precisions' clean pass.
+pub fn bf16_fidelity(
+    model: &VisionTransformer,
+    x: &[f32],
+    saliency_f32: &[f32],
+    saliency_bf16: &[f32],
+) -> Result<Bf16Fidelity> {
+    let px = crate::methods::input_tensor(model, x)?;
+    let probs =
+        |p| -> Result<Vec<f32>> { Ok(model.probs_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (p32, p16) = (probs(Precision::F32)?, probs(Precision::Bf16)?);
+    let (top1_f32, top1_bf16) = (argmax(&p32), argmax(&p16));
+    Ok(Bf16Fidelity {
+        saliency_pearson: pearson(saliency_f32, saliency_bf16),
+        top1_f32,
+        top1_bf16,
+        same_top1: top1_f32 == top1_bf16,
+        max_abs_prob_diff: p32
+            .iter()
+            .zip(&p16)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max),
+    })
+}
+
+/// Pearson correlation of two equally long series (NaN if either is constant).
+pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len().min(b.len()) as f64;
+    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt()
 }
 
 /// Peak resident memory of this process in bytes (`VmHWM` of `/proc/self/status`); `None`
@@ -578,9 +641,11 @@ mod tests {
     fn forward_and_explanation_timings_are_positive() {
         let m = random_vit(Preset::Tiny, 0, &Device::Cpu).unwrap();
         let x = synthetic_image((224, 224), [0.5; 3], [0.5; 3]);
-        let f = time_forward(&m, &x, 2, 1, 1e9).unwrap();
-        assert_eq!(f.runs_s.len(), 1);
-        assert!(f.s_per_image > 0.0 && f.gflops > 0.0);
+        for p in [Precision::F32, Precision::Bf16] {
+            let f = time_forward(&m, &x, 2, 1, 1e9, p).unwrap();
+            assert_eq!(f.runs_s.len(), 1);
+            assert!(f.s_per_image > 0.0 && f.gflops > 0.0);
+        }
         let e = time_explanation(&m, &x, &VitCxParams::default(), Some(3)).unwrap();
         assert!(e.n_masks <= 3 && e.n_masks >= 1);
         assert!(e.n_masks_clustered >= e.n_masks);

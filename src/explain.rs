@@ -22,7 +22,7 @@ use crate::cluster::{complete_linkage, Clustering};
 use crate::error::{Error, Result};
 use crate::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
 use crate::methods::{check_input, input_tensor, probs_of};
-use crate::model::{Backbone, Tap};
+use crate::model::{Backbone, Precision, Tap};
 use crate::score::saliency;
 
 /// ViT-CX parameters. Build with [`VitCxParams::default`] and the setters, then [`VitCxParams::check`].
@@ -41,6 +41,9 @@ pub struct VitCxParams {
     pub seed: u64,
     /// Images per forward pass for the perturbed images. Default 32 (the reference's `gpu_batch` is 50).
     pub batch: usize,
+    /// Arithmetic of the perturbed passes. Default f32, as the reference; `Bf16` rounds the
+    /// linear layers' operands to bf16 (the clean pass, masks and clustering stay f32).
+    pub precision: Precision,
 }
 
 impl Default for VitCxParams {
@@ -51,6 +54,7 @@ impl Default for VitCxParams {
             noise_std: 0.1,
             seed: 0,
             batch: 32,
+            precision: Precision::F32,
         }
     }
 }
@@ -342,7 +346,9 @@ impl VitCx {
             let count = end - start;
             batch.extend_from_slice(&noisy);
             let px = Tensor::from_vec(batch, (count * per_mask, 3, h, w), model.device())?;
-            let probs = model.probs(&px)?.to_vec2::<f32>()?;
+            let probs = model
+                .probs_at(&px, self.params.params.precision)?
+                .to_vec2::<f32>()?;
             for row in &probs[..count] {
                 pa.extend_from_slice(row);
             }

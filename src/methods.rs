@@ -268,6 +268,7 @@ impl Explainer {
                     "noise_std": p.noise_std.to_string().parse::<f64>().unwrap_or(f64::NAN),
                     "seed": p.seed,
                     "batch": p.batch,
+                    "precision": p.precision.name(),
                 })
             }
             Explainer::Rollout(m) => json!({

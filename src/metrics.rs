@@ -241,7 +241,7 @@ fn t975(df: usize) -> f64 {
 
 /// A normalised 1-D Gaussian of `kernel` taps (odd) and standard deviation `sigma`; sums to 1.
 pub fn gaussian_kernel(kernel: usize, sigma: f32) -> Result<Vec<f32>> {
-    if kernel == 0 || kernel % 2 == 0 {
+    if kernel == 0 || kernel.is_multiple_of(2) {
         return Err(Error::invalid(format!(
             "blur kernel {kernel}; expected an odd size of at least 1"
         )));

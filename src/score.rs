@@ -38,7 +38,7 @@ pub fn scores(pa: &[f32], pb: &[f32], num_classes: usize, class_p: f32) -> Resul
     if num_classes == 0 {
         return Err(Error::invalid("0 classes; expected at least one"));
     }
-    if pa.len() != pb.len() || pa.len() % num_classes != 0 {
+    if pa.len() != pb.len() || !pa.len().is_multiple_of(num_classes) {
         return Err(Error::invalid(format!(
             "probabilities of masked images ({} values) and of noisy originals ({} values) \
              must both be (N, {num_classes})",

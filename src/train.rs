@@ -125,7 +125,7 @@ impl TrainParams {
                 self.lr
             )));
         }
-        if a.dim == 0 || a.heads == 0 || a.dim % a.heads != 0 {
+        if a.dim == 0 || a.heads == 0 || !a.dim.is_multiple_of(a.heads) {
             return Err(Error::invalid(format!(
                 "dim {} is not a positive multiple of heads {}",
                 a.dim, a.heads
@@ -136,7 +136,7 @@ impl TrainParams {
                 "a clutter ramp needs fresh images every step (pool 0)",
             ));
         }
-        if a.patch == 0 || a.image_size % a.patch != 0 {
+        if a.patch == 0 || !a.image_size.is_multiple_of(a.patch) {
             return Err(Error::invalid(format!(
                 "image size {} is not a multiple of patch {}",
                 a.image_size, a.patch

@@ -45,8 +45,16 @@ fn bench_tiny_json() {
     let flop = positive(&v, "gflop_per_image");
     assert!((flop - 2.51).abs() < 0.02, "tiny is 2.51 GFLOP, got {flop}");
     assert!(((g * s - flop) / flop).abs() < 1e-9, "{g} * {s} != {flop}");
-    assert!(v["forward_s_per_image_bf16"].is_null());
-    assert_eq!(v["bf16"], "not implemented");
+    positive(&v, "forward_s_per_image_bf16");
+    assert!(v["bf16_kernel"].as_str().unwrap().contains("bf16"));
+    positive(&v, "explain_s_per_mask_bf16");
+    assert_eq!(v["explain_bf16"]["n_masks"], 4);
+    // bf16 perturbed passes keep the map and the class (the fidelity bar).
+    let f = &v["bf16_fidelity"];
+    let r = f["saliency_pearson"].as_f64().unwrap();
+    assert!((0.99..=1.0).contains(&r), "bf16 saliency pearson {r}");
+    assert_eq!(f["same_top1"], true, "{f}");
+    assert_eq!(f["top1_f32"], v["explain"]["class"]);
     positive(&v, "explain_s_per_mask");
     positive(&v, "perturbed_forward_s_per_image");
     let e = &v["explain"];
@@ -78,6 +86,10 @@ fn bench_bad_arguments_exit_2() {
     for (args, want) in [
         (&["bench", "--preset", "huge"][..], "preset 'huge' unknown"),
         (&["bench", "--batch", "0"][..], "batch 0 out of range"),
+        (
+            &["bench", "--precision", "fp8"][..],
+            "precision 'fp8' unknown",
+        ),
         (
             &["bench", "--preset", "tiny", "--explain-masks", "x"][..],
             "explain masks 'x' invalid",

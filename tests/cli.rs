@@ -194,6 +194,42 @@ fn same_seed_same_map_through_the_cli() {
     assert_eq!(run("a"), run("b"));
 }
 
+#[test]
+fn bf16_perturbed_passes_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |precision: &str| {
+        let out = dir.path().join(precision);
+        let o = vitcx(&[
+            "explain",
+            s(&data("vit_hf/image_224.png")),
+            "--model",
+            s(&data("vit_hf")),
+            "--precision",
+            precision,
+            "--out",
+            s(&out),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("image_224.json")).unwrap()).unwrap();
+        assert_eq!(report["params"]["precision"], precision);
+        let npy = vitcx::npy::read_npy(out.join("image_224.saliency.npy")).unwrap();
+        (report["targets"][0]["id"].clone(), npy.to_f32())
+    };
+    let (c32, m32) = run("f32");
+    let (c16, m16) = run("bf16");
+    assert_eq!(c32, c16);
+    assert_ne!(m32, m16, "bf16 changes the numbers");
+    let d = common::max_abs_diff(&m32, &m16);
+    let range =
+        m32.iter().cloned().fold(f32::MIN, f32::max) - m32.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        d < 0.05 * range,
+        "bf16 map differs by {d} of a range of {range}"
+    );
+}
+
 fn assert_fails(args: &[&str], needle: &str) {
     let o = vitcx(args);
     assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -246,6 +282,10 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     run(&["--threshold", "1.5"], "threshold 1.5 out of range");
     run(&["--batch", "0"], "batch size 0");
     run(&["--noise-std", "-1"], "noise std -1");
+    run(
+        &["--precision", "fp8"],
+        "unknown precision \"fp8\"; expected f32 or bf16",
+    );
     assert!(
         !outdir.exists(),
         "no output directory for rejected arguments"
@@ -272,6 +312,17 @@ fn bad_arguments_exit_2_with_a_clear_message() {
             "-q",
         ],
         "missing.png",
+    );
+    // CUDA in a build without it: says how to get it, before any work.
+    if !cfg!(feature = "cuda") {
+        assert_fails(
+            &["--device", "cuda", "predict", s(&img), "--model", s(&model)],
+            "built without CUDA; rebuild with `cargo build --release --features cuda`",
+        );
+    }
+    assert_fails(
+        &["predict", s(&img), "--device", "tpu", "--model", s(&model)],
+        "unknown device \"tpu\"; expected cpu, cuda or cuda:N",
     );
     // A directory that is not a checkpoint.
     assert_fails(&["inspect", s(&data("images"))], "no model.safetensors");

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 use vitcx::explain::{NoProgress, Noise, VitCx, VitCxParams};
-use vitcx::model::Backbone;
+use vitcx::model::{Backbone, Precision};
 use vitcx::npy::read_npy;
 
 const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
@@ -187,6 +187,72 @@ fn seeded_noise_is_reproducible_and_close_to_reference() {
         .to_f32();
     let r = pearson(&a.saliency[0], &golden);
     assert!(r > 0.95, "another noise draw keeps the map: pearson {r}");
+}
+
+/// `--precision bf16` (bf16 products in the perturbed passes) keeps each golden map: Pearson
+/// >= 0.99 against the reference's f32 saliency with the same stored noise, and the same top-1
+/// > class from a bf16 pass over the clean image.
+#[test]
+fn bf16_perturbed_passes_keep_the_golden_maps() {
+    for case in CASES {
+        let m = manifest(case);
+        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let x = input(case, &model);
+        let params = VitCxParams {
+            noise_std: m["noise_sigma"].as_f64().unwrap() as f32,
+            precision: Precision::Bf16,
+            ..Default::default()
+        };
+        let method = VitCx::new(&params, &model).unwrap();
+        let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
+        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+        let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
+        let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
+        let len = x.len();
+        let draws = perm
+            .iter()
+            .map(|&j| noise[j * len..(j + 1) * len].to_vec())
+            .collect();
+        let target = m["target"].as_u64().unwrap() as usize;
+        let ex = method
+            .score(
+                &model,
+                &x,
+                prepared,
+                &[target],
+                &Noise::Given(draws),
+                &mut NoProgress,
+            )
+            .unwrap();
+        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
+            .unwrap()
+            .to_f32();
+        let r = pearson(&ex.saliency[0], &golden);
+        let d = max_abs_diff(&ex.saliency[0], &golden) / range(&golden);
+        eprintln!("{case}: bf16 perturbed passes: pearson {r:.6}, max diff {d:.2e} of the range");
+        assert!(r >= 0.99, "{case}: bf16 pearson {r}");
+        assert!(
+            d > 0.0,
+            "{case}: bf16 gave the f32 map bit for bit; was bf16 used?"
+        );
+
+        let px = candle_core::Tensor::from_vec(x.clone(), (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let p16 = model
+            .probs_at(&px, Precision::Bf16)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let p32 = model
+            .probs_at(&px, Precision::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(argmax(&p16[0]), argmax(&p32[0]), "{case}: bf16 top-1");
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
 }
 
 fn pearson(a: &[f32], b: &[f32]) -> f64 {

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::error::Result;
 
 mod attention;
+mod bf16;
 pub mod config;
 mod gelu;
 mod layer_norm;
@@ -25,6 +26,35 @@ pub mod weights;
 
 pub use config::{Family, Format, ModelConfig, Preprocess};
 pub use vit::VisionTransformer;
+
+/// The device named on the command line: `cpu`, or `cuda` / `cuda:N` for GPU `N` (default 0).
+///
+/// CUDA needs a build with the `cuda` feature (`cargo build --release --features cuda`, which
+/// needs the CUDA toolkit); the default build has no CUDA code and says so here.
+pub fn device(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    let gpu = match name.as_str() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" | "gpu" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    let Some(ordinal) = gpu else {
+        return Err(crate::Error::invalid(format!(
+            "unknown device {name:?}; expected cpu, cuda or cuda:N"
+        )));
+    };
+    if !cfg!(feature = "cuda") {
+        return Err(crate::Error::Unsupported(format!(
+            "device {name:?}: this vitcx was built without CUDA; rebuild with \
+             `cargo build --release --features cuda` (needs the CUDA toolkit)"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        crate::Error::Unsupported(format!("device {name:?}: cannot open CUDA device: {e}"))
+    })
+}
 
 /// Loads a checkpoint from a directory (`config.json` + `model.safetensors` or
 /// `pytorch_model.bin` [+ `preprocessor_config.json` for Hugging Face]) or from a weights file
@@ -125,6 +155,48 @@ pub struct Spec {
     pub num_classes: usize,
 }
 
+/// The arithmetic of a forward pass.
+///
+/// `Bf16` rounds the inputs and weights of the transformer blocks' linear layers to bf16 and
+/// accumulates in f32 (see the `bf16` module); everything else stays f32. ViT-CX uses it for
+/// its perturbed passes, where it trades a small, measured loss of fidelity for speed on CPUs
+/// with AVX512-BF16.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout, as the reference runs.
+    #[default]
+    F32,
+    /// bf16 products with f32 accumulation in the linear layers.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used on the command line and in output files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Parses `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(crate::Error::invalid(format!(
+                "unknown precision {other:?}; expected f32 or bf16"
+            ))),
+        }
+    }
+
+    /// Which bf16 kernel this CPU runs (`vitcx bench` reports it).
+    pub fn bf16_kernel() -> &'static str {
+        bf16::Kernel::detect().name()
+    }
+}
+
 /// Where in the network to read tokens from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tap {
@@ -169,6 +241,17 @@ pub trait Backbone {
     fn probs(&self, px: &Tensor) -> Result<Tensor> {
         let out = self.forward(px, None)?;
         Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
+    }
+
+    /// Softmax probabilities `(B, C)` computed at `precision`. Models without a bf16 path answer
+    /// `Bf16` with [`crate::Error::Unsupported`].
+    fn probs_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
+        match precision {
+            Precision::F32 => self.probs(px),
+            Precision::Bf16 => Err(crate::Error::Unsupported(
+                "this model has no bf16 forward pass".into(),
+            )),
+        }
     }
 
     /// The attention probabilities of every block, for methods that read attention (Attention

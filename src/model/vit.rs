@@ -5,18 +5,23 @@
 //! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one layer's
 //! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks.
 
+use std::sync::OnceLock;
+
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::bf16::{Bf16Linear, PackedBf16};
 use super::config::{Family, ModelConfig};
 use super::weights::Weights;
-use super::{Attention as AttentionMaps, Backbone, Forward, Spec, Tap, TapGradient};
+use super::{Attention as AttentionMaps, Backbone, Forward, Precision, Spec, Tap, TapGradient};
 use crate::error::{Error, Result};
 
-/// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous.
+/// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous, and packed
+/// for the bf16 product the first time a bf16 pass needs it.
 #[derive(Debug, Clone)]
 struct Linear {
     wt: Tensor,
     b: Option<Tensor>,
+    packed: OnceLock<PackedBf16>,
 }
 
 impl Linear {
@@ -30,15 +35,23 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { wt, b })
+        Ok(Linear {
+            wt,
+            b,
+            packed: OnceLock::new(),
+        })
     }
 
     /// `GELU(self(xs))`, the bias and the activation in one pass.
-    fn forward_gelu(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward_gelu(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
         let mut dims = xs.dims().to_vec();
         let inp = dims.pop().unwrap_or(1);
         let rows = xs.elem_count() / inp.max(1);
-        let ys = xs.reshape((rows, inp))?.matmul(&self.wt)?;
+        let xs = xs.reshape((rows, inp))?;
+        let ys = match precision {
+            Precision::F32 => xs.matmul(&self.wt)?,
+            Precision::Bf16 => self.product_bf16(&xs, false)?,
+        };
         let ys = match &self.b {
             Some(b) => super::gelu::bias_gelu(&ys, b)?,
             None => ys.gelu_erf()?,
@@ -48,17 +61,53 @@ impl Linear {
     }
 
     /// `(.., in)` -> `(.., out)`.
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
         let mut dims = xs.dims().to_vec();
         let inp = dims.pop().unwrap_or(1);
         let rows = xs.elem_count() / inp.max(1);
         let xs = xs.reshape((rows, inp))?;
-        let ys = match &self.b {
-            Some(b) => super::linear::linear(&xs, &self.wt, b)?,
-            None => xs.matmul(&self.wt)?,
+        let ys = match (precision, &self.b) {
+            (Precision::Bf16, _) => self.product_bf16(&xs, true)?,
+            (Precision::F32, Some(b)) => super::linear::linear(&xs, &self.wt, b)?,
+            (Precision::F32, None) => xs.matmul(&self.wt)?,
         };
         dims.push(self.wt.dim(1)?);
         Ok(ys.reshape(dims)?)
+    }
+
+    /// `xs (rows, in) @ wt` with bf16 products and f32 sums, plus the bias if `with_bias`. On the
+    /// CPU this is [`super::bf16`]'s kernel; elsewhere candle's bf16 matmul.
+    fn product_bf16(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
+        let bias = self.b.as_ref().filter(|_| with_bias);
+        if !xs.device().is_cpu() {
+            let ys = xs
+                .to_dtype(DType::BF16)?
+                .matmul(&self.wt.to_dtype(DType::BF16)?)?
+                .to_dtype(DType::F32)?;
+            return Ok(match bias {
+                Some(b) => ys.broadcast_add(b)?,
+                None => ys,
+            });
+        }
+        let packed = match self.packed.get() {
+            Some(p) => p,
+            None => {
+                let (k, n) = self.wt.dims2()?;
+                let wt = self.wt.flatten_all()?.to_vec1::<f32>()?;
+                let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+                let p = PackedBf16::new(&wt, k, n, b)?;
+                // Another thread may have packed it first; either copy is the same.
+                let _ = self.packed.set(p);
+                self.packed
+                    .get()
+                    .ok_or_else(|| Error::invalid("bf16 weights not packed"))?
+            }
+        };
+        let op = Bf16Linear {
+            packed,
+            bias: with_bias,
+        };
+        Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 }
 
@@ -101,8 +150,13 @@ struct Attention {
 
 impl Attention {
     /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`.
-    fn forward(&self, xs: &Tensor, keep: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let qkv = self.qkv.forward(xs)?;
+    fn forward(
+        &self,
+        xs: &Tensor,
+        keep: bool,
+        precision: Precision,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let qkv = self.qkv.forward(xs, precision)?;
         let (out, attn) = if keep {
             let (out, attn) = super::attention::composed(&qkv, self.heads, self.scale)?;
             (out, Some(attn))
@@ -110,7 +164,7 @@ impl Attention {
             let out = super::attention::self_attention(&qkv, self.heads, self.scale)?;
             (out, None)
         };
-        Ok((self.proj.forward(&out)?, attn))
+        Ok((self.proj.forward(&out, precision)?, attn))
     }
 }
 
@@ -122,9 +176,9 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.fc1.forward_gelu(xs)?;
-        self.fc2.forward(&h)
+    fn forward(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
+        let h = self.fc1.forward_gelu(xs, precision)?;
+        self.fc2.forward(&h, precision)
     }
 }
 
@@ -159,9 +213,9 @@ impl Block {
     }
 
     /// `(B, T, D)` -> (block output, norm1 output), both `(B, T, D)`.
-    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward(&self, xs: &Tensor, precision: Precision) -> Result<(Tensor, Tensor)> {
         let n1 = self.norm1.forward(xs)?;
-        let (out, _) = self.after_norm1(xs, &n1, false)?;
+        let (out, _) = self.after_norm1(xs, &n1, false, precision)?;
         Ok((out, n1))
     }
 
@@ -172,10 +226,11 @@ impl Block {
         xs: &Tensor,
         n1: &Tensor,
         keep: bool,
+        precision: Precision,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (a, attn) = self.attn.forward(n1, keep)?;
+        let (a, attn) = self.attn.forward(n1, keep, precision)?;
         let xs = (xs + a)?;
-        let xs = (&xs + self.mlp.forward(&self.norm2.forward(&xs)?)?)?;
+        let xs = (&xs + self.mlp.forward(&self.norm2.forward(&xs)?, precision)?)?;
         Ok((xs, attn))
     }
 }
@@ -288,11 +343,11 @@ impl VisionTransformer {
         let pre = self
             .norm
             .forward(&xs.narrow(1, 0, self.spec.num_prefix_tokens)?)?;
-        let cls = self.head.forward(&pre.get_on_dim(1, 0)?)?;
+        let cls = self.head.forward(&pre.get_on_dim(1, 0)?, Precision::F32)?;
         match &self.head_dist {
             // timm eval mode / HF WithTeacher: average of the [CLS] and [DIST] heads.
             Some(hd) => {
-                let dist = hd.forward(&pre.get_on_dim(1, 1)?)?;
+                let dist = hd.forward(&pre.get_on_dim(1, 1)?, Precision::F32)?;
                 Ok(((cls + dist)? / 2.0)?)
             }
             None => Ok(cls),
@@ -321,23 +376,12 @@ impl Backbone for VisionTransformer {
     }
 
     fn forward(&self, px: &Tensor, tap: Option<Tap>) -> Result<Forward> {
-        self.check(px, tap)?;
-        let px = px.to_dtype(DType::F32)?;
-        let mut xs = self.embed(&px)?;
-        let mut features = None;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let (out, n1) = block.forward(&xs)?;
-            match tap {
-                Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1)?),
-                Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out)?),
-                _ => {}
-            }
-            xs = out;
-        }
-        Ok(Forward {
-            logits: self.logits(&xs)?,
-            features,
-        })
+        self.run(px, tap, Precision::F32)
+    }
+
+    fn probs_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
+        let out = self.run(px, None, precision)?;
+        Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
     }
 
     fn attention(&self, px: &Tensor) -> Result<AttentionMaps> {
@@ -346,7 +390,7 @@ impl Backbone for VisionTransformer {
         let mut maps = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let n1 = block.norm1.forward(&xs)?;
-            let (out, attn) = block.after_norm1(&xs, &n1, true)?;
+            let (out, attn) = block.after_norm1(&xs, &n1, true, Precision::F32)?;
             maps.extend(attn);
             xs = out;
         }
@@ -382,17 +426,17 @@ impl Backbone for VisionTransformer {
             xs = match tap {
                 Tap::Norm1(l) if l == i => {
                     let n1 = Var::from_tensor(&block.norm1.forward(&xs)?.detach())?;
-                    let (out, _) = block.after_norm1(&xs, n1.as_tensor(), false)?;
+                    let (out, _) = block.after_norm1(&xs, n1.as_tensor(), false, Precision::F32)?;
                     tapped = Some(n1);
                     out
                 }
                 Tap::Block(l) if l == i => {
-                    let out = Var::from_tensor(&block.forward(&xs)?.0.detach())?;
+                    let out = Var::from_tensor(&block.forward(&xs, Precision::F32)?.0.detach())?;
                     let t = out.as_tensor().clone();
                     tapped = Some(out);
                     t
                 }
-                _ => block.forward(&xs)?.0,
+                _ => block.forward(&xs, Precision::F32)?.0,
             };
         }
         let tapped = tapped.ok_or_else(|| Error::invalid("tap not reached"))?;
@@ -425,6 +469,27 @@ impl Backbone for VisionTransformer {
 }
 
 impl VisionTransformer {
+    /// One forward pass at `precision`: logits, and the tapped tokens if asked.
+    fn run(&self, px: &Tensor, tap: Option<Tap>, precision: Precision) -> Result<Forward> {
+        self.check(px, tap)?;
+        let px = px.to_dtype(DType::F32)?;
+        let mut xs = self.embed(&px)?;
+        let mut features = None;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (out, n1) = block.forward(&xs, precision)?;
+            match tap {
+                Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1)?),
+                Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out)?),
+                _ => {}
+            }
+            xs = out;
+        }
+        Ok(Forward {
+            logits: self.logits(&xs)?,
+            features,
+        })
+    }
+
     /// Fails unless `px` is `(B, 3, H, W)` at the model's size and `tap` names a block.
     fn check(&self, px: &Tensor, tap: Option<Tap>) -> Result<()> {
         let (h, w) = self.spec.input_size;

@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Where the model runs: cpu, or cuda / cuda:N (needs a build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +256,10 @@ pub struct BenchArgs {
     /// Skip the timed explanation.
     #[arg(long)]
     pub no_explain: bool,
+    /// Which precisions to time: f32, bf16 or both (side by side, and their saliency maps
+    /// compared).
+    #[arg(long, default_value = "both")]
+    pub precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -277,6 +284,14 @@ pub struct VitCxArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
+    /// Arithmetic of ViT-CX's perturbed passes: f32 (as the reference) or bf16 (bf16 products,
+    /// f32 sums in the linear layers; fast on CPUs with AVX512-BF16).
+    #[arg(long, default_value = "f32", value_parser = parse_precision)]
+    pub precision: vitcx::model::Precision,
+}
+
+fn parse_precision(s: &str) -> Result<vitcx::model::Precision, String> {
+    vitcx::model::Precision::parse(s).map_err(|e| e.to_string())
 }
 
 impl VitCxArgs {
@@ -288,6 +303,7 @@ impl VitCxArgs {
             noise_std: self.noise_std,
             seed: self.seed,
             batch: self.batch,
+            precision: self.precision,
         }
     }
 }

@@ -9,18 +9,18 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use vitcx::bench::{
-    machine_info, peak_rss_bytes, random_vit, synthetic_image, time_explanation, time_forward,
-    ExplainTiming, ForwardTiming, Preset,
+    bf16_fidelity, machine_info, peak_rss_bytes, random_vit, synthetic_image, time_explanation,
+    time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
 };
 use vitcx::explain::VitCxParams;
-use vitcx::model::Backbone;
+use vitcx::model::{Backbone, Precision};
 
 use crate::args::BenchArgs;
 
 /// Batch sizes timed when `--batch` is not given.
 const DEFAULT_BATCHES: [usize; 3] = [1, 8, 32];
 
-pub fn run(a: BenchArgs) -> Result<ExitCode> {
+pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let preset: Preset = a.preset.parse()?;
     let batches = match a.batch {
         Some(0) => bail!("batch 0 out of range; expected at least 1"),
@@ -37,6 +37,11 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
             _ => bail!("explain masks '{s}' invalid; expected a positive integer or 'all'"),
         },
     };
+    let precisions = match a.precision.as_str() {
+        "both" => vec![Precision::F32, Precision::Bf16],
+        p => vec![Precision::parse(p)
+            .map_err(|_| anyhow::anyhow!("precision '{p}' unknown; expected f32, bf16 or both"))?],
+    };
     let arch = preset.arch();
     let flops = arch.flops_per_image();
 
@@ -46,79 +51,123 @@ pub fn run(a: BenchArgs) -> Result<ExitCode> {
         flops / 1e9,
         a.seed
     );
-    let device = candle_core::Device::Cpu;
-    let model = random_vit(preset, a.seed, &device).context("cannot build the random model")?;
+    let model = random_vit(preset, a.seed, device).context("cannot build the random model")?;
     let pre = &model.config().preprocess;
     let x = synthetic_image(model.spec().input_size, pre.mean, pre.std);
 
-    let mut forward: Vec<ForwardTiming> = Vec::new();
+    let mut forward: Vec<(Precision, ForwardTiming)> = Vec::new();
     for &b in &batches {
-        let t = time_forward(&model, &x, b, a.repeats, flops)?;
-        eprintln!(
-            "  forward batch {b:>3}: {:.4} s/image, {:.1} GFLOP/s",
-            t.s_per_image, t.gflops
-        );
-        forward.push(t);
+        // Both precisions at one batch size back to back, so a change of machine load hits both.
+        for &p in &precisions {
+            let t = time_forward(&model, &x, b, a.repeats, flops, p)?;
+            eprintln!(
+                "  forward batch {b:>3} {:>4}: {:.4} s/image, {:.1} GFLOP/s",
+                p.name(),
+                t.s_per_image,
+                t.gflops
+            );
+            forward.push((p, t));
+        }
     }
 
-    let explain = if a.no_explain {
-        None
-    } else {
-        let params = VitCxParams {
-            batch: a.explain_batch,
-            ..VitCxParams::default()
-        };
-        let e = time_explanation(&model, &x, &params, max_masks)?;
-        eprintln!(
-            "  explanation: {} of {} masks in {:.2} s ({:.4} s/mask)",
-            e.n_masks, e.n_masks_clustered, e.total_s, e.explain_s_per_mask
-        );
-        Some(e)
+    let mut explain: Vec<(Precision, ExplainTiming)> = Vec::new();
+    if !a.no_explain {
+        for &p in &precisions {
+            let params = VitCxParams {
+                batch: a.explain_batch,
+                precision: p,
+                ..VitCxParams::default()
+            };
+            let e = time_explanation(&model, &x, &params, max_masks)?;
+            eprintln!(
+                "  explanation {:>4}: {} of {} masks in {:.2} s ({:.4} s/mask)",
+                p.name(),
+                e.n_masks,
+                e.n_masks_clustered,
+                e.total_s,
+                e.explain_s_per_mask
+            );
+            explain.push((p, e));
+        }
+    }
+    let fidelity = match explain.as_slice() {
+        [(Precision::F32, e32), (Precision::Bf16, e16)] => Some(
+            bf16_fidelity(&model, &x, &e32.saliency, &e16.saliency)
+                .context("cannot compare the precisions")?,
+        ),
+        _ => None,
     };
 
-    let report = report_json(preset, &a, &forward, explain.as_ref());
+    let report = report_json(preset, &a, &forward, &explain, fidelity.as_ref());
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        write_text(&mut out, preset, &forward, explain.as_ref(), &report)?;
+        write_text(&mut out, preset, &forward, &explain, &report)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// One value for a single batch size, else a map `"batch" -> value`.
-fn per_batch(forward: &[ForwardTiming], f: impl Fn(&ForwardTiming) -> f64) -> Value {
-    match forward {
-        [one] => json!(f(one)),
+/// The timings of one precision: `null` if it was not timed, one value for a single batch size,
+/// else a map `"batch" -> value`.
+fn per_batch(
+    forward: &[(Precision, ForwardTiming)],
+    precision: Precision,
+    f: impl Fn(&ForwardTiming) -> Value,
+) -> Value {
+    let mine: Vec<&ForwardTiming> = forward
+        .iter()
+        .filter(|(p, _)| *p == precision)
+        .map(|(_, t)| t)
+        .collect();
+    match mine.as_slice() {
+        [] => Value::Null,
+        [one] => f(one),
         many => Value::Object(
             many.iter()
-                .map(|t| (t.batch.to_string(), json!(f(t))))
+                .map(|t| (t.batch.to_string(), f(t)))
                 .collect::<Map<_, _>>(),
         ),
     }
 }
 
+/// Every timed run of one precision, as a map `"batch" -> [seconds]`.
+fn runs_map(forward: &[(Precision, ForwardTiming)], precision: Precision) -> Value {
+    Value::Object(
+        forward
+            .iter()
+            .filter(|(p, _)| *p == precision)
+            .map(|(_, t)| (t.batch.to_string(), json!(t.runs_s)))
+            .collect(),
+    )
+}
+
+fn explain_json(e: &ExplainTiming) -> Value {
+    json!({
+        "stages_s": e.stages.iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect::<Map<_, _>>(),
+        "total_s": e.total_s,
+        "n_masks": e.n_masks,
+        "n_masks_clustered": e.n_masks_clustered,
+        "batch": e.batch,
+        "class": e.class,
+        "perturbed_forward_s_per_image": e.perturbed_forward_s_per_image,
+        "explain_s_per_mask": e.explain_s_per_mask,
+        "projected_full_s": e.projected_full_s,
+    })
+}
+
 fn report_json(
     preset: Preset,
     a: &BenchArgs,
-    forward: &[ForwardTiming],
-    explain: Option<&ExplainTiming>,
+    forward: &[(Precision, ForwardTiming)],
+    explain: &[(Precision, ExplainTiming)],
+    fidelity: Option<&Bf16Fidelity>,
 ) -> Value {
     let arch = preset.arch();
-    let explain_json = explain.map(|e| {
-        json!({
-            "stages_s": e.stages.iter()
-                .map(|(k, v)| (k.clone(), json!(v)))
-                .collect::<Map<_, _>>(),
-            "total_s": e.total_s,
-            "n_masks": e.n_masks,
-            "n_masks_clustered": e.n_masks_clustered,
-            "batch": e.batch,
-            "perturbed_forward_s_per_image": e.perturbed_forward_s_per_image,
-            "explain_s_per_mask": e.explain_s_per_mask,
-            "projected_full_s": e.projected_full_s,
-        })
-    });
+    let ex = |p: Precision| explain.iter().find(|(q, _)| *q == p).map(|(_, e)| e);
+    let (e32, e16) = (ex(Precision::F32), ex(Precision::Bf16));
     json!({
         "tool": "vitcx",
         "version": env!("CARGO_PKG_VERSION"),
@@ -130,16 +179,20 @@ fn report_json(
         "seed": a.seed,
         "repeats": a.repeats,
         "dtype": "f32",
-        "forward_s_per_image": per_batch(forward, |t| t.s_per_image),
-        "forward_gflops": per_batch(forward, |t| t.gflops),
-        "forward_runs_s": forward.iter()
-            .map(|t| (t.batch.to_string(), json!(t.runs_s)))
-            .collect::<Map<_, _>>(),
-        "forward_s_per_image_bf16": Value::Null,
-        "bf16": "not implemented",
-        "explain_s_per_mask": explain.map(|e| e.explain_s_per_mask),
-        "perturbed_forward_s_per_image": explain.map(|e| e.perturbed_forward_s_per_image),
-        "explain": explain_json,
+        "forward_s_per_image": per_batch(forward, Precision::F32, |t| json!(t.s_per_image)),
+        "forward_gflops": per_batch(forward, Precision::F32, |t| json!(t.gflops)),
+        "forward_runs_s": runs_map(forward, Precision::F32),
+        "forward_s_per_image_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.s_per_image)),
+        "forward_gflops_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.gflops)),
+        "forward_runs_s_bf16": runs_map(forward, Precision::Bf16),
+        "bf16_kernel": Precision::bf16_kernel(),
+        "explain_s_per_mask": e32.map(|e| e.explain_s_per_mask),
+        "perturbed_forward_s_per_image": e32.map(|e| e.perturbed_forward_s_per_image),
+        "explain": e32.map(explain_json),
+        "explain_s_per_mask_bf16": e16.map(|e| e.explain_s_per_mask),
+        "perturbed_forward_s_per_image_bf16": e16.map(|e| e.perturbed_forward_s_per_image),
+        "explain_bf16": e16.map(explain_json),
+        "bf16_fidelity": fidelity,
         "peak_rss_bytes": peak_rss_bytes(),
         "machine": machine_info(),
     })
@@ -148,14 +201,14 @@ fn report_json(
 fn write_text(
     out: &mut impl Write,
     preset: Preset,
-    forward: &[ForwardTiming],
-    explain: Option<&ExplainTiming>,
+    forward: &[(Precision, ForwardTiming)],
+    explain: &[(Precision, ExplainTiming)],
     report: &Value,
 ) -> Result<()> {
     let m = &report["machine"];
     writeln!(
         out,
-        "{} (random weights, {:.2} GFLOP per image), f32, {} build",
+        "{} (random weights, {:.2} GFLOP per image), {} build",
         preset.timm_name(),
         preset.arch().flops_per_image() / 1e9,
         report["build_profile"].as_str().unwrap_or("?")
@@ -182,25 +235,31 @@ fn write_text(
         m["loadavg"].as_str().unwrap_or("?")
     )?;
     writeln!(out)?;
-    writeln!(out, "batch   s/image   GFLOP/s   runs (s)")?;
-    for t in forward {
+    writeln!(
+        out,
+        "bf16 kernel: {}",
+        report["bf16_kernel"].as_str().unwrap_or("?")
+    )?;
+    writeln!(out)?;
+    writeln!(out, "batch   dtype   s/image   GFLOP/s   runs (s)")?;
+    for (p, t) in forward {
         let runs: Vec<String> = t.runs_s.iter().map(|r| format!("{r:.3}")).collect();
         writeln!(
             out,
-            "{:>5}   {:>7.4}   {:>7.1}   {}",
+            "{:>5}   {:>5}   {:>7.4}   {:>7.1}   {}",
             t.batch,
+            p.name(),
             t.s_per_image,
             t.gflops,
             runs.join(" ")
         )?;
     }
-    writeln!(out, "bf16: not implemented")?;
-    if let Some(e) = explain {
+    for (p, e) in explain {
         writeln!(out)?;
         writeln!(
             out,
-            "explanation of a synthetic image: N = {} masks scored ({} after clustering), batch {}",
-            e.n_masks, e.n_masks_clustered, e.batch
+            "explanation of a synthetic image, {} perturbed passes: N = {} masks scored ({} after clustering), batch {}",
+            p.name(), e.n_masks, e.n_masks_clustered, e.batch
         )?;
         for (stage, s) in &e.stages {
             writeln!(out, "  {stage:<18} {s:>9.3} s")?;
@@ -218,6 +277,16 @@ fn write_text(
                 e.n_masks_clustered, e.projected_full_s
             )?;
         }
+    }
+    if let Some(f) = report["bf16_fidelity"].as_object() {
+        writeln!(
+            out,
+            "\nbf16 vs f32: saliency pearson {:.6}; top-1 {} vs {}; largest probability difference {:.2e}",
+            f["saliency_pearson"].as_f64().unwrap_or(f64::NAN),
+            f["top1_bf16"],
+            f["top1_f32"],
+            f["max_abs_prob_diff"].as_f64().unwrap_or(f64::NAN)
+        )?;
     }
     match report["peak_rss_bytes"].as_u64() {
         Some(b) => writeln!(

@@ -12,10 +12,10 @@ use crate::args::CompareArgs;
 use crate::eval_cmd::{explain_and_score, Scored};
 use crate::progress::Bars;
 
-pub fn run(a: CompareArgs) -> Result<ExitCode> {
+pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let methods = Method::parse_list(&a.methods).context("--methods")?;
     let curve = crate::eval_cmd::curve_params(&a.curve, a.vitcx.batch)?;
-    let model = crate::load_model(a.model.as_deref())?;
+    let model = crate::load_model(a.model.as_deref(), device)?;
     let cfg = model.config().clone();
     let params = crate::args::method_params(&a.vitcx, &a.other);
     let explainers = methods

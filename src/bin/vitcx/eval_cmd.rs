@@ -95,7 +95,7 @@ pub fn curve_json(curve: &CurveParams) -> serde_json::Value {
     })
 }
 
-pub fn run(a: EvalArgs) -> Result<ExitCode> {
+pub fn run(a: EvalArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let methods = Method::parse_list(&a.methods).context("--methods")?;
     let curve = curve_params(&a.curve, a.vitcx.batch)?;
     if matches!(a.limit, Some(0)) {
@@ -105,7 +105,7 @@ pub fn run(a: EvalArgs) -> Result<ExitCode> {
     if let Some(n) = a.limit {
         entries.truncate(n);
     }
-    let model = crate::load_model(a.model.as_deref())?;
+    let model = crate::load_model(a.model.as_deref(), device)?;
     let params = crate::args::method_params(&a.vitcx, &a.other);
     let explainers = methods
         .iter()

@@ -14,9 +14,9 @@ use vitcx::{Explainer, Method, Targets};
 use crate::args::ExplainArgs;
 use crate::progress::Bars;
 
-pub fn run(a: ExplainArgs) -> Result<ExitCode> {
+pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let method = Method::parse(&a.method).context("--method")?;
-    let model = crate::load_model(a.model.as_deref())?;
+    let model = crate::load_model(a.model.as_deref(), device)?;
     let params = crate::args::method_params(&a.vitcx, &a.other);
     let method = Explainer::new(method, &params, &model)?;
     let cfg = model.config().clone();

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 use args::{Cli, Command, InspectArgs, PredictArgs};
+use candle_core::Device;
 use vitcx::model::{Backbone, VisionTransformer};
 
 /// candle allocates a fresh buffer per tensor op; mimalloc reuses freed memory instead of
@@ -45,14 +46,15 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let device = vitcx::model::device(&cli.device)?;
     match cli.command {
-        Command::Explain(a) => explain_cmd::run(a),
-        Command::Predict(a) => predict(a),
-        Command::Inspect(a) => inspect(a),
+        Command::Explain(a) => explain_cmd::run(a, &device),
+        Command::Predict(a) => predict(a, &device),
+        Command::Inspect(a) => inspect(a, &device),
         Command::Synth(a) => synth_cmd::run(a),
-        Command::Eval(a) => eval_cmd::run(a),
-        Command::Compare(a) => compare_cmd::run(a),
-        Command::Bench(a) => bench_cmd::run(a),
+        Command::Eval(a) => eval_cmd::run(a, &device),
+        Command::Compare(a) => compare_cmd::run(a, &device),
+        Command::Bench(a) => bench_cmd::run(a, &device),
     }
 }
 
@@ -61,15 +63,14 @@ pub fn model_name(arg: &Option<String>) -> &str {
     arg.as_deref().unwrap_or(vitcx::model::DEMO_NAME)
 }
 
-/// Resolves `--model` (local path or Hub id) and loads it on the CPU.
+/// Resolves `--model` (local path or Hub id) and loads it on `device`.
 ///
 /// No `--model` means the bundled demo model, announced in one line on stderr; `--model demo`
 /// asks for it explicitly (unless a local `demo` path exists, which wins).
-pub fn load_model(arg: Option<&str>) -> Result<VisionTransformer> {
+pub fn load_model(arg: Option<&str>, device: &Device) -> Result<VisionTransformer> {
     let demo = vitcx::model::DEMO_NAME;
     if arg.is_none() || (arg == Some(demo) && !std::path::Path::new(demo).exists()) {
-        let model = vitcx::model::demo(&candle_core::Device::Cpu)
-            .context("cannot load the bundled demo model")?;
+        let model = vitcx::model::demo(device).context("cannot load the bundled demo model")?;
         if arg.is_none() {
             let acc = vitcx::model::demo_held_out_accuracy()
                 .map(|a| format!("; {:.1}% right on held-out shapes", 100.0 * a))
@@ -84,14 +85,14 @@ pub fn load_model(arg: Option<&str>) -> Result<VisionTransformer> {
     let arg = arg.unwrap_or(demo);
     let opts = vitcx::hub::HubOptions::from_env();
     let path = vitcx::hub::resolve_model(arg, &opts)?;
-    let model = vitcx::model::load(&path, &candle_core::Device::Cpu)
-        .with_context(|| format!("cannot load model '{arg}'"))?;
+    let model =
+        vitcx::model::load(&path, device).with_context(|| format!("cannot load model '{arg}'"))?;
     Ok(model)
 }
 
-fn predict(a: PredictArgs) -> Result<ExitCode> {
+fn predict(a: PredictArgs, device: &Device) -> Result<ExitCode> {
     use std::io::Write;
-    let model = load_model(a.model.as_deref())?;
+    let model = load_model(a.model.as_deref(), device)?;
     let cfg = model.config().clone();
     let (h, w) = model.spec().input_size;
     let mut out = std::io::stdout().lock();
@@ -136,9 +137,9 @@ fn predict(a: PredictArgs) -> Result<ExitCode> {
     })
 }
 
-fn inspect(a: InspectArgs) -> Result<ExitCode> {
+fn inspect(a: InspectArgs, device: &Device) -> Result<ExitCode> {
     use std::io::Write;
-    let model = load_model(a.model.as_deref())?;
+    let model = load_model(a.model.as_deref(), device)?;
     let cfg = model.config();
     let spec = model.spec();
     let mut out = std::io::stdout().lock();
