@@ -216,15 +216,22 @@ def main():
     print(f"\n{pt['model']}, s/image (median of {args.repeats}); speedup = PyTorch s / vitcx s; "
           f"load {pt['machine']['loadavg']}", file=sys.stderr)
     print(f"{'batch':>5} {'torch f32':>10} {'torch bf16':>10} {'vitcx f32':>10} {'vitcx bf16':>10} "
-          f"{'x vs f32':>9} {'x vs bf16':>9}", file=sys.stderr)
+          f"{'f32 x':>7} {'bf16 x':>7}", file=sys.stderr)
     for k in args.batch:
         s1 = speedup["f32_vs_pytorch_f32"] or {}
-        s2 = speedup["f32_vs_pytorch_bf16"] or {}
+        s3 = speedup["bf16_vs_pytorch_bf16"] or {}
         print(f"{k:>5} {cell(pt32, k):>10} {cell(ptbf, k):>10} {cell(vx32, k):>10} {cell(vxbf, k):>10} "
-              f"{s1.get(str(k), float('nan')):>9.2f} {s2.get(str(k), float('nan')):>9.2f}", file=sys.stderr)
-    if vx.get("explain_s_per_mask"):
-        print(f"vitcx explanation: {vx['explain_s_per_mask']:.4f} s/mask "
-              f"({vx['explain']['n_masks']} masks)", file=sys.stderr)
+              f"{s1.get(str(k), float('nan')):>7.2f} {s3.get(str(k), float('nan')):>7.2f}", file=sys.stderr)
+    print("f32 x = PyTorch f32 s / vitcx f32 s; bf16 x = PyTorch bf16 autocast s / vitcx bf16 s",
+          file=sys.stderr)
+    for key, name in (("explain", "f32"), ("explain_bf16", "bf16")):
+        if vx.get(key):
+            print(f"vitcx explanation, {name} perturbed passes: {vx[key]['explain_s_per_mask']:.4f} s/mask "
+                  f"({vx[key]['n_masks']} masks)", file=sys.stderr)
+    if vx.get("bf16_fidelity"):
+        f = vx["bf16_fidelity"]
+        print(f"vitcx bf16 vs f32: saliency pearson {f['saliency_pearson']:.6f}, "
+              f"top-1 {f['top1_bf16']} vs {f['top1_f32']}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -478,6 +478,99 @@ pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
     sab / (saa * sbb).sqrt()
 }
 
+/// This machine's f32 multiply-add peak in GFLOP/s on `threads` threads: each thread runs 24
+/// independent chains of the widest FMA the CPU has (AVX-512, else AVX2) in registers; the best
+/// of three runs of about a tenth of a second. The most a matrix product could reach, to read the forward pass's
+/// GFLOP/s against. `None` where neither exists (or off x86-64).
+pub fn fma_peak_gflops(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        let avx2 = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        let lanes = match (avx512, avx2) {
+            (true, _) => 16,
+            (false, true) => 8,
+            _ => return None,
+        };
+        const ITERS: usize = 20_000_000;
+        let run = move || {
+            // SAFETY: the features were detected above.
+            unsafe {
+                if avx512 {
+                    peak::chains_avx512(ITERS)
+                } else {
+                    peak::chains_avx2(ITERS)
+                }
+            }
+        };
+        run(); // warm-up: clocks up, pages in
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let handles: Vec<_> = (0..threads.max(1))
+                .map(|_| std::thread::spawn(run))
+                .collect();
+            let mut sink = 0.0;
+            for h in handles {
+                sink += h.join().ok()?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+            std::hint::black_box(sink);
+        }
+        let flop = (threads.max(1) * ITERS * peak::CHAINS * lanes * 2) as f64;
+        Some(flop / best / 1e9)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = threads;
+        None
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// Independent accumulators per thread: enough to cover the FMA latency on two ports.
+    pub(super) const CHAINS: usize = 24;
+
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn chains_avx512(iters: usize) -> f32 {
+        let mut acc = [_mm512_set1_ps(0.0); CHAINS];
+        let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999_9));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm512_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm512_set1_ps(0.0);
+        for v in acc {
+            s = _mm512_add_ps(s, v);
+        }
+        _mm512_reduce_add_ps(s)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn chains_avx2(iters: usize) -> f32 {
+        let mut acc = [_mm256_set1_ps(0.0); CHAINS];
+        let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999_9));
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = _mm256_fmadd_ps(*v, a, b);
+            }
+        }
+        let mut s = _mm256_set1_ps(0.0);
+        for v in acc {
+            s = _mm256_add_ps(s, v);
+        }
+        let mut out = [0f32; 8];
+        // SAFETY: `out` holds 8 f32.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
+        out.iter().sum()
+    }
+}
+
 /// Peak resident memory of this process in bytes (`VmHWM` of `/proc/self/status`); `None`
 /// where that file does not exist (not Linux).
 pub fn peak_rss_bytes() -> Option<u64> {

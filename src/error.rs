@@ -30,7 +30,24 @@ pub enum Error {
     Unsupported(String),
     /// A tensor operation failed (shape mismatch inside the model, device error).
     #[error("tensor error: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    /// Keeps candle's message and drops the stack trace it captures when `RUST_BACKTRACE` is
+    /// set: a user reads one line, not a trace.
+    fn from(err: candle_core::Error) -> Self {
+        Error::Candle(without_backtrace(err))
+    }
+}
+
+/// candle's error without the stack trace it wraps around the message.
+pub(crate) fn without_backtrace(err: candle_core::Error) -> candle_core::Error {
+    let mut err = err;
+    while let candle_core::Error::WithBacktrace { inner, .. } = err {
+        err = *inner;
+    }
+    err
 }
 
 impl Error {
@@ -50,3 +67,15 @@ impl Error {
 
 /// `Result` with vitcx's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candle_errors_lose_their_stack_trace() {
+        let e = candle_core::Error::Msg("shape mismatch".into()).bt();
+        let shown = Error::from(e).to_string();
+        assert_eq!(shown, "tensor error: shape mismatch");
+    }
+}

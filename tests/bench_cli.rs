@@ -46,6 +46,12 @@ fn bench_tiny_json() {
     assert!((flop - 2.51).abs() < 0.02, "tiny is 2.51 GFLOP, got {flop}");
     assert!(((g * s - flop) / flop).abs() < 1e-9, "{g} * {s} != {flop}");
     positive(&v, "forward_s_per_image_bf16");
+    if cfg!(target_arch = "x86_64") {
+        // The forward pass cannot beat the machine's FMA peak.
+        let peak = positive(&v, "fma_peak_gflops");
+        let share = positive(&v, "forward_share_of_peak");
+        assert!((share - g / peak).abs() < 1e-9 && share < 1.0, "{share}");
+    }
     assert!(v["bf16_kernel"].as_str().unwrap().contains("bf16"));
     positive(&v, "explain_s_per_mask_bf16");
     assert_eq!(v["explain_bf16"]["n_masks"], 4);

@@ -52,6 +52,7 @@ pub fn device(name: &str) -> Result<Device> {
         )));
     }
     Device::new_cuda(ordinal).map_err(|e| {
+        let e = crate::error::without_backtrace(e);
         crate::Error::Unsupported(format!("device {name:?}: cannot open CUDA device: {e}"))
     })
 }

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use vitcx::bench::{
-    bf16_fidelity, machine_info, peak_rss_bytes, random_vit, synthetic_image, time_explanation,
-    time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
+    bf16_fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_vit, synthetic_image,
+    time_explanation, time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
 };
 use vitcx::explain::VitCxParams;
 use vitcx::model::{Backbone, Precision};
@@ -55,6 +55,10 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let pre = &model.config().preprocess;
     let x = synthetic_image(model.spec().input_size, pre.mean, pre.std);
 
+    let peak = fma_peak_gflops(candle_core::utils::get_num_threads());
+    if let Some(p) = peak {
+        eprintln!("  f32 FMA peak of this machine: {p:.0} GFLOP/s");
+    }
     let mut forward: Vec<(Precision, ForwardTiming)> = Vec::new();
     for &b in &batches {
         // Both precisions at one batch size back to back, so a change of machine load hits both.
@@ -98,7 +102,7 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         _ => None,
     };
 
-    let report = report_json(preset, &a, &forward, &explain, fidelity.as_ref());
+    let report = report_json(preset, &a, &forward, &explain, fidelity.as_ref(), peak);
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -164,6 +168,7 @@ fn report_json(
     forward: &[(Precision, ForwardTiming)],
     explain: &[(Precision, ExplainTiming)],
     fidelity: Option<&Bf16Fidelity>,
+    peak: Option<f64>,
 ) -> Value {
     let arch = preset.arch();
     let ex = |p: Precision| explain.iter().find(|(q, _)| *q == p).map(|(_, e)| e);
@@ -181,6 +186,10 @@ fn report_json(
         "dtype": "f32",
         "forward_s_per_image": per_batch(forward, Precision::F32, |t| json!(t.s_per_image)),
         "forward_gflops": per_batch(forward, Precision::F32, |t| json!(t.gflops)),
+        "fma_peak_gflops": peak,
+        "forward_share_of_peak": per_batch(forward, Precision::F32, |t| {
+            json!(peak.map(|p| t.gflops / p))
+        }),
         "forward_runs_s": runs_map(forward, Precision::F32),
         "forward_s_per_image_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.s_per_image)),
         "forward_gflops_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.gflops)),
@@ -235,6 +244,9 @@ fn write_text(
         m["loadavg"].as_str().unwrap_or("?")
     )?;
     writeln!(out)?;
+    if let Some(p) = report["fma_peak_gflops"].as_f64() {
+        writeln!(out, "f32 FMA peak (same threads): {p:.0} GFLOP/s")?;
+    }
     writeln!(
         out,
         "bf16 kernel: {}",
