@@ -208,6 +208,11 @@ impl PackedBf16 {
                 let ap = p.as_ptr().add(tile.row * self.pairs);
                 dispatch!(tile_avx512bf16, ap, self.pairs)
             }
+            #[cfg(all(test, target_arch = "x86_64"))]
+            (Kernel::PairsModelled, Operand::Pairs(p)) => {
+                let ap = p.as_ptr().add(tile.row * self.pairs);
+                dispatch!(tile_pairs_modelled, ap, self.pairs)
+            }
             #[cfg(target_arch = "x86_64")]
             (Kernel::Avx512, Operand::Rounded(x)) => {
                 let ap = x.as_ptr().add(tile.row * 2 * self.pairs);
@@ -223,7 +228,7 @@ impl PackedBf16 {
                 dispatch!(tile_portable, ap, 2 * self.pairs)
             }
             (_, Operand::Pairs(_)) => {
-                unreachable!("pairs are only made for the AVX512-BF16 kernel")
+                unreachable!("pairs are only made for the pair kernels")
             }
         }
     }
@@ -243,6 +248,9 @@ struct Tile {
 pub(crate) enum Kernel {
     /// `vdpbf16ps`.
     Avx512Bf16,
+    /// The `vdpbf16ps` kernel with the instruction modelled in AVX-512F (tests only).
+    #[cfg(test)]
+    PairsModelled,
     /// AVX-512F, pairs widened to f32.
     Avx512,
     /// AVX2 + FMA, portable code compiled for them.
@@ -280,6 +288,7 @@ impl Kernel {
             }
             if is_x86_feature_detected!("avx512f") {
                 out.push(Kernel::Avx512);
+                out.push(Kernel::PairsModelled);
                 if is_x86_feature_detected!("avx512bf16") {
                     out.push(Kernel::Avx512Bf16);
                 }
@@ -292,6 +301,8 @@ impl Kernel {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Kernel::Avx512Bf16 => "avx512-bf16 (vdpbf16ps)",
+            #[cfg(test)]
+            Kernel::PairsModelled => "avx512f (vdpbf16ps modelled)",
             Kernel::Avx512 => "avx512f (bf16 widened to f32)",
             Kernel::Fma => "avx2+fma (bf16 widened to f32)",
             Kernel::Portable => "portable (bf16 widened to f32)",
@@ -310,8 +321,14 @@ enum Operand {
 impl Operand {
     fn new(kernel: Kernel, x: &[f32], k: usize, pairs: usize) -> Self {
         const ROWS: usize = 16;
-        match kernel {
-            Kernel::Avx512Bf16 => {
+        let pairs_layout = match kernel {
+            Kernel::Avx512Bf16 => true,
+            #[cfg(test)]
+            Kernel::PairsModelled => true,
+            _ => false,
+        };
+        match pairs_layout {
+            true => {
                 let mut out = vec![0u32; x.len() / k * pairs];
                 out.par_chunks_mut(ROWS * pairs)
                     .zip(x.par_chunks(ROWS * k))
@@ -326,7 +343,7 @@ impl Operand {
                     });
                 Operand::Pairs(out)
             }
-            _ => {
+            false => {
                 let w = 2 * pairs;
                 let mut out = vec![0f32; x.len() / k * w];
                 out.par_chunks_mut(ROWS * w)
@@ -492,47 +509,108 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     }
 }
 
-/// AVX512-BF16 micro-tile: `a` holds `R` rows of `pairs` packed bf16 pairs, `lda` apart;
-/// otherwise the contract of [`tile_portable_body`].
+/// Micro-tiles over packed pairs: `a` holds `R` rows of `pairs` packed bf16 pairs, `lda` apart;
+/// otherwise the contract of [`tile_portable_body`]. `$dot(acc, a, w)` is `vdpbf16ps`: the
+/// hardware instruction in [`tile_avx512bf16`], and in the tests an AVX-512F model of it, so
+/// that everything but the instruction (pair packing, broadcasts, strides, masks) runs on
+/// machines without AVX512-BF16 too.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512bf16<const R: usize, const B: usize>(
-    a: *const u32,
-    lda: usize,
-    pairs: usize,
-    w: *const u32,
-    ldw: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: [usize; B],
-) {
-    use std::arch::x86_64::*;
-    let masks = valid.map(lane_mask);
-    let mut acc = [[_mm512_setzero_ps(); B]; R];
-    for r in 0..R {
-        for b in 0..B {
-            acc[r][b] = _mm512_maskz_loadu_ps(masks[b], c.add(r * ldc + b * LANES));
-        }
-    }
-    for p in 0..pairs {
-        let mut wv = [_mm512_setzero_si512(); B];
-        for b in 0..B {
-            wv[b] = _mm512_loadu_epi32(w.add(b * ldw + p * LANES) as *const i32);
-        }
-        for r in 0..R {
-            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r * lda + p) as i32));
-            for b in 0..B {
-                let wb: __m512bh = std::mem::transmute(wv[b]);
-                acc[r][b] = _mm512_dpbf16_ps(acc[r][b], av, wb);
+macro_rules! pair_tile {
+    ($(#[$attr:meta])* $name:ident, $features:literal, $dot:ident) => {
+        $(#[$attr])*
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const R: usize, const B: usize>(
+            a: *const u32,
+            lda: usize,
+            pairs: usize,
+            w: *const u32,
+            ldw: usize,
+            c: *mut f32,
+            ldc: usize,
+            valid: [usize; B],
+        ) {
+            use std::arch::x86_64::*;
+            let masks = valid.map(lane_mask);
+            let mut acc = [[_mm512_setzero_ps(); B]; R];
+            for r in 0..R {
+                for b in 0..B {
+                    acc[r][b] = _mm512_maskz_loadu_ps(masks[b], c.add(r * ldc + b * LANES));
+                }
+            }
+            for p in 0..pairs {
+                let mut wv = [_mm512_setzero_si512(); B];
+                for b in 0..B {
+                    wv[b] = _mm512_loadu_epi32(w.add(b * ldw + p * LANES) as *const i32);
+                }
+                for r in 0..R {
+                    let av = _mm512_set1_epi32(*a.add(r * lda + p) as i32);
+                    for b in 0..B {
+                        acc[r][b] = $dot(acc[r][b], av, wv[b]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for b in 0..B {
+                    _mm512_mask_storeu_ps(c.add(r * ldc + b * LANES), masks[b], acc[r][b]);
+                }
             }
         }
-    }
-    for r in 0..R {
-        for b in 0..B {
-            _mm512_mask_storeu_ps(c.add(r * ldc + b * LANES), masks[b], acc[r][b]);
-        }
-    }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+pair_tile!(
+    /// AVX512-BF16 micro-tile (`vdpbf16ps`).
+    tile_avx512bf16,
+    "avx512f,avx512bf16",
+    dot_bf16
+);
+
+#[cfg(all(test, target_arch = "x86_64"))]
+pair_tile!(
+    /// [`tile_avx512bf16`] with `vdpbf16ps` modelled in AVX-512F, for the tests.
+    tile_pairs_modelled,
+    "avx512f",
+    dot_modelled
+);
+
+/// `acc + a.odd * w.odd + a.even * w.even` per lane, in hardware.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn dot_bf16(
+    acc: std::arch::x86_64::__m512,
+    a: std::arch::x86_64::__m512i,
+    w: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: same-size vector types; bf16 pairs are what the u32 lanes hold.
+    let (a, w) = unsafe {
+        (
+            std::mem::transmute::<__m512i, __m512bh>(a),
+            std::mem::transmute::<__m512i, __m512bh>(w),
+        )
+    };
+    _mm512_dpbf16_ps(acc, a, w)
+}
+
+/// [`dot_bf16`] in AVX-512F: the odd elements' product added first, then the even ones', each
+/// product exact in f32 and each addition rounded once, as Intel documents `vdpbf16ps`.
+#[cfg(all(test, target_arch = "x86_64"))]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn dot_modelled(
+    acc: std::arch::x86_64::__m512,
+    a: std::arch::x86_64::__m512i,
+    w: std::arch::x86_64::__m512i,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let odd = |v| _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    let even = |v| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+    let acc = _mm512_fmadd_ps(odd(a), odd(w), acc);
+    _mm512_fmadd_ps(even(a), even(w), acc)
 }
 
 /// `xs (rows, k) @ W` (+ the packed bias if `bias`) on the CPU as a candle op. No backward:
