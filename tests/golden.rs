@@ -135,38 +135,51 @@ fn sigma0_reproduces_reference() {
     }
 }
 
+/// Explains `case`'s target with `params` and the reference's stored noise draw (matched to our
+/// mask order), as the reference computed `saliency_sigma0.1.npy`.
+fn explain_with_stored_noise(
+    case: &str,
+    model: &vitcx::model::VisionTransformer,
+    params: VitCxParams,
+) -> vitcx::Explanation {
+    let m = manifest(case);
+    let x = input(case, model);
+    let params = VitCxParams {
+        noise_std: m["noise_sigma"].as_f64().unwrap() as f32,
+        ..params
+    };
+    let method = VitCx::new(&params, model).unwrap();
+    let prepared = method.prepare(model, &x, &mut NoProgress).unwrap();
+    let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+    let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
+    let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
+    let len = x.len();
+    let draws = perm
+        .iter()
+        .map(|&j| noise[j * len..(j + 1) * len].to_vec())
+        .collect();
+    let target = m["target"].as_u64().unwrap() as usize;
+    method
+        .score(
+            model,
+            &x,
+            prepared,
+            &[target],
+            &Noise::Given(draws),
+            &mut NoProgress,
+        )
+        .unwrap()
+}
+
 #[test]
 fn stored_noise_reproduces_reference() {
     for case in CASES {
-        let m = manifest(case);
         let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
-        let x = input(case, &model);
         let params = VitCxParams {
-            noise_std: m["noise_sigma"].as_f64().unwrap() as f32,
             batch: 7, // odd on purpose: the result must not depend on batching
             ..Default::default()
         };
-        let method = VitCx::new(&params, &model).unwrap();
-        let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
-        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
-        let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
-        let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
-        let len = x.len();
-        let draws = perm
-            .iter()
-            .map(|&j| noise[j * len..(j + 1) * len].to_vec())
-            .collect();
-        let target = m["target"].as_u64().unwrap() as usize;
-        let ex = method
-            .score(
-                &model,
-                &x,
-                prepared,
-                &[target],
-                &Noise::Given(draws),
-                &mut NoProgress,
-            )
-            .unwrap();
+        let ex = explain_with_stored_noise(case, &model, params);
         assert_saliency(case, "saliency_sigma0.1.npy", &ex.saliency[0]);
     }
 }
@@ -195,35 +208,12 @@ fn seeded_noise_is_reproducible_and_close_to_reference() {
 #[test]
 fn bf16_perturbed_passes_keep_the_golden_maps() {
     for case in CASES {
-        let m = manifest(case);
         let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
-        let x = input(case, &model);
         let params = VitCxParams {
-            noise_std: m["noise_sigma"].as_f64().unwrap() as f32,
             precision: Precision::Bf16,
             ..Default::default()
         };
-        let method = VitCx::new(&params, &model).unwrap();
-        let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
-        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
-        let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
-        let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
-        let len = x.len();
-        let draws = perm
-            .iter()
-            .map(|&j| noise[j * len..(j + 1) * len].to_vec())
-            .collect();
-        let target = m["target"].as_u64().unwrap() as usize;
-        let ex = method
-            .score(
-                &model,
-                &x,
-                prepared,
-                &[target],
-                &Noise::Given(draws),
-                &mut NoProgress,
-            )
-            .unwrap();
+        let ex = explain_with_stored_noise(case, &model, params);
         let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
             .unwrap()
             .to_f32();
@@ -236,18 +226,14 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
             "{case}: bf16 gave the f32 map bit for bit; was bf16 used?"
         );
 
-        let px = candle_core::Tensor::from_vec(x.clone(), (1, 3, 224, 224), &Device::Cpu).unwrap();
-        let p16 = model
-            .probs_at(&px, Precision::Bf16)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        let p32 = model
-            .probs_at(&px, Precision::F32)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(argmax(&p16[0]), argmax(&p32[0]), "{case}: bf16 top-1");
+        let x = input(case, &model);
+        let px = candle_core::Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let top1 = |p| argmax(&model.probs_at(&px, p).unwrap().to_vec2::<f32>().unwrap()[0]);
+        assert_eq!(
+            top1(Precision::Bf16),
+            top1(Precision::F32),
+            "{case}: bf16 top-1"
+        );
     }
 }
 
