@@ -211,6 +211,10 @@ fn bf16_perturbed_passes_through_the_cli() {
             "-q",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
+        // On a CPU without a bf16 dot product, bf16 says it will not be faster.
+        let slow_bf16 = precision == "bf16" && !vitcx::model::Precision::bf16_is_native();
+        let note = stderr(&o).contains("this CPU has no bf16 dot product");
+        assert_eq!(note, slow_bf16, "{}", stderr(&o));
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("image_224.json")).unwrap()).unwrap();
         assert_eq!(report["params"]["precision"], precision);

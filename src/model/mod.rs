@@ -196,6 +196,12 @@ impl Precision {
     pub fn bf16_kernel() -> &'static str {
         bf16::Kernel::detect().name()
     }
+
+    /// Whether this CPU has a bf16 dot product (AVX512-BF16), the only case where `Bf16` is
+    /// faster than `F32` on the CPU.
+    pub fn bf16_is_native() -> bool {
+        bf16::Kernel::detect() == bf16::Kernel::Avx512Bf16
+    }
 }
 
 /// Where in the network to read tokens from.

@@ -13,6 +13,7 @@ use vitcx::{Explainer, Method, Targets};
 
 use crate::args::ExplainArgs;
 use crate::progress::Bars;
+use vitcx::model::Precision;
 
 pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let method = Method::parse(&a.method).context("--method")?;
@@ -22,6 +23,13 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let cfg = model.config().clone();
     let classes = resolve_classes(&a, &cfg)?;
     let images = crate::inputs::expand(&a.images)?;
+    if a.vitcx.precision == Precision::Bf16 && device.is_cpu() && !Precision::bf16_is_native() {
+        eprintln!(
+            "vitcx: --precision bf16: this CPU has no bf16 dot product (AVX512-BF16), so the bf16 \
+             passes run about as fast as f32 ({})",
+            Precision::bf16_kernel()
+        );
+    }
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
 
