@@ -55,7 +55,11 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let pre = &model.config().preprocess;
     let x = synthetic_image(model.spec().input_size, pre.mean, pre.std);
 
-    let peak = fma_peak_gflops(candle_core::utils::get_num_threads());
+    // The CPU's peak says nothing about a GPU run.
+    let peak = device
+        .is_cpu()
+        .then(|| fma_peak_gflops(candle_core::utils::get_num_threads()))
+        .flatten();
     if let Some(p) = peak {
         eprintln!("  f32 FMA peak of this machine: {p:.0} GFLOP/s");
     }
@@ -102,7 +106,22 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         _ => None,
     };
 
-    let report = report_json(preset, &a, &forward, &explain, fidelity.as_ref(), peak);
+    let bf16_kernel = if device.is_cpu() {
+        Precision::bf16_kernel()
+    } else {
+        "candle bf16 matmul"
+    };
+    let report = report_json(
+        preset,
+        &a,
+        Measured {
+            forward: &forward,
+            explain: &explain,
+            fidelity: fidelity.as_ref(),
+            peak,
+            bf16_kernel,
+        },
+    );
     let mut out = std::io::stdout().lock();
     if a.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -162,14 +181,23 @@ fn explain_json(e: &ExplainTiming) -> Value {
     })
 }
 
-fn report_json(
-    preset: Preset,
-    a: &BenchArgs,
-    forward: &[(Precision, ForwardTiming)],
-    explain: &[(Precision, ExplainTiming)],
-    fidelity: Option<&Bf16Fidelity>,
+/// What one `vitcx bench` run measured.
+struct Measured<'a> {
+    forward: &'a [(Precision, ForwardTiming)],
+    explain: &'a [(Precision, ExplainTiming)],
+    fidelity: Option<&'a Bf16Fidelity>,
     peak: Option<f64>,
-) -> Value {
+    bf16_kernel: &'static str,
+}
+
+fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
+    let Measured {
+        forward,
+        explain,
+        fidelity,
+        peak,
+        bf16_kernel,
+    } = m;
     let arch = preset.arch();
     let ex = |p: Precision| explain.iter().find(|(q, _)| *q == p).map(|(_, e)| e);
     let (e32, e16) = (ex(Precision::F32), ex(Precision::Bf16));
@@ -194,7 +222,7 @@ fn report_json(
         "forward_s_per_image_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.s_per_image)),
         "forward_gflops_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.gflops)),
         "forward_runs_s_bf16": runs_map(forward, Precision::Bf16),
-        "bf16_kernel": Precision::bf16_kernel(),
+        "bf16_kernel": bf16_kernel,
         "explain_s_per_mask": e32.map(|e| e.explain_s_per_mask),
         "perturbed_forward_s_per_image": e32.map(|e| e.perturbed_forward_s_per_image),
         "explain": e32.map(explain_json),
