@@ -172,35 +172,26 @@ impl PackedBf16 {
     unsafe fn tile(&self, kernel: Kernel, a: &Operand, tile: Tile, c: *mut f32) {
         let w = self.panels.as_ptr().add(tile.block * self.pairs * LANES);
         let c = c.add(tile.block * LANES);
-        let ldw = self.pairs * LANES;
         let valid = |b: usize| (self.n - (tile.block + b) * LANES).min(LANES);
         macro_rules! dispatch {
-            ($f:ident, $a:expr, $lda:expr) => {
+            ($f:ident, $a:expr, $lda:expr) => {{
+                let t = TileArgs {
+                    a: $a,
+                    lda: $lda,
+                    pairs: self.pairs,
+                    w,
+                    ldw: self.pairs * LANES,
+                    c,
+                    ldc: self.n,
+                    valid: [],
+                };
                 match (tile.rows, tile.blocks) {
-                    (MR, NB) => $f::<MR, NB>(
-                        $a,
-                        $lda,
-                        self.pairs,
-                        w,
-                        ldw,
-                        c,
-                        self.n,
-                        [valid(0), valid(1)],
-                    ),
-                    (MR, _) => $f::<MR, 1>($a, $lda, self.pairs, w, ldw, c, self.n, [valid(0)]),
-                    (_, NB) => $f::<1, NB>(
-                        $a,
-                        $lda,
-                        self.pairs,
-                        w,
-                        ldw,
-                        c,
-                        self.n,
-                        [valid(0), valid(1)],
-                    ),
-                    _ => $f::<1, 1>($a, $lda, self.pairs, w, ldw, c, self.n, [valid(0)]),
+                    (MR, NB) => $f::<MR, NB>(t.blocks([valid(0), valid(1)])),
+                    (MR, _) => $f::<MR, 1>(t.blocks([valid(0)])),
+                    (_, NB) => $f::<1, NB>(t.blocks([valid(0), valid(1)])),
+                    _ => $f::<1, 1>(t.blocks([valid(0)])),
                 }
-            };
+            }};
         }
         match (kernel, a) {
             #[cfg(target_arch = "x86_64")]
@@ -225,7 +216,7 @@ impl PackedBf16 {
             }
             (_, Operand::Rounded(x)) => {
                 let ap = x.as_ptr().add(tile.row * 2 * self.pairs);
-                dispatch!(tile_portable, ap, 2 * self.pairs)
+                dispatch!(tile_portable_body, ap, 2 * self.pairs)
             }
             (_, Operand::Pairs(_)) => {
                 unreachable!("pairs are only made for the pair kernels")
@@ -241,6 +232,47 @@ struct Tile {
     rows: usize,
     block: usize,
     blocks: usize,
+}
+
+/// One micro-tile's operands: `R` input rows from `a`, `lda` units apart; `B` weight panels of
+/// `pairs` pairs from `w`, `ldw` apart; the output rows from `c`, `ldc` apart, of whose blocks
+/// `valid[b]` columns exist.
+#[derive(Clone, Copy)]
+struct TileArgs<T, const B: usize> {
+    a: *const T,
+    lda: usize,
+    pairs: usize,
+    w: *const u32,
+    ldw: usize,
+    c: *mut f32,
+    ldc: usize,
+    valid: [usize; B],
+}
+
+impl<T> TileArgs<T, 0> {
+    /// The same operands over `B` column blocks with these valid widths.
+    fn blocks<const B: usize>(self, valid: [usize; B]) -> TileArgs<T, B> {
+        let TileArgs {
+            a,
+            lda,
+            pairs,
+            w,
+            ldw,
+            c,
+            ldc,
+            ..
+        } = self;
+        TileArgs {
+            a,
+            lda,
+            pairs,
+            w,
+            ldw,
+            c,
+            ldc,
+            valid,
+        }
+    }
 }
 
 /// Which kernel runs the product.
@@ -375,17 +407,17 @@ fn widen_pair(v: u32) -> (f32, f32) {
 /// `a` must hold `R` rows of `2 * pairs` values `lda` apart, `w` `B` panels `ldw` apart, and `c`
 /// `R` rows `ldc` apart with `16 * (B - 1) + valid[B - 1]` columns.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_portable_body<const R: usize, const B: usize>(
-    a: *const f32,
-    lda: usize,
-    pairs: usize,
-    w: *const u32,
-    ldw: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: [usize; B],
-) {
+unsafe fn tile_portable_body<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
+    let TileArgs {
+        a,
+        lda,
+        pairs,
+        w,
+        ldw,
+        c,
+        ldc,
+        valid,
+    } = t;
     let mut acc = [[[0f32; LANES]; B]; R];
     for r in 0..R {
         for b in 0..B {
@@ -422,36 +454,11 @@ unsafe fn tile_portable_body<const R: usize, const B: usize>(
     }
 }
 
-/// [`tile_portable_body`] for any CPU.
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_portable<const R: usize, const B: usize>(
-    a: *const f32,
-    lda: usize,
-    pairs: usize,
-    w: *const u32,
-    ldw: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: [usize; B],
-) {
-    tile_portable_body::<R, B>(a, lda, pairs, w, ldw, c, ldc, valid)
-}
-
 /// [`tile_portable_body`] compiled for AVX2 + FMA (`mul_add` becomes one instruction).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_fma<const R: usize, const B: usize>(
-    a: *const f32,
-    lda: usize,
-    pairs: usize,
-    w: *const u32,
-    ldw: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: [usize; B],
-) {
-    tile_portable_body::<R, B>(a, lda, pairs, w, ldw, c, ldc, valid)
+unsafe fn tile_fma<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
+    tile_portable_body::<R, B>(t)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -509,17 +516,17 @@ unsafe fn store_tile<const R: usize, const B: usize>(
 /// AVX-512F micro-tile, same contract and same bits as [`tile_portable_body`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_avx512<const R: usize, const B: usize>(
-    a: *const f32,
-    lda: usize,
-    pairs: usize,
-    w: *const u32,
-    ldw: usize,
-    c: *mut f32,
-    ldc: usize,
-    valid: [usize; B],
-) {
+unsafe fn tile_avx512<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
+    let TileArgs {
+        a,
+        lda,
+        pairs,
+        w,
+        ldw,
+        c,
+        ldc,
+        valid,
+    } = t;
     use std::arch::x86_64::*;
     let masks = valid.map(lane_mask);
     let mut acc = load_tile::<R, B>(c, ldc, masks);
@@ -553,17 +560,19 @@ macro_rules! pair_tile {
     ($(#[$attr:meta])* $name:ident, $features:literal, $dot:ident) => {
         $(#[$attr])*
         #[target_feature(enable = $features)]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn $name<const R: usize, const B: usize>(
-            a: *const u32,
-            lda: usize,
-            pairs: usize,
-            w: *const u32,
-            ldw: usize,
-            c: *mut f32,
-            ldc: usize,
-            valid: [usize; B],
+                unsafe fn $name<const R: usize, const B: usize>(
+            t: TileArgs<u32, B>,
         ) {
+            let TileArgs {
+                a,
+                lda,
+                pairs,
+                w,
+                ldw,
+                c,
+                ldc,
+                valid,
+            } = t;
             use std::arch::x86_64::*;
             let masks = valid.map(lane_mask);
             let mut acc = load_tile::<R, B>(c, ldc, masks);
