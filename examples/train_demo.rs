@@ -216,7 +216,7 @@ fn evaluate(dir: &std::path::Path, count: usize) -> anyhow::Result<()> {
     r["held_out_seed"] = HELD_OUT_SEED.into();
     r["held_out_images"] = count.into();
     r["held_out_accuracy"] = acc.into();
-    vitcx::output::write_json_atomic(&path, &config)?;
+    vitcx::io::output::write_json_atomic(&path, &config)?;
     println!(
         "{}: held-out accuracy {:.2}% on {count} images",
         dir.display(),

@@ -16,7 +16,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::explain::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
+use crate::methods::vitcx::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
 use crate::model::{Backbone, Precision, VisionTransformer};
 
 /// Standard deviation of the random weights (timm's `trunc_normal_(std=0.02)` initialisation).

@@ -359,7 +359,7 @@ mod tests {
             };
             let img = load_rgb(&data(&format!("{case}/image_224.png"))).unwrap();
             let ours = to_input(&img, arr("mean"), arr("std"));
-            let want = crate::npy::read_npy(data(&format!("{case}/input.npy"))).unwrap();
+            let want = crate::io::npy::read_npy(data(&format!("{case}/input.npy"))).unwrap();
             assert_eq!(want.shape, vec![3, 224, 224]);
             let want = want.to_f32();
             assert_eq!(ours.len(), want.len());

@@ -13,7 +13,7 @@
 //! [`gradcam`]) and the control maps of [`controls`]; [`metrics`] scores any of them.
 //!
 //! ```
-//! use vitcx::{explain::NoProgress, model::Backbone, VitCx, VitCxParams};
+//! use vitcx::{methods::vitcx::NoProgress, model::Backbone, VitCx, VitCxParams};
 //!
 //! let model = vitcx::model::load("tests/data/vit_timm".as_ref(), &candle_core::Device::Cpu)?;
 //! let img = vitcx::image::load_rgb("examples/goldfish.jpg".as_ref())?;
@@ -28,26 +28,14 @@
 //! ```
 
 pub mod bench;
-pub mod cluster;
-pub mod controls;
 pub mod error;
-pub mod explain;
-pub mod gradcam;
-pub mod hub;
+pub mod eval;
 pub mod image;
-pub mod mask;
+pub mod io;
 pub mod methods;
-pub mod metrics;
 pub mod model;
-pub mod npy;
-pub mod output;
-pub mod render;
-pub mod rise;
-pub mod rollout;
-pub mod score;
-pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use explain::{Explanation, Noise, VitCx, VitCxParams};
+pub use methods::vitcx::{Explanation, Noise, VitCx, VitCxParams};
 pub use methods::{Explainer, Method, MethodParams, Targets};

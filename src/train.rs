@@ -1,4 +1,4 @@
-//! Training a small ViT on the synthetic shapes benchmark ([`crate::synth`]) with candle.
+//! Training a small ViT on the synthetic shapes benchmark ([`crate::eval::synth`]) with candle.
 //!
 //! This is how the bundled demo model is made. The trainable model IS the inference model: the
 //! parameters are candle [`Var`]s named as in a timm state dict, and each step builds a
@@ -21,9 +21,9 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::bench::{random_state_dict, timm_config_json, Arch};
 use crate::error::{Error, Result};
-use crate::explain::argmax;
+use crate::eval::synth::{self, CLASSES};
+use crate::methods::vitcx::argmax;
 use crate::model::{Backbone, Tap, VisionTransformer};
-use crate::synth::{self, CLASSES};
 
 /// The timm architecture name written into the demo model's `config.json`.
 pub const DEMO_ARCHITECTURE: &str = "vit_demo_patch16_224";
@@ -365,7 +365,7 @@ impl Trainer {
         if let Some(r) = report {
             config["vitcx_training"] = r;
         }
-        crate::output::write_json_atomic(&dir.join("config.json"), &config)
+        crate::io::output::write_json_atomic(&dir.join("config.json"), &config)
     }
 }
 
@@ -704,7 +704,7 @@ mod tests {
         let resumed = Trainer::resume(tiny(), dir.path(), &Device::Cpu).unwrap();
         let r = resumed.model().unwrap().forward(&px, None).unwrap().logits;
         let l = loaded.forward(&px, None).unwrap().logits;
-        assert_eq!(crate::model::max_abs_diff(&r, &l), 0.0);
+        assert_eq!(crate::model::kernels::max_abs_diff(&r, &l), 0.0);
         // A checkpoint of another architecture is refused with the reason.
         let mut wider = tiny();
         wider.arch.dim = 32;
@@ -753,7 +753,7 @@ mod tests {
         assert_eq!(pool.len(), 5);
         let a = training_batch(&p, 3, &Device::Cpu, &pool).unwrap();
         let b = training_batch(&p, 3, &Device::Cpu, &pool).unwrap();
-        assert_eq!(crate::model::max_abs_diff(&a.px, &b.px), 0.0);
+        assert_eq!(crate::model::kernels::max_abs_diff(&a.px, &b.px), 0.0);
         // Every label of the batch is a pool image's label.
         let classes: Vec<u32> = pool.iter().map(|s| s.class_id as u32).collect();
         for l in a.labels.to_vec1::<u32>().unwrap() {

@@ -46,9 +46,10 @@ fn explain_sigma0_matches_reference_through_the_cli() {
             files_in(out.path()),
             vec!["image_224.json", "image_224.png", "image_224.saliency.npy"]
         );
-        let ours = vitcx::npy::read_npy(out.path().join("image_224.saliency.npy")).unwrap();
+        let ours = vitcx::io::npy::read_npy(out.path().join("image_224.saliency.npy")).unwrap();
         assert_eq!(ours.shape, vec![224, 224]);
-        let golden = vitcx::npy::read_npy(data(&format!("{case}/saliency_sigma0.npy"))).unwrap();
+        let golden =
+            vitcx::io::npy::read_npy(data(&format!("{case}/saliency_sigma0.npy"))).unwrap();
         let (a, b) = (ours.to_f32(), golden.to_f32());
         let range =
             b.iter().cloned().fold(f32::MIN, f32::max) - b.iter().cloned().fold(f32::MAX, f32::min);
@@ -218,7 +219,7 @@ fn bf16_perturbed_passes_through_the_cli() {
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(out.join("image_224.json")).unwrap()).unwrap();
         assert_eq!(report["params"]["precision"], precision);
-        let npy = vitcx::npy::read_npy(out.join("image_224.saliency.npy")).unwrap();
+        let npy = vitcx::io::npy::read_npy(out.join("image_224.saliency.npy")).unwrap();
         (report["targets"][0]["id"].clone(), npy.to_f32())
     };
     let (c32, m32) = run("f32");

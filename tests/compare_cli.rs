@@ -5,7 +5,7 @@ mod common;
 
 use common::{data, max_abs_diff, s, vitcx};
 
-use vitcx::npy::read_npy;
+use vitcx::io::npy::read_npy;
 
 #[test]
 fn compare_writes_one_figure_the_numbers_and_each_map() {

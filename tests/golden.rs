@@ -7,9 +7,9 @@ use common::max_abs_diff;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use vitcx::explain::{NoProgress, Noise, VitCx, VitCxParams};
+use vitcx::io::npy::read_npy;
+use vitcx::methods::vitcx::{NoProgress, Noise, VitCx, VitCxParams};
 use vitcx::model::{Backbone, Precision};
-use vitcx::npy::read_npy;
 
 const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
 
@@ -39,7 +39,11 @@ fn input(case: &str, model: &vitcx::model::VisionTransformer) -> Vec<f32> {
 
 /// For each of our masks, the index of the golden mask it matches (within `tol`), as a
 /// permutation, and the largest difference of a matched pair.
-fn match_masks(ours: &vitcx::mask::Masks, golden: &[f32], tol: f32) -> (Vec<usize>, f32) {
+fn match_masks(
+    ours: &vitcx::methods::vitcx::mask::Masks,
+    golden: &[f32],
+    tol: f32,
+) -> (Vec<usize>, f32) {
     let plane = ours.h * ours.w;
     let n = golden.len() / plane;
     assert_eq!(ours.n, n, "number of masks");

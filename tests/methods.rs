@@ -9,12 +9,12 @@ use common::max_abs_diff;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use vitcx::explain::NoProgress;
-use vitcx::gradcam::{GradCam, GradCamParams};
+use vitcx::io::npy::read_npy;
+use vitcx::methods::gradcam::{GradCam, GradCamParams};
+use vitcx::methods::rise::{GridMask, MaskSource, Rise, RiseParams};
+use vitcx::methods::rollout::{Rollout, RolloutParams};
+use vitcx::methods::vitcx::NoProgress;
 use vitcx::model::{Backbone, Tap, VisionTransformer};
-use vitcx::npy::read_npy;
-use vitcx::rise::{GridMask, MaskSource, Rise, RiseParams};
-use vitcx::rollout::{Rollout, RolloutParams};
 use vitcx::Targets;
 
 const CASES: [&str; 3] = ["vit_timm", "vit_hf", "deit_distilled_timm"];
@@ -85,10 +85,10 @@ fn rollout_matrix_is_row_stochastic_and_matches_the_reference() {
             .map(|a| {
                 let (_, heads, _, _) = a.dims4().unwrap();
                 let v = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                vitcx::rollout::head_mean(&v, heads, t)
+                vitcx::methods::rollout::head_mean(&v, heads, t)
             })
             .collect();
-        let r = vitcx::rollout::rollout(&mut layers, t, 0.0);
+        let r = vitcx::methods::rollout::rollout(&mut layers, t, 0.0);
         for row in r.chunks_exact(t) {
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{name}");
         }
@@ -158,7 +158,7 @@ fn rise_masks_match_scikit_image_resize() {
     let masks = stored_masks("vit_timm");
     let want = reference("vit_timm", "rise_masks_first2.npy");
     for (k, m) in masks.iter().take(2).enumerate() {
-        let ours = vitcx::rise::upsample(m, 8, (224, 224));
+        let ours = vitcx::methods::rise::upsample(m, 8, (224, 224));
         let d = max_abs_diff(&ours, &want[k * 224 * 224..(k + 1) * 224 * 224]);
         assert!(d < 1e-6, "mask {k}: {d}");
     }

@@ -37,11 +37,11 @@ fn synth_writes_images_masks_and_manifest() {
     want.sort();
     assert_eq!(names, want);
 
-    let entries = vitcx::synth::read_manifest(&out.join("manifest.jsonl")).unwrap();
+    let entries = vitcx::eval::synth::read_manifest(&out.join("manifest.jsonl")).unwrap();
     assert_eq!(entries.len(), 12);
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e.image, format!("{i:05}.png"));
-        assert_eq!(e.class_name, vitcx::synth::CLASSES[e.class_id]);
+        assert_eq!(e.class_name, vitcx::eval::synth::CLASSES[e.class_id]);
         let img = image::open(out.join(&e.image)).unwrap();
         assert_eq!((img.width(), img.height()), (224, 224));
         assert_eq!(img.color(), image::ColorType::Rgb8);
@@ -59,7 +59,7 @@ fn synth_writes_images_masks_and_manifest() {
             .sum::<usize>();
         assert!(n > 224 * 224 / 150, "sample {i}: {n} mask pixels");
         // The library gives the same sample.
-        let sample = vitcx::synth::sample(5, i as u64, (224, 224));
+        let sample = vitcx::eval::synth::sample(5, i as u64, (224, 224));
         assert_eq!(img.to_rgb8().as_raw(), sample.image.as_raw());
         assert_eq!(e.class_id, sample.class_id);
     }

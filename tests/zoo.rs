@@ -8,8 +8,8 @@ use common::max_abs_diff;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
+use vitcx::io::npy::read_npy;
 use vitcx::model::{Backbone, Tap};
-use vitcx::npy::read_npy;
 
 fn zoo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/zoo")

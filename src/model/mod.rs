@@ -13,14 +13,9 @@ use serde::Serialize;
 
 use crate::error::Result;
 
-mod attention;
-mod bf16;
 pub mod config;
-mod gelu;
-mod layer_norm;
-mod linear;
-mod softmax;
-mod vecmath;
+pub mod hub;
+pub(crate) mod kernels;
 pub mod vit;
 pub mod weights;
 
@@ -115,7 +110,7 @@ pub fn load_from_memory(
 
 /// The bundled demo model: a small ViT (patch 16, 224 px, 14x14 tokens) trained by
 /// `cargo run --release --example train_demo -- --seed 0` on the generated shapes of
-/// [`crate::synth`], so that vitcx can be tried, and checked against ground truth, without a
+/// [`crate::eval::synth`], so that vitcx can be tried, and checked against ground truth, without a
 /// download. Its weights are compiled into the library.
 pub fn demo(device: &Device) -> Result<VisionTransformer> {
     load_from_memory(DEMO_NAME, DEMO_CONFIG, DEMO_WEIGHTS, device)
@@ -194,13 +189,13 @@ impl Precision {
 
     /// Which bf16 kernel this CPU runs (`vitcx bench` reports it).
     pub fn bf16_kernel() -> &'static str {
-        bf16::Kernel::detect().name()
+        kernels::bf16::Kernel::detect().name()
     }
 
     /// Whether this CPU has a bf16 dot product (AVX512-BF16), the only case where `Bf16` is
     /// faster than `F32` on the CPU.
     pub fn bf16_is_native() -> bool {
-        bf16::Kernel::detect() == bf16::Kernel::Avx512Bf16
+        kernels::bf16::Kernel::detect() == kernels::bf16::Kernel::Avx512Bf16
     }
 }
 
@@ -310,110 +305,6 @@ pub struct TapGradient {
     pub gradients: Tensor,
 }
 
-/// The f32 values of a contiguous CPU storage, for the CPU kernels' `cpu_fwd`; `op` and `what`
-/// name the operation and operand in the error.
-pub(crate) fn f32_slice<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-    op: &str,
-    what: &str,
-) -> candle_core::Result<&'a [f32]> {
-    use candle_core::backend::BackendStorage;
-    let candle_core::CpuStorage::F32(all) = s else {
-        candle_core::bail!("{op}: {what} must be f32, got {:?}", s.dtype())
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op}: {what} must be contiguous")
-    };
-    Ok(&all[a..b])
-}
-
-/// Row blocks of a `(rows, n)` result computed in parallel, each block also accumulating `k`
-/// column sums of length `n` (the bias and scale gradients of the backward kernels):
-/// `f(first_row, block, sums)`. Returns `(rows + k) * n` values, the rows then the `k` sums.
-/// The blocks' sums are added in block order, so the result does not depend on scheduling and
-/// a training run stays reproducible.
-pub(crate) fn rows_with_column_sums(
-    rows: usize,
-    n: usize,
-    k: usize,
-    f: impl Fn(usize, &mut [f32], &mut [f32]) + Sync,
-) -> Vec<f32> {
-    use rayon::prelude::*;
-    let per_block = (16384 / n.max(1)).max(1);
-    let mut out = vec![0f32; (rows + k) * n];
-    let (body, tail) = out.split_at_mut(rows * n);
-    let partial: Vec<Vec<f32>> = body
-        .par_chunks_mut(per_block * n.max(1))
-        .enumerate()
-        .map(|(i, block)| {
-            let mut sums = vec![0f32; k * n];
-            f(i * per_block, block, &mut sums);
-            sums
-        })
-        .collect();
-    for p in &partial {
-        for (t, v) in tail.iter_mut().zip(p) {
-            *t += v;
-        }
-    }
-    out
-}
-
-/// The CPU side of a row-wise backward kernel (bias-GELU, LayerNorm): `input` `(rows, N)`, a
-/// per-column `vector` of `N` (`what` names it in errors: bias, weight) and the output gradient
-/// shaped like the input give `(rows + k, N)`: the input gradient's rows, then `k` column sums.
-/// `f(input_rows, vector, grad_rows, gx_rows, sums)` computes one block of rows.
-pub(crate) fn row_grad_cpu(
-    op: &str,
-    what: &str,
-    (s1, l1): (&candle_core::CpuStorage, &candle_core::Layout),
-    (s2, l2): (&candle_core::CpuStorage, &candle_core::Layout),
-    (s3, l3): (&candle_core::CpuStorage, &candle_core::Layout),
-    k: usize,
-    f: impl Fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32]) + Sync,
-) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-    let src = f32_slice(s1, l1, op, "input")?;
-    let vector = f32_slice(s2, l2, op, what)?;
-    let grad = f32_slice(s3, l3, op, "output gradient")?;
-    let n = vector.len();
-    if n == 0 || src.len() % n != 0 || grad.len() != src.len() {
-        candle_core::bail!(
-            "{op}: {} inputs, {} gradients, {what} of {n}",
-            src.len(),
-            grad.len()
-        )
-    }
-    let rows = src.len() / n;
-    let out = rows_with_column_sums(rows, n, k, |r0, gx, sums| {
-        let span = r0 * n..r0 * n + gx.len();
-        f(&src[span.clone()], vector, &grad[span], gx, sums)
-    });
-    Ok((
-        candle_core::CpuStorage::F32(out),
-        candle_core::Shape::from_dims(&[rows + k, n]),
-    ))
-}
-
-/// Sum over every dimension but the last (a bias gradient), as one matrix-vector product:
-/// candle's reduction over a leading dimension is strided and single-threaded (13% of a demo
-/// training step).
-pub(crate) fn sum_leading(t: &Tensor) -> candle_core::Result<Tensor> {
-    let n = t.dims().last().copied().unwrap_or(1);
-    let rows = t.elem_count() / n.max(1);
-    let ones = Tensor::ones((1, rows), t.dtype(), t.device())?;
-    ones.matmul(&t.reshape((rows, n))?.contiguous()?)?
-        .reshape(n)
-}
-
-/// Largest absolute difference of two tensors of one shape (for the kernels' tests).
-#[cfg(test)]
-pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-        .expect("tensors of one shape")
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::{Path, PathBuf};
@@ -422,12 +313,12 @@ mod tests {
 
     use super::*;
     use crate::error::Error;
-    use crate::npy::read_npy;
+    use crate::io::npy::read_npy;
 
     #[test]
     fn demo_model_loads_from_the_binary_with_its_labels() {
         let m = demo(&Device::Cpu).unwrap();
-        assert_eq!(m.config().labels, crate::synth::CLASSES.to_vec());
+        assert_eq!(m.config().labels, crate::eval::synth::CLASSES.to_vec());
         assert_eq!((m.spec().patch, m.spec().grid), (16, (14, 14)));
         let x = Tensor::zeros((1, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
         let p = m

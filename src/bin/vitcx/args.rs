@@ -217,17 +217,17 @@ pub struct MethodArgs {
 pub fn method_params(v: &VitCxArgs, o: &MethodArgs) -> vitcx::MethodParams {
     vitcx::MethodParams {
         vitcx: v.params(),
-        rollout: vitcx::rollout::RolloutParams {
+        rollout: vitcx::methods::rollout::RolloutParams {
             discard_ratio: o.discard_ratio,
         },
-        rise: vitcx::rise::RiseParams {
+        rise: vitcx::methods::rise::RiseParams {
             masks: o.masks,
             cells: o.rise_cells,
             p1: o.rise_p1,
             seed: v.seed,
             batch: v.batch,
         },
-        gradcam: vitcx::gradcam::GradCamParams { layer: v.layer },
+        gradcam: vitcx::methods::gradcam::GradCamParams { layer: v.layer },
         control_seed: v.seed,
     }
 }

@@ -2,13 +2,9 @@
 //! calls -> files and text). Errors print once as `vitcx: <cause chain>` and exit with code 2.
 
 mod args;
-mod bench_cmd;
-mod compare_cmd;
-mod eval_cmd;
-mod explain_cmd;
+mod commands;
 mod inputs;
 mod progress;
-mod synth_cmd;
 
 use std::process::ExitCode;
 
@@ -48,13 +44,13 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 fn run(cli: Cli) -> Result<ExitCode> {
     let device = vitcx::model::device(&cli.device)?;
     match cli.command {
-        Command::Explain(a) => explain_cmd::run(a, &device),
+        Command::Explain(a) => commands::explain::run(a, &device),
         Command::Predict(a) => predict(a, &device),
         Command::Inspect(a) => inspect(a, &device),
-        Command::Synth(a) => synth_cmd::run(a),
-        Command::Eval(a) => eval_cmd::run(a, &device),
-        Command::Compare(a) => compare_cmd::run(a, &device),
-        Command::Bench(a) => bench_cmd::run(a, &device),
+        Command::Synth(a) => commands::synth::run(a),
+        Command::Eval(a) => commands::eval::run(a, &device),
+        Command::Compare(a) => commands::compare::run(a, &device),
+        Command::Bench(a) => commands::bench::run(a, &device),
     }
 }
 
@@ -83,8 +79,8 @@ pub fn load_model(arg: Option<&str>, device: &Device) -> Result<VisionTransforme
         return Ok(model);
     }
     let arg = arg.unwrap_or(demo);
-    let opts = vitcx::hub::HubOptions::from_env();
-    let path = vitcx::hub::resolve_model(arg, &opts)?;
+    let opts = vitcx::model::hub::HubOptions::from_env();
+    let path = vitcx::model::hub::resolve_model(arg, &opts)?;
     let model =
         vitcx::model::load(&path, device).with_context(|| format!("cannot load model '{arg}'"))?;
     Ok(model)
@@ -111,7 +107,7 @@ fn predict(a: PredictArgs, device: &Device) -> Result<ExitCode> {
             vitcx::image::model_input(&img, (h, w), cfg.preprocess.mean, cfg.preprocess.std);
         let px = candle_core::Tensor::from_vec(x, (1, 3, h, w), model.device())?;
         let probs = vitcx::methods::clean_probs(&model, &px)?;
-        let top = vitcx::explain::top_k(&probs, a.top_k);
+        let top = vitcx::methods::vitcx::top_k(&probs, a.top_k);
         if a.json {
             reports.push(serde_json::json!({
                 "image": path.display().to_string(),

@@ -1,7 +1,7 @@
 //! Progress bars: one for the images, one for the stages of the current image.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vitcx::explain::{Progress, Stage};
+use vitcx::methods::vitcx::{Progress, Stage};
 
 /// Two bars on stderr (hidden when stderr is not a terminal or with `--quiet`).
 pub struct Bars {

@@ -21,7 +21,7 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
         .progress_chars("=> "),
     );
     bar.set_prefix("synth");
-    let result = vitcx::synth::write_dataset(&a.out, a.count, a.seed, a.clutter, &mut |n| {
+    let result = vitcx::eval::synth::write_dataset(&a.out, a.count, a.seed, a.clutter, &mut |n| {
         bar.set_position(n as u64)
     });
     bar.finish_and_clear();

@@ -4,7 +4,7 @@
 //! `sal[c](u) = (1/N) sum_i S[c, i] W_i(u)`.
 
 use crate::error::{Error, Result};
-use crate::mask::Masks;
+use crate::methods::vitcx::mask::Masks;
 
 /// Pixel-coverage-bias correction weights `W_i(u) = M_i(u) / sum_j M_j(u)`, 0 where the sum
 /// is 0 (the reference gives NaN there; spec 5.2) -> `(N, H, W)`. The sum and the division are

@@ -17,7 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
-use crate::explain::{Explanation, Progress, Stage};
+use crate::methods::vitcx::{Explanation, Progress, Stage};
 use crate::methods::Targets;
 use crate::model::Backbone;
 

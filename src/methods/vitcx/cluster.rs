@@ -459,9 +459,14 @@ mod tests {
     fn golden_clustering() {
         for case in ["vit_timm", "deit_distilled_timm", "vit_hf"] {
             let path = |f: &str| format!("{}/tests/data/{case}/{f}", env!("CARGO_MANIFEST_DIR"));
-            let fm = crate::npy::read_npy(path("feature_map.npy")).unwrap();
+            let fm = crate::io::npy::read_npy(path("feature_map.npy")).unwrap();
             let (d, gh, gw) = (fm.shape[0], fm.shape[1], fm.shape[2]);
-            let dist = crate::mask::cosine_distances(&fm.to_f32(), d, (gh, gw), (224, 224));
+            let dist = crate::methods::vitcx::mask::cosine_distances(
+                &fm.to_f32(),
+                d,
+                (gh, gw),
+                (224, 224),
+            );
             let got = complete_linkage(&dist, d, 0.1).unwrap();
             let manifest: serde_json::Value =
                 serde_json::from_str(&std::fs::read_to_string(path("manifest.json")).unwrap())
@@ -471,7 +476,7 @@ mod tests {
                 manifest["N_masks"].as_u64().unwrap(),
                 "{case}"
             );
-            let mut golden = crate::npy::read_npy(path("merge_distances.npy"))
+            let mut golden = crate::io::npy::read_npy(path("merge_distances.npy"))
                 .unwrap()
                 .to_f64();
             golden.sort_by(f64::total_cmp);
@@ -483,7 +488,7 @@ mod tests {
                 .fold(0.0, f64::max);
             assert_eq!(golden.len(), got.merge_distances.len());
             assert!(diff < 1e-5, "{case}: merge height max diff {diff}");
-            let labels = crate::npy::read_npy(path("cluster_labels.npy")).unwrap();
+            let labels = crate::io::npy::read_npy(path("cluster_labels.npy")).unwrap();
             let labels: Vec<usize> = labels
                 .as_i64()
                 .unwrap()

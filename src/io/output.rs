@@ -41,7 +41,7 @@ pub fn write_npy_atomic(path: &Path, shape: &[usize], data: &[f32]) -> Result<()
             data.len()
         )));
     }
-    write_atomic(path, &crate::npy::encode_npy_f32(shape, data))
+    write_atomic(path, &crate::io::npy::encode_npy_f32(shape, data))
 }
 
 /// Writes pretty-printed JSON atomically.
@@ -61,7 +61,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.npy");
         write_npy_atomic(&p, &[2], &[1.0, 2.0]).unwrap();
-        let arr = crate::npy::read_npy(&p).unwrap();
+        let arr = crate::io::npy::read_npy(&p).unwrap();
         assert_eq!(arr.to_f32(), vec![1.0, 2.0]);
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file left");

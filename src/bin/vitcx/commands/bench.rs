@@ -12,7 +12,7 @@ use vitcx::bench::{
     bf16_fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_vit, synthetic_image,
     time_explanation, time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
 };
-use vitcx::explain::VitCxParams;
+use vitcx::methods::vitcx::VitCxParams;
 use vitcx::model::{Backbone, Precision};
 
 use crate::args::BenchArgs;

@@ -271,7 +271,7 @@ mod tests {
                 .unwrap(),
         );
         for v in [x.as_tensor(), b.as_tensor()] {
-            let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            let d = crate::model::kernels::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
         }
     }
@@ -286,11 +286,11 @@ mod tests {
         assert_eq!(both.dims(), &[301, 130]);
         let (gx, gb) = composed_grad(&xs, &b, &g).unwrap();
         let ours_gx = both.narrow(0, 0, 300).unwrap().reshape(gx.shape()).unwrap();
-        assert!(crate::model::max_abs_diff(&ours_gx, &gx) < 1e-5);
-        let d = crate::model::max_abs_diff(&both.get(300).unwrap(), &gb);
+        assert!(crate::model::kernels::max_abs_diff(&ours_gx, &gx) < 1e-5);
+        let d = crate::model::kernels::max_abs_diff(&both.get(300).unwrap(), &gb);
         assert!(d < 1e-3, "{d}");
         // The sums are added in block order: the same inputs give the same bits.
         let again = xs.apply_op3_no_bwd(&b, &g, &BiasGeluGrad).unwrap();
-        assert_eq!(crate::model::max_abs_diff(&both, &again), 0.0);
+        assert_eq!(crate::model::kernels::max_abs_diff(&both, &again), 0.0);
     }
 }

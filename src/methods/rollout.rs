@@ -13,8 +13,8 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::explain::{Explanation, Progress, Stage};
-use crate::mask::upsample_bilinear;
+use crate::methods::vitcx::mask::upsample_bilinear;
+use crate::methods::vitcx::{Explanation, Progress, Stage};
 use crate::methods::Targets;
 use crate::model::Backbone;
 

@@ -411,7 +411,7 @@ mod tests {
         assert_eq!(ours.dims(), &[2, 7, 12]);
         let want = reference(&qkv, 3, 0.5);
         let (kept, attn) = composed(&qkv, 3, 0.5).unwrap();
-        assert!(crate::model::max_abs_diff(&kept, &want) < 1e-6);
+        assert!(crate::model::kernels::max_abs_diff(&kept, &want) < 1e-6);
         assert_eq!(attn.dims(), &[2, 3, 7, 7]);
         let d = (&ours - &want).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
@@ -425,7 +425,7 @@ mod tests {
         let g1 = loss(self_attention(x.as_tensor(), 2, 0.7).unwrap());
         let g2 = loss(reference(x.as_tensor(), 2, 0.7));
         let v = x.as_tensor();
-        let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+        let d = crate::model::kernels::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
         assert!(d < 1e-5, "{d}");
     }
 
@@ -441,7 +441,7 @@ mod tests {
         let fused = qkv.apply_op2_no_bwd(&go, &op).unwrap();
         let want = op.composed(&qkv, &go).unwrap();
         assert_eq!(fused.dims(), &[3, 17, 72]);
-        let d = crate::model::max_abs_diff(&fused, &want);
+        let d = crate::model::kernels::max_abs_diff(&fused, &want);
         assert!(d < 1e-5, "{d}");
         // A wrongly shaped output gradient is an error, not a read out of bounds.
         let bad = Tensor::zeros((3, 17, 23), DType::F32, &Device::Cpu).unwrap();

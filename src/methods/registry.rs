@@ -7,13 +7,13 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::explain::{
+use crate::methods::gradcam::{GradCam, GradCamParams};
+use crate::methods::rise::{Rise, RiseParams};
+use crate::methods::rollout::{Rollout, RolloutParams};
+use crate::methods::vitcx::{
     check_classes, top_k, Explanation, Noise, Progress, Stage, VitCx, VitCxParams,
 };
-use crate::gradcam::{GradCam, GradCamParams};
 use crate::model::Backbone;
-use crate::rise::{Rise, RiseParams};
-use crate::rollout::{Rollout, RolloutParams};
 
 /// Which classes to explain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,14 +242,14 @@ impl Explainer {
             Explainer::Rise(m) => m.explain(model, x, targets, progress),
             Explainer::GradCam(m) => m.explain(model, x, targets, progress),
             Explainer::Random(seed) => control(model, x, targets, progress, |size| {
-                crate::controls::random_map(size, *seed, index)
+                crate::methods::controls::random_map(size, *seed, index)
             }),
             Explainer::Center => control(
                 model,
                 x,
                 targets,
                 progress,
-                crate::controls::centered_gaussian,
+                crate::methods::controls::centered_gaussian,
             ),
         }
     }
@@ -294,7 +294,7 @@ impl Explainer {
             }),
             Explainer::Center => json!({
                 "map": "Gaussian blob at the image centre, peak 1",
-                "sigma_fraction_of_side": crate::controls::CENTER_SIGMA,
+                "sigma_fraction_of_side": crate::methods::controls::CENTER_SIGMA,
             }),
         }
     }

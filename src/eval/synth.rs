@@ -136,9 +136,9 @@ pub fn write_dataset(
         let s = sample_with_clutter(seed, i as u64, DEFAULT_SIZE, clutter);
         let image = format!("{i:05}.png");
         let mask = format!("{i:05}.mask.png");
-        crate::render::save_png(&s.image, &dir.join(&image))?;
+        crate::io::render::save_png(&s.image, &dir.join(&image))?;
         let mask_path = dir.join(&mask);
-        crate::output::write_atomic(&mask_path, &encode_gray_png(&s.mask, &mask_path)?)?;
+        crate::io::output::write_atomic(&mask_path, &encode_gray_png(&s.mask, &mask_path)?)?;
         let entry = ManifestEntry {
             image,
             class_id: s.class_id,
@@ -152,7 +152,7 @@ pub fn write_dataset(
         manifest.push('\n');
         progress(i + 1);
     }
-    crate::output::write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
+    crate::io::output::write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
 }
 
 /// Reads a `manifest.jsonl` (one [`ManifestEntry`] per line; blank lines are skipped). The

@@ -363,7 +363,7 @@ mod tests {
         let g1 = loss(layer_norm(xt, wt, bt, 1e-5).unwrap());
         let g2 = loss(composed(xt, wt, bt, 1e-5).unwrap());
         for v in [xt, wt, bt] {
-            let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            let d = crate::model::kernels::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
         }
     }
@@ -380,10 +380,10 @@ mod tests {
         assert_eq!(all.dims(), &[402, 67]);
         let (gx, gw, gb) = composed_grad(&xs, &w, &g, 1e-6).unwrap();
         let ours_gx = all.narrow(0, 0, 400).unwrap().reshape(gx.shape()).unwrap();
-        assert!(crate::model::max_abs_diff(&ours_gx, &gx) < 1e-4);
-        assert!(crate::model::max_abs_diff(&all.get(400).unwrap(), &gw) < 1e-3);
-        assert!(crate::model::max_abs_diff(&all.get(401).unwrap(), &gb) < 1e-3);
+        assert!(crate::model::kernels::max_abs_diff(&ours_gx, &gx) < 1e-4);
+        assert!(crate::model::kernels::max_abs_diff(&all.get(400).unwrap(), &gw) < 1e-3);
+        assert!(crate::model::kernels::max_abs_diff(&all.get(401).unwrap(), &gb) < 1e-3);
         let again = xs.apply_op3_no_bwd(&w, &g, &op).unwrap();
-        assert_eq!(crate::model::max_abs_diff(&all, &again), 0.0);
+        assert_eq!(crate::model::kernels::max_abs_diff(&all, &again), 0.0);
     }
 }

@@ -11,6 +11,10 @@
 //! - a constant feature map gives an all-zero mask and an uncovered pixel a zero weight
 //!   (the reference divides by zero there).
 
+pub mod cluster;
+pub mod mask;
+pub mod score;
+
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -18,12 +22,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
-use crate::cluster::{complete_linkage, Clustering};
 use crate::error::{Error, Result};
-use crate::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
+use crate::methods::vitcx::cluster::{complete_linkage, Clustering};
+use crate::methods::vitcx::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
+use crate::methods::vitcx::score::saliency;
 use crate::methods::{check_input, input_tensor, probs_of};
 use crate::model::{Backbone, Precision, Tap};
-use crate::score::saliency;
 
 /// ViT-CX parameters. Build with [`VitCxParams::default`] and the setters, then [`VitCxParams::check`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

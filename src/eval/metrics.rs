@@ -435,14 +435,14 @@ pub fn plot_curves(
             img.put_pixel(xx, gy as u32, grid);
         }
         let lw = 8 * label.len() as u32;
-        crate::render::draw_text(
+        crate::io::render::draw_text(
             &mut img,
             label,
             (gx as u32).saturating_sub(lw / 2),
             TOP + ph + 6,
             1,
         );
-        crate::render::draw_text(
+        crate::io::render::draw_text(
             &mut img,
             label,
             LEFT.saturating_sub(lw + 6),
@@ -494,13 +494,13 @@ pub fn plot_curves(
                     img.put_pixel(xx, yy, line);
                 }
             }
-            crate::render::draw_text(&mut img, label, lx + 18, ly, 1);
+            crate::io::render::draw_text(&mut img, label, lx + 18, ly, 1);
         }
     }
-    crate::render::draw_text(&mut img, title, LEFT, 4, 1);
+    crate::io::render::draw_text(&mut img, title, LEFT, 4, 1);
     let xl = 8 * x_label.len() as u32;
-    crate::render::draw_text(&mut img, x_label, LEFT + pw / 2 - xl / 2, H - 20, 1);
-    crate::render::draw_text(&mut img, y_label, 4, TOP - 12, 1);
+    crate::io::render::draw_text(&mut img, x_label, LEFT + pw / 2 - xl / 2, H - 20, 1);
+    crate::io::render::draw_text(&mut img, y_label, 4, TOP - 12, 1);
     img
 }
 

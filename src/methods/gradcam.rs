@@ -12,8 +12,8 @@
 use std::time::Instant;
 
 use crate::error::Result;
-use crate::explain::{resolve_layer, Explanation, Progress, Stage};
-use crate::mask::upsample_bilinear;
+use crate::methods::vitcx::mask::upsample_bilinear;
+use crate::methods::vitcx::{resolve_layer, Explanation, Progress, Stage};
 use crate::methods::Targets;
 use crate::model::{Backbone, Tap};
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::{top_k, Explanation};
+use vitcx::methods::vitcx::{top_k, Explanation};
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
 use vitcx::{Explainer, Method, Targets};
 
@@ -97,7 +97,7 @@ pub fn class_id(c: &str, cfg: &ModelConfig) -> Result<usize> {
             format!("class '{c}' is neither a class id nor a label of this model")
         })?,
     };
-    vitcx::explain::check_classes(&[id], cfg.num_classes)?;
+    vitcx::methods::vitcx::check_classes(&[id], cfg.num_classes)?;
     Ok(id)
 }
 
@@ -146,7 +146,7 @@ fn explain_one(
         } else {
             format!("{stem}.{c}.saliency.npy")
         };
-        vitcx::output::write_npy_atomic(&a.out.join(&name), &[h, w], &ex.saliency[k])?;
+        vitcx::io::output::write_npy_atomic(&a.out.join(&name), &[h, w], &ex.saliency[k])?;
         files.push(name);
     }
     let png = if a.no_overlay {
@@ -154,14 +154,14 @@ fn explain_one(
     } else {
         let label = |c: usize| cfg.labels.get(c).cloned().unwrap_or_default();
         let c = ex.classes[0];
-        let overlay = vitcx::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
+        let overlay = vitcx::io::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
         let lines = vec![
             format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
             describe(method, &ex),
         ];
-        let picture = vitcx::render::with_legend(&overlay, &lines);
+        let picture = vitcx::io::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
-        vitcx::render::save_png(&picture, &a.out.join(&name))?;
+        vitcx::io::render::save_png(&picture, &a.out.join(&name))?;
         Some(name)
     };
     let write_s = t.elapsed().as_secs_f64();
@@ -178,7 +178,7 @@ fn explain_one(
         write_s,
         started.elapsed().as_secs_f64(),
     );
-    vitcx::output::write_json_atomic(&a.out.join(format!("{stem}.json")), &report)?;
+    vitcx::io::output::write_json_atomic(&a.out.join(format!("{stem}.json")), &report)?;
     let c = ex.classes[0];
     Ok(format!(
         "{}: class {c} ({}) p={:.3}, {} -> {}",

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::explain::argmax;
-use vitcx::metrics::{self, Baseline, CurveParams};
+use vitcx::eval::metrics::{self, Baseline, CurveParams};
+use vitcx::methods::vitcx::argmax;
 use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
 use vitcx::{Explainer, Method, Targets};
 
@@ -228,7 +228,7 @@ fn label(e: &Entry, cfg: &ModelConfig) -> Result<Option<usize>> {
         (None, None) => None,
     };
     if let Some(id) = id {
-        vitcx::explain::check_classes(&[id], cfg.num_classes)?;
+        vitcx::methods::vitcx::check_classes(&[id], cfg.num_classes)?;
     }
     Ok(id)
 }
@@ -439,7 +439,7 @@ fn write_outputs(
             opt(r.energy.map(|c| c.to_string())),
         ));
     }
-    vitcx::output::write_atomic(&a.out.join("per_image.csv"), csv.as_bytes())?;
+    vitcx::io::output::write_atomic(&a.out.join("per_image.csv"), csv.as_bytes())?;
 
     let mut report = serde_json::Map::new();
     let mut table_csv = String::from("method,metric,mean,ci95_low,ci95_high,n\n");
@@ -527,12 +527,12 @@ fn write_outputs(
         s.extend(c);
     }
     report.insert("settings".into(), settings);
-    vitcx::output::write_json_atomic(
+    vitcx::io::output::write_json_atomic(
         &a.out.join("summary.json"),
         &serde_json::Value::Object(report),
     )?;
-    vitcx::output::write_atomic(&a.out.join("table.csv"), table_csv.as_bytes())?;
-    vitcx::output::write_atomic(&a.out.join("table.md"), md.as_bytes())?;
+    vitcx::io::output::write_atomic(&a.out.join("table.csv"), table_csv.as_bytes())?;
+    vitcx::io::output::write_atomic(&a.out.join("table.md"), md.as_bytes())?;
 
     for (name, pick) in [
         (
@@ -563,7 +563,7 @@ fn write_outputs(
         }
         let title = format!("{name}, mean over {} images", images.len());
         let img = metrics::plot_curves(&x, &series, &title, "fraction of pixels", "probability");
-        vitcx::render::save_png(&img, &a.out.join(format!("{name}.png")))?;
+        vitcx::io::render::save_png(&img, &a.out.join(format!("{name}.png")))?;
     }
     Ok(())
 }

@@ -120,14 +120,14 @@ mod tests {
         let b = Tensor::from_vec(seq(23, 1.9), 23, &Device::Cpu).unwrap();
         let ours = linear(&x, &w, &b).unwrap();
         let theirs = x.matmul(&w).unwrap().broadcast_add(&b).unwrap();
-        assert!(crate::model::max_abs_diff(&ours, &theirs) < 1e-5);
+        assert!(crate::model::kernels::max_abs_diff(&ours, &theirs) < 1e-5);
         // A transposed (non-contiguous) input is made contiguous first.
         let xt = Tensor::from_vec(seq(37 * 19, 0.3), (19, 37), &Device::Cpu)
             .unwrap()
             .t()
             .unwrap();
         let theirs = xt.matmul(&w).unwrap().broadcast_add(&b).unwrap();
-        assert!(crate::model::max_abs_diff(&linear(&xt, &w, &b).unwrap(), &theirs) < 1e-5);
+        assert!(crate::model::kernels::max_abs_diff(&linear(&xt, &w, &b).unwrap(), &theirs) < 1e-5);
     }
 
     #[test]
@@ -141,7 +141,7 @@ mod tests {
         let g1 = loss(linear(xt, wt, bt).unwrap());
         let g2 = loss(xt.matmul(wt).unwrap().broadcast_add(bt).unwrap());
         for v in [xt, wt, bt] {
-            let d = crate::model::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
+            let d = crate::model::kernels::max_abs_diff(g1.get(v).unwrap(), g2.get(v).unwrap());
             assert!(d < 1e-5, "{d}");
         }
     }

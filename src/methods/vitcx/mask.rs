@@ -396,7 +396,7 @@ pub fn cosine_distances_direct(masks: &Masks) -> Vec<f64> {
 /// reference's masks to the last bit (an f64 sum differs by up to 8e-7 on the golden cases).
 ///
 /// Panics if `labels.len() != raw.n` or a label is `>= n_clusters`; the labels of
-/// [`crate::cluster::complete_linkage`] always fit.
+/// [`crate::methods::vitcx::cluster::complete_linkage`] always fit.
 pub fn merge_clusters(raw: &Masks, labels: &[usize], n_clusters: usize) -> Masks {
     assert_eq!(labels.len(), raw.n, "one cluster label per mask");
     assert!(
@@ -422,7 +422,7 @@ pub fn merge_clusters(raw: &Masks, labels: &[usize], n_clusters: usize) -> Masks
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::npy::read_npy;
+    use crate::io::npy::read_npy;
     use rand::{Rng, SeedableRng};
 
     const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
@@ -542,7 +542,8 @@ mod tests {
             let dist_diff = max_abs_diff(&fast, &direct);
             assert!(dist_diff < 1e-5, "{case}: distance max diff {dist_diff}");
 
-            let clustering = crate::cluster::complete_linkage(&fast, d, 0.1).unwrap();
+            let clustering =
+                crate::methods::vitcx::cluster::complete_linkage(&fast, d, 0.1).unwrap();
             let merged = merge_clusters(&raw, &clustering.labels, clustering.n_clusters);
             let golden = read_npy(case_path(case, "masks.npy")).unwrap();
             assert_eq!(golden.shape, vec![merged.n, 224, 224], "{case}: mask count");

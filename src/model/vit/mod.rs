@@ -9,8 +9,8 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::bf16::{Bf16Linear, PackedBf16};
 use super::config::{Family, ModelConfig};
+use super::kernels::bf16::{Bf16Linear, PackedBf16};
 use super::weights::Weights;
 use super::{Attention as AttentionMaps, Backbone, Forward, Precision, Spec, Tap, TapGradient};
 use crate::error::{Error, Result};
@@ -53,7 +53,7 @@ impl Linear {
             Precision::Bf16 => self.product_bf16(&xs, false)?,
         };
         let ys = match &self.b {
-            Some(b) => super::gelu::bias_gelu(&ys, b)?,
+            Some(b) => super::kernels::gelu::bias_gelu(&ys, b)?,
             None => ys.gelu_erf()?,
         };
         dims.push(self.wt.dim(1)?);
@@ -68,7 +68,7 @@ impl Linear {
         let xs = xs.reshape((rows, inp))?;
         let ys = match (precision, &self.b) {
             (Precision::Bf16, _) => self.product_bf16(&xs, true)?,
-            (Precision::F32, Some(b)) => super::linear::linear(&xs, &self.wt, b)?,
+            (Precision::F32, Some(b)) => super::kernels::linear::linear(&xs, &self.wt, b)?,
             (Precision::F32, None) => xs.matmul(&self.wt)?,
         };
         dims.push(self.wt.dim(1)?);
@@ -76,7 +76,7 @@ impl Linear {
     }
 
     /// `xs (rows, in) @ wt` with bf16 products and f32 sums, plus the bias if `with_bias`. On the
-    /// CPU this is [`super::bf16`]'s kernel; elsewhere candle's bf16 matmul.
+    /// CPU this is [`super::kernels::bf16`]'s kernel; elsewhere candle's bf16 matmul.
     fn product_bf16(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
         let bias = self.b.as_ref().filter(|_| with_bias);
         if !xs.device().is_cpu() {
@@ -112,7 +112,7 @@ impl Linear {
 }
 
 /// LayerNorm over the last dimension, two-pass (mean, then variance of the centred values) as
-/// PyTorch does, in one fused op ([`super::layer_norm`]).
+/// PyTorch does, in one fused op ([`super::kernels::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -130,7 +130,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(super::layer_norm::layer_norm(
+        Ok(super::kernels::layer_norm::layer_norm(
             xs,
             &self.weight,
             &self.bias,
@@ -158,10 +158,10 @@ impl Attention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let qkv = self.qkv.forward(xs, precision)?;
         let (out, attn) = if keep {
-            let (out, attn) = super::attention::composed(&qkv, self.heads, self.scale)?;
+            let (out, attn) = super::kernels::attention::composed(&qkv, self.heads, self.scale)?;
             (out, Some(attn))
         } else {
-            let out = super::attention::self_attention(&qkv, self.heads, self.scale)?;
+            let out = super::kernels::attention::self_attention(&qkv, self.heads, self.scale)?;
             (out, None)
         };
         Ok((self.proj.forward(&out, precision)?, attn))
@@ -416,7 +416,7 @@ impl Backbone for VisionTransformer {
                     cls.len()
                 )));
             }
-            crate::explain::check_classes(cls, c)?;
+            crate::methods::vitcx::check_classes(cls, c)?;
         }
         // The weights are plain tensors, so the graph starts at the tapped tokens: only the
         // blocks after the tap are differentiated.
@@ -446,7 +446,7 @@ impl Backbone for VisionTransformer {
             None => logits
                 .to_vec2::<f32>()?
                 .iter()
-                .map(|row| crate::explain::argmax(row))
+                .map(|row| crate::methods::vitcx::argmax(row))
                 .collect(),
         };
         let mut onehot = vec![0f32; b * c];

@@ -9,12 +9,12 @@ use vitcx::model::Backbone;
 use vitcx::{Explainer, Method, Targets};
 
 use crate::args::CompareArgs;
-use crate::eval_cmd::{explain_and_score, Scored};
+use crate::commands::eval::{explain_and_score, Scored};
 use crate::progress::Bars;
 
 pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let methods = Method::parse_list(&a.methods).context("--methods")?;
-    let curve = crate::eval_cmd::curve_params(&a.curve, a.vitcx.batch)?;
+    let curve = crate::commands::eval::curve_params(&a.curve, a.vitcx.batch)?;
     let model = crate::load_model(a.model.as_deref(), device)?;
     let cfg = model.config().clone();
     let params = crate::args::method_params(&a.vitcx, &a.other);
@@ -23,7 +23,7 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
         .map(|&m| Explainer::new(m, &params, &model))
         .collect::<vitcx::Result<Vec<_>>>()?;
     let targets = match &a.class {
-        Some(c) => Targets::Classes(vec![crate::explain_cmd::class_id(c, &cfg)?]),
+        Some(c) => Targets::Classes(vec![crate::commands::explain::class_id(c, &cfg)?]),
         None => Targets::TopK(1),
     };
     let img = vitcx::image::load_rgb(&a.image)?;
@@ -57,9 +57,9 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
         } = explain_and_score(&model, ex, &x, &targets, 0, &curve, &mut bars)
             .with_context(|| format!("{} failed", method.name()))?;
         let npy = format!("{stem}.{}.saliency.npy", method.name());
-        vitcx::output::write_npy_atomic(&a.out.join(&npy), &[size.0, size.1], &saliency)?;
-        let overlay = vitcx::render::overlay(&resized, &saliency, size, 0.5)?;
-        panels.push(vitcx::render::with_legend(
+        vitcx::io::output::write_npy_atomic(&a.out.join(&npy), &[size.0, size.1], &saliency)?;
+        let overlay = vitcx::io::render::overlay(&resized, &saliency, size, 0.5)?;
+        panels.push(vitcx::io::render::with_legend(
             &overlay,
             &[
                 method.title().to_string(),
@@ -92,7 +92,7 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     bars.finish();
 
     let (class, label, p) = class_line.context("no method given")?;
-    let first = vitcx::render::with_legend(
+    let first = vitcx::io::render::with_legend(
         &resized,
         &[
             "image".to_string(),
@@ -102,17 +102,20 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     );
     panels.insert(0, first);
     let png = format!("{stem}.compare.png");
-    vitcx::render::save_png(&vitcx::render::side_by_side(&panels, 8), &a.out.join(&png))?;
+    vitcx::io::render::save_png(
+        &vitcx::io::render::side_by_side(&panels, 8),
+        &a.out.join(&png),
+    )?;
     let report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
         "image": a.image.display().to_string(),
         "model": crate::model_name(&a.model),
         "class": { "id": class, "label": label, "probability": p },
         "methods": entries,
-        "curves": crate::eval_cmd::curve_json(&curve),
+        "curves": crate::commands::eval::curve_json(&curve),
         "figure": png,
     });
-    vitcx::output::write_json_atomic(&a.out.join(format!("{stem}.compare.json")), &report)?;
+    vitcx::io::output::write_json_atomic(&a.out.join(format!("{stem}.compare.json")), &report)?;
     eprintln!("vitcx: wrote {}", a.out.join(&png).display());
     Ok(ExitCode::SUCCESS)
 }

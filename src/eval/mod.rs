@@ -1,0 +1,4 @@
+//! Evaluation.
+
+pub mod metrics;
+pub mod synth;

@@ -1,0 +1,5 @@
+//! Files.
+
+pub mod npy;
+pub mod output;
+pub mod render;
