@@ -1,47 +1,23 @@
 //! Benchmarks: how fast the model and a whole explanation run on this machine.
 //!
-//! The model is a ViT with seeded random weights built in memory (no download): a timm-named
-//! state dict of plain tensors (weights N(0, 0.02), biases 0, LayerNorm weight 1) goes through
-//! the same config and weight checks as a checkpoint read from disk, so the benchmarked forward
-//! pass is exactly the one `vitcx explain` runs. Times are wall-clock medians after a warm-up.
+//! The model is a ViT with seeded random weights built in memory (no download,
+//! [`crate::model::vit::random`]), so the benchmarked forward pass is exactly the one
+//! `vitcx explain` runs. Times are wall-clock medians after a warm-up. Kept apart from the
+//! library's pipeline: nothing but the `bench` command depends on it.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::methods::vitcx::{argmax, NoProgress, Noise, Stage, VitCx, VitCxParams};
-use crate::model::{Backbone, Precision, VisionTransformer};
-
-/// Standard deviation of the random weights (timm's `trunc_normal_(std=0.02)` initialisation).
-pub const WEIGHT_STD: f32 = 0.02;
-
-/// Architecture sizes of a benchmark model.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct Arch {
-    /// Token width.
-    pub dim: usize,
-    /// Transformer blocks.
-    pub depth: usize,
-    /// Attention heads per block.
-    pub heads: usize,
-    /// Hidden width of the MLP.
-    pub mlp_dim: usize,
-    /// Patch side in pixels.
-    pub patch: usize,
-    /// Square input side in pixels.
-    pub image_size: usize,
-    /// Output classes.
-    pub num_classes: usize,
-    /// LayerNorm epsilon.
-    pub layer_norm_eps: f64,
-}
+use crate::eval::metrics::pearson;
+use crate::methods::vitcx::{Noise, VitCx, VitCxParams};
+use crate::methods::{NoProgress, Stage};
+use crate::model::vit::random::Arch;
+use crate::model::vit::VisionTransformer;
+use crate::model::{Backbone, Precision};
+use crate::target::argmax;
 
 /// Named benchmark architectures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -103,146 +79,10 @@ impl std::str::FromStr for Preset {
     }
 }
 
-impl Arch {
-    /// Tokens per image: \[CLS\] + the patch grid.
-    pub fn tokens(&self) -> usize {
-        1 + (self.image_size / self.patch).pow(2)
-    }
-
-    /// Multiply-adds of one forward pass for one image: patch embedding, per block the qkv,
-    /// attention (`QK^T` and `AV`), output projection and the two MLP matmuls, and the head.
-    /// ViT-B/16 at 224 px: 17.56 G.
-    pub fn macs_per_image(&self) -> f64 {
-        let (t, d, m) = (self.tokens() as f64, self.dim as f64, self.mlp_dim as f64);
-        let patches = t - 1.0;
-        let embed = patches * (3 * self.patch * self.patch) as f64 * d;
-        let block = t * d * 3.0 * d // qkv
-            + 2.0 * t * t * d // QK^T and AV over all heads
-            + t * d * d // proj
-            + 2.0 * t * d * m; // fc1 + fc2
-        let head = d * self.num_classes as f64;
-        embed + self.depth as f64 * block + head
-    }
-
-    /// Floating-point operations of one forward pass for one image (2 per multiply-add).
-    /// ViT-B/16 at 224 px: 35.1 G.
-    pub fn flops_per_image(&self) -> f64 {
-        2.0 * self.macs_per_image()
-    }
-}
-
-/// Draws `n` values N(0, `std`) from `rng`.
-pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
-    (0..n)
-        .map(|_| {
-            let z: f32 = StandardNormal.sample(rng);
-            z * std
-        })
-        .collect()
-}
-
-/// A timm-named state dict of random tensors for `arch`: matrices, tokens and position
-/// embeddings N(0, 0.02), biases 0, LayerNorm weights 1. Tensors are drawn in a fixed order from
-/// one ChaCha8 stream, so the same seed gives the same weights on every machine.
-pub fn random_state_dict(
-    arch: &Arch,
-    seed: u64,
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let (d, m, p) = (arch.dim, arch.mlp_dim, arch.patch);
-    // (name, shape, kind): kind 'n' normal, 'z' zeros, 'o' ones.
-    let mut plan: Vec<(String, Vec<usize>, char)> = vec![
-        ("cls_token".into(), vec![1, 1, d], 'n'),
-        ("pos_embed".into(), vec![1, arch.tokens(), d], 'n'),
-        ("patch_embed.proj.weight".into(), vec![d, 3, p, p], 'n'),
-        ("patch_embed.proj.bias".into(), vec![d], 'z'),
-    ];
-    for i in 0..arch.depth {
-        let b = |s: &str| format!("blocks.{i}.{s}");
-        plan.extend([
-            (b("norm1.weight"), vec![d], 'o'),
-            (b("norm1.bias"), vec![d], 'z'),
-            (b("attn.qkv.weight"), vec![3 * d, d], 'n'),
-            (b("attn.qkv.bias"), vec![3 * d], 'z'),
-            (b("attn.proj.weight"), vec![d, d], 'n'),
-            (b("attn.proj.bias"), vec![d], 'z'),
-            (b("norm2.weight"), vec![d], 'o'),
-            (b("norm2.bias"), vec![d], 'z'),
-            (b("mlp.fc1.weight"), vec![m, d], 'n'),
-            (b("mlp.fc1.bias"), vec![m], 'z'),
-            (b("mlp.fc2.weight"), vec![d, m], 'n'),
-            (b("mlp.fc2.bias"), vec![d], 'z'),
-        ]);
-    }
-    plan.extend([
-        ("norm.weight".into(), vec![d], 'o'),
-        ("norm.bias".into(), vec![d], 'z'),
-        ("head.weight".into(), vec![arch.num_classes, d], 'n'),
-        ("head.bias".into(), vec![arch.num_classes], 'z'),
-    ]);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = HashMap::with_capacity(plan.len());
-    for (name, shape, kind) in plan {
-        let n: usize = shape.iter().product();
-        let data = match kind {
-            'n' => normal(&mut rng, n, WEIGHT_STD),
-            'o' => vec![1.0; n],
-            _ => vec![0.0; n],
-        };
-        out.insert(name, Tensor::from_vec(data, shape, device)?);
-    }
-    Ok(out)
-}
-
-/// The timm `config.json` a checkpoint of `arch` would carry (mean/std 0.5, as timm's ViTs).
-pub fn timm_config_json(arch: &Arch, architecture: &str) -> serde_json::Value {
-    serde_json::json!({
-        "architecture": architecture,
-        "num_classes": arch.num_classes,
-        "num_features": arch.dim,
-        "global_pool": "token",
-        "model_args": {
-            "embed_dim": arch.dim,
-            "depth": arch.depth,
-            "num_heads": arch.heads,
-            "patch_size": arch.patch,
-            "mlp_ratio": arch.mlp_dim as f64 / arch.dim as f64,
-            "num_classes": arch.num_classes,
-        },
-        "pretrained_cfg": {
-            "input_size": [3, arch.image_size, arch.image_size],
-            "mean": [0.5, 0.5, 0.5],
-            "std": [0.5, 0.5, 0.5],
-            "num_classes": arch.num_classes,
-        },
-    })
-}
-
 /// A [`VisionTransformer`] of `preset` with seeded random weights, built in memory through the
 /// checkpoint loader's own config and weight checks (no file is read or written).
 pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTransformer> {
-    let arch = preset.arch();
-    // Paths only name the source in error messages.
-    let model = crate::model::from_parts(
-        Path::new("<in-memory>/config.json"),
-        &timm_config_json(&arch, preset.timm_name()),
-        None,
-        Path::new("<in-memory>/model.safetensors"),
-        random_state_dict(&arch, seed, device)?,
-        device,
-    )?;
-    let cfg = model.config();
-    if cfg.layer_norm_eps != arch.layer_norm_eps || cfg.mlp_dim != arch.mlp_dim {
-        return Err(Error::invalid(format!(
-            "random model config (eps {}, mlp {}) differs from preset {} (eps {}, mlp {})",
-            cfg.layer_norm_eps,
-            cfg.mlp_dim,
-            preset.name(),
-            arch.layer_norm_eps,
-            arch.mlp_dim
-        )));
-    }
-    Ok(model)
+    crate::model::vit::random::random_vit(&preset.arch(), preset.timm_name(), seed, device)
 }
 
 /// A fixed synthetic image `(3, H, W)` in normalised pixels for `mean`/`std`: smooth colour
@@ -394,7 +234,7 @@ pub fn time_explanation(
     let noise = Noise::Seeded(params.seed);
     let ex = method.score(model, x, prepared, &classes, &noise, &mut NoProgress)?;
     let total_s = t.elapsed().as_secs_f64();
-    let n = ex.n_masks;
+    let n = ex.count("n_masks").unwrap_or(0);
     let stage = |s: Stage| {
         ex.timings
             .iter()
@@ -402,8 +242,8 @@ pub fn time_explanation(
             .map(|(_, v)| v)
             .sum::<f64>()
     };
-    let perturbed = stage(Stage::PerturbedForward);
-    let scoring = perturbed + stage(Stage::Aggregation);
+    let perturbed = stage(Stage::PERTURBED_FORWARD);
+    let scoring = perturbed + stage(Stage::AGGREGATION);
     let images_per_mask = if params.noise_std > 0.0 { 2 } else { 1 };
     Ok(ExplainTiming {
         stages: ex
@@ -445,7 +285,9 @@ pub fn bf16_fidelity(
     saliency_f32: &[f32],
     saliency_bf16: &[f32],
 ) -> Result<Bf16Fidelity> {
-    let px = crate::methods::input_tensor(model, x)?;
+    let (h, w) = model.spec().input_size;
+    crate::methods::driver::check_input(x, (h, w))?;
+    let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
     let probs =
         |p| -> Result<Vec<f32>> { Ok(model.probs_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
     let (p32, p16) = (probs(Precision::F32)?, probs(Precision::Bf16)?);
@@ -461,21 +303,6 @@ pub fn bf16_fidelity(
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max),
     })
-}
-
-/// Pearson correlation of two equally long series (NaN if either is constant).
-pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len().min(b.len()) as f64;
-    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
 }
 
 /// This machine's f32 multiply-add peak in GFLOP/s on `threads` threads: each thread runs 24
@@ -695,9 +522,9 @@ mod tests {
     #[test]
     fn random_model_has_preset_shape() {
         let m = random_vit(Preset::Tiny, 0, &Device::Cpu).unwrap();
-        let s = m.spec();
+        let s = m.config();
         assert_eq!((s.dim, s.depth, s.heads, s.patch), (192, 12, 3, 16));
-        assert_eq!((s.grid, s.num_classes), ((14, 14), 1000));
+        assert_eq!((m.spec().taps[0].grid, s.num_classes), ((14, 14), 1000));
         assert_eq!(m.config().mlp_dim, 768);
         assert_eq!(m.config().layer_norm_eps, 1e-6);
         assert!(m.config().notes.is_empty(), "{:?}", m.config().notes);

@@ -7,9 +7,13 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A file could not be read or written.
-    #[error("{}: {reason}", path.display())]
-    Io { path: PathBuf, reason: String },
+    /// A file could not be read or written; `source` is the operating system's error.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// An image file exists but cannot be used (corrupt, truncated, too large, unknown format).
     #[error("image {}: {reason}", path.display())]
     Image { path: PathBuf, reason: String },
@@ -55,7 +59,7 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            reason: err.to_string(),
+            source: err,
         }
     }
 
@@ -71,6 +75,20 @@ pub type Result<T> = std::result::Result<T, Error>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn io_errors_keep_the_os_error_as_their_source() {
+        use std::error::Error as _;
+        let os = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let shown = os.to_string();
+        let e = Error::io("/x/y.png", os);
+        assert_eq!(e.to_string(), format!("/x/y.png: {shown}"));
+        let source = e.source().expect("a source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("an io::Error");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
 
     #[test]
     fn candle_errors_lose_their_stack_trace() {

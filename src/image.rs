@@ -1,22 +1,25 @@
-//! Image input and preprocessing: decode a file to RGB8, resize it exactly as the ViT-CX
-//! reference does (OpenCV `cv2.resize`, `INTER_LINEAR`), and normalise it into the model's
-//! `(3, H, W)` input.
-//!
-//! Paper: Xie et al., "ViT-CX: Causal Explanation of Vision Transformers", IJCAI 2023,
-//! <https://arxiv.org/abs/2211.03064>.
+//! Image input and preprocessing (docs/algorithm.md §6): decode a file to RGB8, resize it
+//! exactly as the ViT-CX reference does (OpenCV `cv2.resize`, `INTER_LINEAR`), and normalise it
+//! into the model's `(3, H, W)` input.
 
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, Limits, RgbImage};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Largest image accepted (decompression-bomb guard).
 pub const MAX_PIXELS: u64 = 100_000_000;
 
-/// `INTER_RESIZE_COEF_BITS` in OpenCV: interpolation weights are quantised to 11 bits.
-const COEF_BITS: u32 = 11;
-const COEF_SCALE: f32 = (1 << COEF_BITS) as f32;
+/// File extensions taken as images when a directory is listed.
+pub const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "bmp", "webp"];
+
+/// Whether `path` has one of the [`EXTENSIONS`] (any case).
+pub fn has_image_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
 
 fn image_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Image {
@@ -153,74 +156,17 @@ fn check_jpeg_complete(b: &[u8]) -> std::result::Result<(), String> {
     }
 }
 
-/// Per destination index along one axis: the left source index and its 11-bit weights
-/// `(1 - f, f)`, computed as OpenCV's `resize` does for `INTER_LINEAR` (float coordinate,
-/// clamped at the borders, weights rounded half to even).
-fn linear_taps(src: usize, dst: usize) -> Vec<(usize, i32, i32)> {
-    let scale = src as f64 / dst as f64;
-    (0..dst)
-        .map(|d| {
-            let f = ((d as f64 + 0.5) * scale - 0.5) as f32;
-            let s = f.floor();
-            let mut frac = f - s;
-            let mut s = s as i64;
-            if s < 0 {
-                s = 0;
-                frac = 0.0;
-            }
-            if s >= src as i64 - 1 {
-                s = src as i64 - 1;
-                frac = 0.0;
-            }
-            let a0 = ((1.0 - frac) * COEF_SCALE).round_ties_even() as i32;
-            let a1 = (frac * COEF_SCALE).round_ties_even() as i32;
-            // s is clamped to 0..src above, so the cast is exact.
-            (s as usize, a0, a1)
-        })
-        .collect()
-}
-
-/// Resizes like OpenCV `cv2.resize(..., interpolation=INTER_LINEAR)`: bilinear, half-pixel centres
-/// (src = (dst + 0.5) * scale - 0.5, clamped at the borders), no antialiasing, rounded to u8. `size` is (H, W).
-///
-/// It follows OpenCV's 8-bit fixed-point path bit for bit: weights quantised to 11 bits, a
-/// horizontal pass into integers, then the vertical pass of OpenCV's SIMD kernel
-/// (`VResizeLinearVec_32s8u`: rows shifted right by 4, `(b * s) >> 16` per row, then
-/// `(sum + 2) >> 2`), which is what the reference's `cv2.resize` runs on x86 and ARM.
-/// A zero `size` or an empty input gives an empty image.
+/// Resizes like OpenCV `cv2.resize(..., interpolation=INTER_LINEAR)`, as the reference does
+/// ([`crate::resample::opencv_linear_rgb8`]): bilinear, half-pixel centres, no antialiasing,
+/// rounded to u8. `size` is (H, W). A zero `size` or an empty input gives an empty image.
 pub fn resize_bilinear(img: &RgbImage, size: (usize, usize)) -> RgbImage {
     let (dh, dw) = size;
-    let (sw, sh) = (img.width() as usize, img.height() as usize);
     let (Ok(out_w), Ok(out_h)) = (u32::try_from(dw), u32::try_from(dh)) else {
         return RgbImage::new(0, 0);
     };
-    if dh == 0 || dw == 0 || sw == 0 || sh == 0 {
-        return RgbImage::new(0, 0);
-    }
-    let xt = linear_taps(sw, dw);
-    let yt = linear_taps(sh, dh);
-    let src = img.as_raw();
-    let hrow = |y: usize| -> Vec<i32> {
-        let row = &src[y * sw * 3..(y + 1) * sw * 3];
-        let mut out = Vec::with_capacity(dw * 3);
-        for &(sx, a0, a1) in &xt {
-            let nx = (sx + 1).min(sw - 1);
-            for c in 0..3 {
-                out.push(i32::from(row[sx * 3 + c]) * a0 + i32::from(row[nx * 3 + c]) * a1);
-            }
-        }
-        out
-    };
-    let mut out = Vec::with_capacity(dh * dw * 3);
-    for &(sy, b0, b1) in &yt {
-        let r0 = hrow(sy);
-        let r1 = hrow((sy + 1).min(sh - 1));
-        for (s0, s1) in r0.iter().zip(&r1) {
-            let t = ((b0 * (s0 >> 4)) >> 16) + ((b1 * (s1 >> 4)) >> 16);
-            out.push(((t + 2) >> 2).clamp(0, 255) as u8);
-        }
-    }
-    // The buffer holds exactly out_w * out_h * 3 bytes by construction.
+    let src = (img.height() as usize, img.width() as usize);
+    let out = crate::resample::opencv_linear_rgb8(img.as_raw(), src, size);
+    // The buffer holds exactly out_w * out_h * 3 bytes, or none for an empty size.
     RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(0, 0))
 }
 

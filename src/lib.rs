@@ -3,27 +3,31 @@
 //! ViT-CX (Xie et al., IJCAI 2023, <https://arxiv.org/abs/2211.03064>) explains which pixels
 //! caused a ViT's prediction: the patch tokens of one layer become masks, near-duplicate masks
 //! are merged by clustering, and the model is run on each masked image to score its causal
-//! impact. vitcx reproduces the reference implementation number for number.
+//! impact. vitcx reproduces the reference implementation number for number; the algorithm as
+//! vitcx computes it is `docs/algorithm.md`.
 //!
-//! The modules follow the pipeline: [`image`] (decode, resize, normalise) -> [`model`]
-//! (checkpoint loading, one forward pass for prediction and tokens) -> [`mask`] (feature maps to
-//! masks, similarities) -> [`cluster`] (complete linkage) -> [`score`] (causal scores, coverage
-//! correction) -> [`explain`] (the method, wiring the stages) -> [`render`] / [`output`] (files).
-//! [`methods`] puts ViT-CX beside the methods people compare it with ([`rollout`], [`rise`],
-//! [`gradcam`]) and the control maps of [`controls`]; [`metrics`] scores any of them.
+//! The modules, dependencies pointing down the list:
+//! - [`bench`], [`train`]: tools apart from the pipeline (timings, training the demo model);
+//! - [`eval`]: faithfulness metrics, the data sets they run over, their reports, the shapes
+//!   benchmark;
+//! - [`methods`]: ViT-CX and the methods it is compared with, behind one driver and registry;
+//! - [`model`]: the [`model::Backbone`] seam, the registry of model families, checkpoints;
+//! - [`io`], [`image`], [`target`], [`resample`], [`error`]: files, pixels, what is explained,
+//!   the resampling rules, the error type.
 //!
 //! ```
-//! use vitcx::{methods::vitcx::NoProgress, model::Backbone, VitCx, VitCxParams};
+//! use vitcx::methods::NoProgress;
+//! use vitcx::model::Backbone;
+//! use vitcx::{VitCx, VitCxParams};
 //!
 //! let model = vitcx::model::load("tests/data/vit_timm".as_ref(), &candle_core::Device::Cpu)?;
 //! let img = vitcx::image::load_rgb("examples/goldfish.jpg".as_ref())?;
-//! let pre = &model.config().preprocess;
-//! let resized = vitcx::image::resize_bilinear(&img, pre.input_size);
-//! let x = vitcx::image::to_input(&resized, pre.mean, pre.std);
+//! let pre = &model.spec().preprocess;
+//! let (_, x) = vitcx::image::model_input(&img, pre.input_size, pre.mean, pre.std);
 //! let method = VitCx::new(&VitCxParams::default(), &model)?;
 //! let ex = method.explain(&model, &x, &[], &mut NoProgress)?; // [] = the top-1 class
 //! assert_eq!(ex.saliency[0].len(), 224 * 224);
-//! println!("class {} explained with N = {} masks", ex.classes[0], ex.n_masks);
+//! println!("class {} explained with N = {:?} masks", ex.classes[0], ex.count("n_masks"));
 //! # Ok::<(), vitcx::Error>(())
 //! ```
 
@@ -34,8 +38,11 @@ pub mod image;
 pub mod io;
 pub mod methods;
 pub mod model;
+pub mod resample;
+pub mod target;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use methods::vitcx::{Explanation, Noise, VitCx, VitCxParams};
-pub use methods::{Explainer, Method, MethodParams, Targets};
+pub use methods::vitcx::{Noise, VitCx, VitCxParams};
+pub use methods::{Explainer, Explanation, Method, MethodParams};
+pub use target::Targets;

@@ -19,11 +19,12 @@ use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::bench::{random_state_dict, timm_config_json, Arch};
 use crate::error::{Error, Result};
 use crate::eval::synth::{self, CLASSES};
-use crate::methods::vitcx::argmax;
-use crate::model::{Backbone, Tap, VisionTransformer};
+use crate::model::vit::random::{self, random_state_dict, timm_config_json, Arch};
+use crate::model::vit::VisionTransformer;
+use crate::model::Backbone;
+use crate::target::argmax;
 
 /// The timm architecture name written into the demo model's `config.json`.
 pub const DEMO_ARCHITECTURE: &str = "vit_demo_patch16_224";
@@ -218,7 +219,7 @@ impl Trainer {
         }
         let (d, c) = (params.arch.dim, params.arch.num_classes);
         let mut rng = ChaCha8Rng::seed_from_u64(params.seed ^ 0x746f_6b65);
-        let w = crate::bench::normal(&mut rng, (c + 1) * d, crate::bench::WEIGHT_STD);
+        let w = random::normal(&mut rng, (c + 1) * d, random::WEIGHT_STD);
         let token_head = (
             Var::from_tensor(&Tensor::from_vec(w, (c + 1, d), device)?)?,
             Var::zeros(c + 1, DType::F32, device)?,
@@ -292,7 +293,7 @@ impl Trainer {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        model_from_state(&self.config_json, state, &self.device)
+        random::in_memory(self.config_json.clone(), state, &self.device)
     }
 
     /// One optimiser step on a fresh batch.
@@ -327,8 +328,9 @@ impl Trainer {
     fn loss(&self, batch: &Batch) -> Result<(Tensor, Tensor)> {
         let model = self.model()?;
         let w = self.params.token_label_weight;
-        let tap = (w > 0.0).then(|| Tap::Block(self.params.arch.depth - 1));
-        let out = model.forward(&batch.px, tap)?;
+        // The last block's output: the tokens the head reads.
+        let tap = (w > 0.0).then(|| format!("blocks.{}", self.params.arch.depth - 1));
+        let out = model.forward(&batch.px, tap.as_deref())?;
         let mut loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
         if let Some(maps) = out.features {
             // (B, D, gh, gw) -> (B * gh * gw, D), rows in (b, y, x) order like the token labels.
@@ -367,22 +369,6 @@ impl Trainer {
         }
         crate::io::output::write_json_atomic(&dir.join("config.json"), &config)
     }
-}
-
-/// A [`VisionTransformer`] from a timm config and state dict held in memory.
-fn model_from_state(
-    config_json: &serde_json::Value,
-    state: HashMap<String, Tensor>,
-    device: &Device,
-) -> Result<VisionTransformer> {
-    crate::model::from_parts(
-        Path::new("<training>/config.json"),
-        config_json,
-        None,
-        Path::new("<training>/model.safetensors"),
-        state,
-        device,
-    )
 }
 
 /// One training batch.
@@ -693,12 +679,12 @@ mod tests {
         )
         .unwrap();
         let loaded = crate::model::load(dir.path(), &Device::Cpu).unwrap();
-        assert_eq!(loaded.config().labels, CLASSES.to_vec());
+        assert_eq!(loaded.spec().labels, CLASSES.to_vec());
         let cfg: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("config.json")).unwrap())
                 .unwrap();
         assert_eq!(cfg["vitcx_training"]["held_out_accuracy"], 0.5);
-        assert_eq!(loaded.spec().grid, (4, 4));
+        assert_eq!(loaded.spec().taps[0].grid, (4, 4));
         let px = training_batch(&t.params, 7, &Device::Cpu, &[]).unwrap().px;
         // Resuming from the checkpoint starts from exactly its weights.
         let resumed = Trainer::resume(tiny(), dir.path(), &Device::Cpu).unwrap();

@@ -3,47 +3,16 @@
 
 mod common;
 
-use common::max_abs_diff;
-use std::path::PathBuf;
+use common::{fixture, input, manifest, max_abs_diff, model, pearson, range, CASES};
 
-use candle_core::Device;
-use vitcx::io::npy::read_npy;
-use vitcx::methods::vitcx::{NoProgress, Noise, VitCx, VitCxParams};
+use vitcx::methods::vitcx::{mask::Masks, Noise, VitCx, VitCxParams};
+use vitcx::methods::NoProgress;
 use vitcx::model::{Backbone, Precision};
-
-const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
-
-fn case_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(case)
-}
-
-fn manifest(case: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(case_dir(case).join("manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn range(v: &[f32]) -> f32 {
-    let max = v.iter().cloned().fold(f32::MIN, f32::max);
-    let min = v.iter().cloned().fold(f32::MAX, f32::min);
-    max - min
-}
-
-/// The input the reference used: `image_224.png` through vitcx's own preprocessing.
-fn input(case: &str, model: &vitcx::model::VisionTransformer) -> Vec<f32> {
-    let img = vitcx::image::load_rgb(&case_dir(case).join("image_224.png")).unwrap();
-    let pre = &model.config().preprocess;
-    vitcx::image::to_input(&img, pre.mean, pre.std)
-}
+use vitcx::target::argmax;
 
 /// For each of our masks, the index of the golden mask it matches (within `tol`), as a
 /// permutation, and the largest difference of a matched pair.
-fn match_masks(
-    ours: &vitcx::methods::vitcx::mask::Masks,
-    golden: &[f32],
-    tol: f32,
-) -> (Vec<usize>, f32) {
+fn match_masks(ours: &Masks, golden: &[f32], tol: f32) -> (Vec<usize>, f32) {
     let plane = ours.h * ours.w;
     let n = golden.len() / plane;
     assert_eq!(ours.n, n, "number of masks");
@@ -71,7 +40,7 @@ fn match_masks(
 
 /// Asserts that `saliency` matches the case's golden `file` within 1e-5 of its range.
 fn assert_saliency(case: &str, file: &str, saliency: &[f32]) {
-    let golden = read_npy(case_dir(case).join(file)).unwrap().to_f32();
+    let golden = fixture(case, file);
     let d = max_abs_diff(saliency, &golden);
     let r = range(&golden);
     eprintln!("{case}: {file} max diff {d:e} (range {r:e})");
@@ -81,9 +50,9 @@ fn assert_saliency(case: &str, file: &str, saliency: &[f32]) {
 #[test]
 fn input_matches_reference_preprocessing() {
     for case in CASES {
-        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let model = model(case);
         let x = input(case, &model);
-        let golden = read_npy(case_dir(case).join("input.npy")).unwrap().to_f32();
+        let golden = fixture(case, "input.npy");
         let d = max_abs_diff(&x, &golden);
         assert!(d < 1e-6, "{case}: input differs by {d}");
     }
@@ -93,9 +62,9 @@ fn input_matches_reference_preprocessing() {
 fn sigma0_reproduces_reference() {
     for case in CASES {
         let m = manifest(case);
-        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let model = model(case);
         assert_eq!(
-            model.spec().num_prefix_tokens as u64,
+            model.spec().taps[0].prefix_tokens.len() as u64,
             m["num_tokens_skipped"].as_u64().unwrap()
         );
         let x = input(case, &model);
@@ -106,18 +75,16 @@ fn sigma0_reproduces_reference() {
         let method = VitCx::new(&params, &model).unwrap();
         let prepared = method.prepare(&model, &x, &mut NoProgress).unwrap();
 
-        let probs = read_npy(case_dir(case).join("probs.npy")).unwrap().to_f32();
+        let probs = fixture(case, "probs.npy");
         let dp = max_abs_diff(&prepared.probs, &probs);
         assert!(dp < 1e-5, "{case}: probs differ by {dp}");
-        let fm = read_npy(case_dir(case).join("feature_map.npy"))
-            .unwrap()
-            .to_f32();
+        let fm = fixture(case, "feature_map.npy");
         let df = max_abs_diff(&prepared.feature_maps, &fm);
         assert!(df < 1e-5, "{case}: feature maps differ by {df}");
 
         let n = prepared.masks.n;
         assert_eq!(n as u64, m["N_masks"].as_u64().unwrap(), "{case}: N");
-        let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+        let golden_masks = fixture(case, "masks.npy");
         let (perm, dm) = match_masks(&prepared.masks, &golden_masks, 1e-5);
         let in_order = perm.iter().enumerate().all(|(i, &j)| i == j);
         eprintln!(
@@ -143,7 +110,7 @@ fn sigma0_reproduces_reference() {
 /// mask order), as the reference computed `saliency_sigma0.1.npy`.
 fn explain_with_stored_noise(
     case: &str,
-    model: &vitcx::model::VisionTransformer,
+    model: &dyn Backbone,
     params: VitCxParams,
 ) -> vitcx::Explanation {
     let m = manifest(case);
@@ -154,9 +121,9 @@ fn explain_with_stored_noise(
     };
     let method = VitCx::new(&params, model).unwrap();
     let prepared = method.prepare(model, &x, &mut NoProgress).unwrap();
-    let golden_masks = read_npy(case_dir(case).join("masks.npy")).unwrap().to_f32();
+    let golden_masks = fixture(case, "masks.npy");
     let (perm, _) = match_masks(&prepared.masks, &golden_masks, 1e-5);
-    let noise = read_npy(case_dir(case).join("noise.npy")).unwrap().to_f32();
+    let noise = fixture(case, "noise.npy");
     let len = x.len();
     let draws = perm
         .iter()
@@ -178,7 +145,7 @@ fn explain_with_stored_noise(
 #[test]
 fn stored_noise_reproduces_reference() {
     for case in CASES {
-        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let model = model(case);
         let params = VitCxParams {
             batch: 7, // odd on purpose: the result must not depend on batching
             ..Default::default()
@@ -192,16 +159,14 @@ fn stored_noise_reproduces_reference() {
 fn seeded_noise_is_reproducible_and_close_to_reference() {
     let case = "vit_hf";
     let m = manifest(case);
-    let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+    let model = model(case);
     let x = input(case, &model);
     let method = VitCx::new(&VitCxParams::default(), &model).unwrap();
     let a = method.explain(&model, &x, &[], &mut NoProgress).unwrap();
     let b = method.explain(&model, &x, &[], &mut NoProgress).unwrap();
     assert_eq!(a.saliency, b.saliency, "same seed, same map");
     assert_eq!(a.classes[0] as u64, m["target"].as_u64().unwrap());
-    let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
-        .unwrap()
-        .to_f32();
+    let golden = fixture(case, "saliency_sigma0.1.npy");
     let r = pearson(&a.saliency[0], &golden);
     assert!(r > 0.95, "another noise draw keeps the map: pearson {r}");
 }
@@ -212,15 +177,13 @@ fn seeded_noise_is_reproducible_and_close_to_reference() {
 #[test]
 fn bf16_perturbed_passes_keep_the_golden_maps() {
     for case in CASES {
-        let model = vitcx::model::load(&case_dir(case), &Device::Cpu).unwrap();
+        let model = model(case);
         let params = VitCxParams {
             precision: Precision::Bf16,
             ..Default::default()
         };
         let ex = explain_with_stored_noise(case, &model, params);
-        let golden = read_npy(case_dir(case).join("saliency_sigma0.1.npy"))
-            .unwrap()
-            .to_f32();
+        let golden = fixture(case, "saliency_sigma0.1.npy");
         let r = pearson(&ex.saliency[0], &golden);
         let d = max_abs_diff(&ex.saliency[0], &golden) / range(&golden);
         eprintln!("{case}: bf16 perturbed passes: pearson {r:.6}, max diff {d:.2e} of the range");
@@ -231,7 +194,7 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
         );
 
         let x = input(case, &model);
-        let px = candle_core::Tensor::from_vec(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
+        let px = common::batch_of_one(&x, (224, 224));
         let top1 = |p| argmax(&model.probs_at(&px, p).unwrap().to_vec2::<f32>().unwrap()[0]);
         assert_eq!(
             top1(Precision::Bf16),
@@ -239,22 +202,4 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
             "{case}: bf16 top-1"
         );
     }
-}
-
-fn argmax(v: &[f32]) -> usize {
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap()
-}
-
-fn pearson(a: &[f32], b: &[f32]) -> f64 {
-    let n = a.len() as f64;
-    let ma = a.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let mb = b.iter().map(|&v| v as f64).sum::<f64>() / n;
-    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
-        sab += dx * dy;
-        saa += dx * dx;
-        sbb += dy * dy;
-    }
-    sab / (saa * sbb).sqrt()
 }

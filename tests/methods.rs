@@ -5,33 +5,18 @@
 
 mod common;
 
-use common::max_abs_diff;
-use std::path::{Path, PathBuf};
+use common::{case, max_abs_diff, model, reference_input as input};
 
 use candle_core::{Device, Tensor};
 use vitcx::io::npy::read_npy;
 use vitcx::methods::gradcam::{GradCam, GradCamParams};
 use vitcx::methods::rise::{GridMask, MaskSource, Rise, RiseParams};
 use vitcx::methods::rollout::{Rollout, RolloutParams};
-use vitcx::methods::vitcx::NoProgress;
-use vitcx::model::{Backbone, Tap, VisionTransformer};
-use vitcx::Targets;
+use vitcx::methods::NoProgress;
+use vitcx::model::Backbone;
+use vitcx::target::{Score, Targets};
 
 const CASES: [&str; 3] = ["vit_timm", "vit_hf", "deit_distilled_timm"];
-
-fn case(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
-}
-
-fn model(name: &str) -> VisionTransformer {
-    vitcx::model::load(&case(name), &Device::Cpu).unwrap()
-}
-
-fn input(name: &str) -> Vec<f32> {
-    read_npy(case(name).join("input.npy")).unwrap().to_f32()
-}
 
 fn reference(name: &str, file: &str) -> Vec<f32> {
     read_npy(case(name).join("methods").join(file))
@@ -78,7 +63,7 @@ fn rollout_matrix_is_row_stochastic_and_matches_the_reference() {
         let px = Tensor::from_vec(input(name), (1, 3, 224, 224), &Device::Cpu).unwrap();
         let att = m.attention(&px).unwrap();
         assert_eq!(att.maps.len(), m.spec().depth);
-        let t = m.spec().num_prefix_tokens + 196;
+        let t = att.prefix_tokens + 196;
         let mut layers: Vec<Vec<f64>> = att
             .maps
             .iter()
@@ -105,8 +90,15 @@ fn gradcam_gradients_and_map_match_pytorch_grad_cam() {
         let x = input(name);
         let px = Tensor::from_vec(x.clone(), (1, 3, 224, 224), &Device::Cpu).unwrap();
         let layer = m.spec().depth - 1;
-        let g = m.tap_gradient(&px, Tap::Norm1(layer), None).unwrap();
-        assert_eq!(g.classes, vec![class(name)], "{name}");
+        let tap = format!("blocks.{layer}.norm1");
+        let mut classes = Vec::new();
+        let g = m
+            .tap_gradient(&px, &tap, &mut |logits| {
+                classes = vec![vitcx::target::argmax(&logits.to_vec2::<f32>()?[0])];
+                Score::Logit.of(logits, &classes)
+            })
+            .unwrap();
+        assert_eq!(classes, vec![class(name)], "{name}");
         let acts = g.features.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let grads = g.gradients.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want_acts = reference(name, "gradcam_activations.npy");
@@ -186,7 +178,7 @@ fn rise_with_stored_masks_matches_the_reference() {
             )
             .unwrap();
         assert_eq!(ex.classes, vec![class(name)]);
-        assert_eq!(ex.n_masks, 48);
+        assert_eq!(ex.count("n_masks"), Some(48));
         let d = max_abs_diff(&ex.saliency[0], &reference(name, "rise.npy"));
         println!("{name} rise: max |diff| {d:.2e}");
         assert!(d < 1e-5, "{name}: {d}");
@@ -255,16 +247,18 @@ fn tap_gradient_rejects_bad_classes() {
     let m = model("vit_timm");
     let px = Tensor::zeros((2, 3, 224, 224), candle_core::DType::F32, &Device::Cpu).unwrap();
     let e = m
-        .tap_gradient(&px, Tap::Norm1(0), Some(&[0]))
+        .tap_gradient(&px, "blocks.0.norm1", &mut |l| Score::Logit.of(l, &[0]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("1 classes given for a batch of 2"), "{e}");
     let e = m
-        .tap_gradient(&px, Tap::Norm1(0), Some(&[0, 10]))
+        .tap_gradient(&px, "blocks.0.norm1", &mut |l| Score::Logit.of(l, &[0, 10]))
         .unwrap_err()
         .to_string();
     assert!(e.contains("class 10 out of range"), "{e}");
     // Two images, two classes: one backward pass, one gradient per image.
-    let g = m.tap_gradient(&px, Tap::Block(1), Some(&[1, 2])).unwrap();
+    let g = m
+        .tap_gradient(&px, "blocks.1", &mut |l| Score::Logit.of(l, &[1, 2]))
+        .unwrap();
     assert_eq!(g.gradients.dims(), &[2, 192, 14, 14]);
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use vitcx::io::npy::read_npy;
-use vitcx::model::{Backbone, Tap};
+use vitcx::model::Backbone;
 
 fn zoo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/zoo")
@@ -34,12 +34,14 @@ fn every_zoo_case_matches_pytorch() {
             .unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
         let spec = model.spec().clone();
         let get = |k: &str| meta[k].as_u64().unwrap() as usize;
+        let detail = |k: &str| spec.details[k].as_u64().unwrap() as usize;
+        let tap = spec.tap(&spec.layer_taps[spec.depth - 1]).unwrap().clone();
         assert_eq!(spec.depth, get("depth"), "{name}: depth");
-        assert_eq!(spec.heads, get("heads"), "{name}: heads");
-        assert_eq!(spec.dim, get("dim"), "{name}: dim");
+        assert_eq!(detail("heads"), get("heads"), "{name}: heads");
+        assert_eq!(tap.dim, get("dim"), "{name}: dim");
         assert_eq!(spec.num_classes, get("num_classes"), "{name}: classes");
         assert_eq!(
-            spec.num_prefix_tokens,
+            tap.prefix_tokens.len(),
             get("num_prefix_tokens"),
             "{name}: prefix"
         );
@@ -47,18 +49,14 @@ fn every_zoo_case_matches_pytorch() {
             meta["grid"][0].as_u64().unwrap() as usize,
             meta["grid"][1].as_u64().unwrap() as usize,
         );
-        assert_eq!(spec.grid, grid, "{name}: grid");
+        assert_eq!(tap.grid, grid, "{name}: grid");
         let eps = meta["layer_norm_eps"].as_f64().unwrap();
-        assert!(
-            (model.config().layer_norm_eps - eps).abs() <= eps * 1e-6,
-            "{name}: eps"
-        );
+        let model_eps = spec.details["layer_norm_eps"].as_f64().unwrap();
+        assert!((model_eps - eps).abs() <= eps * 1e-6, "{name}: eps");
 
         let input = read_npy(dir.join("reference/input.npy")).unwrap();
         let px = Tensor::from_vec(input.to_f32(), input.shape.clone(), &Device::Cpu).unwrap();
-        let out = model
-            .forward(&px, Some(Tap::Norm1(spec.depth - 1)))
-            .unwrap();
+        let out = model.forward(&px, Some(&tap.name)).unwrap();
         let logits = out.logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = read_npy(dir.join("reference/logits.npy")).unwrap().to_f32();
         let d = max_abs_diff(&logits, &want);
@@ -68,7 +66,7 @@ fn every_zoo_case_matches_pytorch() {
         let tokens = read_npy(dir.join("reference/tokens.npy")).unwrap();
         let (b, t, dim) = (tokens.shape[0], tokens.shape[1], tokens.shape[2]);
         let tokens = Tensor::from_vec(tokens.to_f32(), (b, t, dim), &Device::Cpu).unwrap();
-        let k = spec.num_prefix_tokens;
+        let k = tap.prefix_tokens.len();
         let want = tokens
             .narrow(1, k, t - k)
             .unwrap()

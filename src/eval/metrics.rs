@@ -11,11 +11,11 @@
 //! - the AUC integrates over the true fraction of pixels changed, so a last partial step counts
 //!   for its real width (with `H*W` divisible by the step this equals RISE's `auc`).
 
-use candle_core::Tensor;
-use image::{Rgb, RgbImage};
+use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::model::Backbone;
+use crate::methods::{NoProgress, Run};
+use crate::model::{Backbone, Precision};
 
 /// The image a curve moves towards (deletion) or starts from (insertion), in normalised space.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -49,6 +49,33 @@ impl Baseline {
         }
     }
 
+    /// A baseline by name: `zero`, or `blur` with `kernel` taps and `sigma` (checked).
+    pub fn parse(name: &str, kernel: usize, sigma: f32) -> Result<Self> {
+        match name {
+            "zero" => Ok(Baseline::Zero),
+            "blur" => {
+                gaussian_kernel(kernel, sigma)?;
+                Ok(Baseline::Blur { kernel, sigma })
+            }
+            other => Err(Error::invalid(format!(
+                "unknown baseline '{other}'; expected zero or blur"
+            ))),
+        }
+    }
+
+    /// How reports describe the baseline.
+    pub fn report_json(&self) -> serde_json::Value {
+        match *self {
+            Baseline::Zero => json!({ "kind": "zero" }),
+            Baseline::Blur { kernel, sigma } => json!({
+                "kind": "blur", "kernel": kernel,
+                // Through its shortest decimal form, so 5f32 reads 5.0 and 0.1f32 reads 0.1.
+                "sigma": sigma.to_string().parse::<f64>().unwrap_or(f64::NAN),
+                "border": "reflect (edge pixel not repeated)", "space": "normalised, per channel",
+            }),
+        }
+    }
+
     /// The baseline image for `x` `(3, H, W)` (normalised), same layout.
     pub fn apply(&self, x: &[f32], (h, w): (usize, usize)) -> Result<Vec<f32>> {
         check_len("image", x.len(), 3 * h * w)?;
@@ -78,6 +105,31 @@ pub struct CurveParams {
     pub insertion_baseline: Baseline,
     /// Perturbed images per forward pass. Default 32.
     pub batch: usize,
+}
+
+impl CurveParams {
+    /// The settings as they go into reports.
+    pub fn report_json(&self) -> serde_json::Value {
+        json!({
+            "step": self.step,
+            "batch": self.batch,
+            "deletion_baseline": self.deletion_baseline.report_json(),
+            "insertion_baseline": self.insertion_baseline.report_json(),
+            "pixel_order": "saliency descending, ties by lower row-major index",
+            "auc": "trapezoid rule over the fraction of pixels changed, x in [0, 1]",
+        })
+    }
+
+    /// Fails unless the step and batch are at least 1.
+    pub fn check(&self) -> Result<()> {
+        if self.step == 0 {
+            return Err(Error::invalid("curve step 0; expected at least 1 pixel"));
+        }
+        if self.batch == 0 {
+            return Err(Error::invalid("curve batch 0; expected at least 1 image"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CurveParams {
@@ -221,6 +273,21 @@ pub fn summarize(values: &[f64]) -> Summary {
     }
 }
 
+/// Pearson correlation of two equally long series (NaN if either is constant).
+pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    let n = a.len().min(b.len()) as f64;
+    let ma = a.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let mb = b.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (dx, dy) = (f64::from(x) - ma, f64::from(y) - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    sab / (saa * sbb).sqrt()
+}
+
 /// Student's t quantile 0.975 with `df >= 1` degrees of freedom.
 fn t975(df: usize) -> f64 {
     const TABLE: [f64; 30] = [
@@ -329,12 +396,7 @@ fn check_inputs(
             spec.num_classes
         )));
     }
-    if p.step == 0 {
-        return Err(Error::invalid("curve step 0; expected at least 1 pixel"));
-    }
-    if p.batch == 0 {
-        return Err(Error::invalid("curve batch 0; expected at least 1 image"));
-    }
+    p.check()?;
     Ok((h, w))
 }
 
@@ -362,155 +424,40 @@ fn curve(
 
     let mut current = start.to_vec();
     let mut probs = Vec::with_capacity(n_points);
-    let mut k = 0;
-    while k < n_points {
-        let b = p.batch.min(n_points - k);
-        let mut buf = Vec::with_capacity(b * 3 * hw);
-        for kk in k..k + b {
-            if kk > 0 {
-                for &i in &order[changed(kk - 1)..changed(kk)] {
+    let mut progress = NoProgress;
+    let mut run = Run::new(model, start, 0, &mut progress)?;
+    run.perturbed(
+        n_points,
+        1,
+        p.batch,
+        Precision::F32,
+        None,
+        |k, images| {
+            if k > 0 {
+                for &i in &order[changed(k - 1)..changed(k)] {
                     for c in 0..3 {
                         current[c * hw + i] = end[c * hw + i];
                     }
                 }
             }
-            buf.extend_from_slice(&current);
-        }
-        let px = Tensor::from_vec(buf, (b, 3, h, w), model.device())?;
-        let out = model.probs(&px)?.narrow(1, class, 1)?.flatten_all()?;
-        probs.extend(out.to_vec1::<f32>()?);
-        k += b;
-    }
+            images[0].extend_from_slice(&current);
+            Ok(())
+        },
+        |_, rows| {
+            probs.push(rows[0][class]);
+            Ok(())
+        },
+    )?;
     let auc = auc(&x, &probs);
     Ok(Curve { probs, x, auc })
-}
-
-/// A line plot of a curve `y` over `x` (both in [0, 1]) on a white canvas with axes, ticks at
-/// 0, 0.5 and 1, and `title` plus the axis names written in 8x8 bitmap text.
-pub fn plot_curve(x: &[f64], y: &[f32], title: &str, x_label: &str, y_label: &str) -> RgbImage {
-    plot_curves(x, &[(String::new(), y.to_vec())], title, x_label, y_label)
-}
-
-/// Line colours of [`plot_curves`], one per series in turn (matplotlib's first six).
-const PALETTE: [[u8; 3]; 6] = [
-    [31, 119, 180],
-    [255, 127, 14],
-    [44, 160, 44],
-    [214, 39, 40],
-    [148, 103, 189],
-    [140, 86, 75],
-];
-
-/// Several curves over the same `x` in one plot, each in its colour, with a legend of their
-/// labels (empty labels are not listed); otherwise as [`plot_curve`].
-pub fn plot_curves(
-    x: &[f64],
-    series: &[(String, Vec<f32>)],
-    title: &str,
-    x_label: &str,
-    y_label: &str,
-) -> RgbImage {
-    const W: u32 = 480;
-    const H: u32 = 360;
-    const LEFT: u32 = 56;
-    const RIGHT: u32 = 16;
-    const TOP: u32 = 32;
-    const BOTTOM: u32 = 48;
-    let ink = Rgb([0, 0, 0]);
-    let grid = Rgb([220, 220, 220]);
-    let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
-    let (pw, ph) = (W - LEFT - RIGHT, H - TOP - BOTTOM);
-    let to_px = |fx: f64, fy: f64| {
-        let px = f64::from(LEFT) + fx.clamp(0.0, 1.0) * f64::from(pw);
-        let py = f64::from(TOP + ph) - fy.clamp(0.0, 1.0) * f64::from(ph);
-        (px, py)
-    };
-    // Grid lines and ticks at 0, 0.5, 1.
-    for (t, label) in [(0.0, "0"), (0.5, "0.5"), (1.0, "1")] {
-        let (gx, gy) = to_px(t, t);
-        for yy in TOP..=TOP + ph {
-            img.put_pixel(gx as u32, yy, grid);
-        }
-        for xx in LEFT..=LEFT + pw {
-            img.put_pixel(xx, gy as u32, grid);
-        }
-        let lw = 8 * label.len() as u32;
-        crate::io::render::draw_text(
-            &mut img,
-            label,
-            (gx as u32).saturating_sub(lw / 2),
-            TOP + ph + 6,
-            1,
-        );
-        crate::io::render::draw_text(
-            &mut img,
-            label,
-            LEFT.saturating_sub(lw + 6),
-            (gy as u32).saturating_sub(4),
-            1,
-        );
-    }
-    // Axes.
-    for yy in TOP..=TOP + ph {
-        img.put_pixel(LEFT, yy, ink);
-    }
-    for xx in LEFT..=LEFT + pw {
-        img.put_pixel(xx, TOP + ph, ink);
-    }
-    // The curves: straight segments between consecutive points, drawn 2 pixels thick.
-    for (k, (label, y)) in series.iter().enumerate() {
-        let line = Rgb(PALETTE[k % PALETTE.len()]);
-        let mut put = |fx: f64, fy: f64| {
-            for (dx, dy) in [(0i64, 0i64), (1, 0), (0, 1), (1, 1)] {
-                let (xx, yy) = (fx.round() as i64 + dx, fy.round() as i64 + dy);
-                if xx >= 0 && yy >= 0 && xx < i64::from(W) && yy < i64::from(H) {
-                    img.put_pixel(xx as u32, yy as u32, line);
-                }
-            }
-        };
-        let pts: Vec<(f64, f64)> = x
-            .iter()
-            .zip(y)
-            .filter(|(a, b)| a.is_finite() && b.is_finite())
-            .map(|(&a, &b)| to_px(a, f64::from(b)))
-            .collect();
-        if let [only] = pts.as_slice() {
-            put(only.0, only.1);
-        }
-        for seg in pts.windows(2) {
-            let ((x0, y0), (x1, y1)) = (seg[0], seg[1]);
-            let n = (x1 - x0).abs().max((y1 - y0).abs()).ceil().max(1.0) as usize;
-            for s in 0..=n {
-                let t = s as f64 / n as f64;
-                put(x0 + t * (x1 - x0), y0 + t * (y1 - y0));
-            }
-        }
-        if !label.is_empty() {
-            // Legend entry at the top right: a colour swatch and the label.
-            let ly = TOP + 6 + 12 * k as u32;
-            let lx = (LEFT + pw).saturating_sub(8 * label.len() as u32 + 24);
-            for yy in ly + 2..ly + 6 {
-                for xx in lx..lx + 14 {
-                    img.put_pixel(xx, yy, line);
-                }
-            }
-            crate::io::render::draw_text(&mut img, label, lx + 18, ly, 1);
-        }
-    }
-    crate::io::render::draw_text(&mut img, title, LEFT, 4, 1);
-    let xl = 8 * x_label.len() as u32;
-    crate::io::render::draw_text(&mut img, x_label, LEFT + pw / 2 - xl / 2, H - 20, 1);
-    crate::io::render::draw_text(&mut img, y_label, 4, TOP - 12, 1);
-    img
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::VisionTransformer;
-    use candle_core::Device;
+    use candle_core::{Device, Tensor};
 
-    fn model() -> VisionTransformer {
+    fn model() -> Box<dyn Backbone> {
         crate::model::load(
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/vit_timm").as_ref(),
             &Device::Cpu,
@@ -518,7 +465,7 @@ mod tests {
         .unwrap()
     }
 
-    fn input(m: &VisionTransformer) -> Vec<f32> {
+    fn input(m: &dyn Backbone) -> Vec<f32> {
         let img = crate::image::load_rgb(
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
@@ -527,12 +474,12 @@ mod tests {
             .as_ref(),
         )
         .unwrap();
-        let pre = &m.config().preprocess;
+        let pre = &m.spec().preprocess;
         let img = crate::image::resize_bilinear(&img, m.spec().input_size);
         crate::image::to_input(&img, pre.mean, pre.std)
     }
 
-    fn prob(m: &VisionTransformer, x: &[f32], class: usize) -> f32 {
+    fn prob(m: &dyn Backbone, x: &[f32], class: usize) -> f32 {
         let (h, w) = m.spec().input_size;
         let px = Tensor::from_vec(x.to_vec(), (1, 3, h, w), &Device::Cpu).unwrap();
         m.probs(&px)
@@ -701,15 +648,5 @@ mod tests {
         // Large df approaches the normal quantile; t(60) = 2.000.
         assert!((t975(60) - 2.000).abs() < 1e-3);
         assert!((t975(1000) - 1.962).abs() < 1e-3);
-    }
-
-    #[test]
-    fn plot_has_axes_and_the_curve() {
-        let img = plot_curve(&[0.0, 1.0], &[1.0, 0.0], "deletion AUC=0.500", "x", "p");
-        assert_eq!(img.dimensions(), (480, 360));
-        // The curve passes through the plot centre (0.5, 0.5) in its colour.
-        let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
-        assert!(blue > 300, "{blue}");
-        assert_eq!(img.get_pixel(56, 200).0, [0, 0, 0]);
     }
 }

@@ -19,12 +19,13 @@
 use std::f32::consts::{FRAC_1_SQRT_2, PI, TAU};
 use std::path::Path;
 
-use image::{GrayImage, ImageEncoder, RgbImage};
+use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::io::output::{save_gray_png, save_png, write_atomic};
 
 /// The object classes, index = class id.
 pub const CLASSES: [&str; 6] = ["circle", "square", "triangle", "star", "cross", "ring"];
@@ -136,9 +137,8 @@ pub fn write_dataset(
         let s = sample_with_clutter(seed, i as u64, DEFAULT_SIZE, clutter);
         let image = format!("{i:05}.png");
         let mask = format!("{i:05}.mask.png");
-        crate::io::render::save_png(&s.image, &dir.join(&image))?;
-        let mask_path = dir.join(&mask);
-        crate::io::output::write_atomic(&mask_path, &encode_gray_png(&s.mask, &mask_path)?)?;
+        save_png(&s.image, &dir.join(&image))?;
+        save_gray_png(&s.mask, &dir.join(&mask))?;
         let entry = ManifestEntry {
             image,
             class_id: s.class_id,
@@ -152,7 +152,7 @@ pub fn write_dataset(
         manifest.push('\n');
         progress(i + 1);
     }
-    crate::io::output::write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
+    write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
 }
 
 /// Reads a `manifest.jsonl` (one [`ManifestEntry`] per line; blank lines are skipped). The
@@ -179,22 +179,6 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
         entries.push(entry);
     }
     Ok(entries)
-}
-
-fn encode_gray_png(img: &GrayImage, path: &Path) -> Result<Vec<u8>> {
-    let mut bytes = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut bytes)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::L8,
-        )
-        .map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            reason: format!("cannot encode png: {e}"),
-        })?;
-    Ok(bytes)
 }
 
 /// Tight box of the nonzero mask pixels, `[x0, y0, x1, y1]` exclusive; zeros when empty.

@@ -1,8 +1,10 @@
-//! Writing results: `.npy` maps, the JSON report and PNG overlays, each written atomically
+//! Writing results: `.npy` maps, JSON reports and PNG images, each written atomically
 //! (temporary file, then rename) so that a failure never leaves a partial file behind.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use image::{GrayImage, ImageEncoder, RgbImage};
 
 use crate::error::{Error, Result};
 
@@ -20,10 +22,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
+    // Errors name the file asked for, not the temporary one.
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+        f.sync_all().map_err(|e| Error::io(path, e))?;
         std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     })();
     if result.is_err() {
@@ -52,6 +55,38 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
     write_atomic(path, text.as_bytes())
 }
 
+/// Writes an RGB image as a PNG atomically.
+///
+/// Errors: [`Error::Io`] naming `path` when the directory is missing or not writable or the
+/// write fails; [`Error::InvalidArgument`] for an empty image (PNG cannot hold 0 pixels).
+pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
+    let bytes = encode_png(
+        img.as_raw(),
+        img.dimensions(),
+        image::ExtendedColorType::Rgb8,
+    )?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes a grey image (8 bits) as a PNG atomically, as [`save_png`].
+pub fn save_gray_png(img: &GrayImage, path: &Path) -> Result<()> {
+    let bytes = encode_png(img.as_raw(), img.dimensions(), image::ExtendedColorType::L8)?;
+    write_atomic(path, &bytes)
+}
+
+fn encode_png(raw: &[u8], (w, h): (u32, u32), color: image::ExtendedColorType) -> Result<Vec<u8>> {
+    if w == 0 || h == 0 {
+        return Err(Error::invalid(format!(
+            "image is {w}x{h}; cannot save an empty image as png"
+        )));
+    }
+    let mut bytes = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut bytes)
+        .write_image(raw, w, h, color)
+        .map_err(|e| Error::invalid(format!("cannot encode png: {e}")))?;
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +110,36 @@ mod tests {
         assert!(matches!(e, Error::Io { .. }), "{e}");
         assert!(write_npy_atomic(&dir.path().join("b.npy"), &[3], &[1.0]).is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    fn photo(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 100]))
+    }
+
+    #[test]
+    fn save_png_round_trip_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.png");
+        let img = photo(13, 9);
+        save_png(&img, &p).unwrap();
+        let back = image::open(&p).unwrap().into_rgb8();
+        assert_eq!(back, img);
+        // Overwrite works too.
+        save_png(&photo(3, 3), &p).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
+    }
+
+    #[test]
+    fn save_png_into_missing_directory_is_io_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("no/such/dir/out.png");
+        let err = save_png(&photo(2, 2), &p).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(!p.exists());
+        assert!(save_png(&RgbImage::new(0, 0), &dir.path().join("e.png")).is_err());
     }
 }

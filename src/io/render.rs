@@ -1,16 +1,12 @@
 //! The picture people look at: a saliency drawn over the original image in the jet colour map,
-//! an optional legend strip (text and a colour bar), and an atomic PNG writer.
-//!
-//! Paper: Xie et al., "ViT-CX: Causal Explanation of Vision Transformers", IJCAI 2023,
-//! <https://arxiv.org/abs/2211.03064>. The blend follows pytorch-grad-cam's `show_cam_on_image`.
-
-use std::io::Write;
-use std::path::{Path, PathBuf};
+//! an optional legend strip (text and a colour bar), panels side by side, and the bitmap text
+//! they are labelled with. The blend follows pytorch-grad-cam's `show_cam_on_image`.
 
 use font8x8::UnicodeFonts;
-use image::{ImageEncoder, Rgb, RgbImage};
+use image::{Rgb, RgbImage};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::resample::torch_bilinear;
 
 /// Colour for v in [0, 1] from the jet colour map (say in the doc which definition: OpenCV COLORMAP_JET as pytorch-grad-cam uses, or matplotlib's).
 ///
@@ -29,39 +25,8 @@ pub fn jet(v: f32) -> [u8; 3] {
     [ch(3.0), ch(2.0), ch(1.0)]
 }
 
-/// Bilinear taps along one axis: `(i0, i1, w1)` per destination index, half-pixel centres
-/// (`src = (dst + 0.5) * in / out - 0.5`, clamped at the borders), as PyTorch's
-/// `interpolate(mode="bilinear", align_corners=False)`.
-fn taps(src: usize, dst: usize) -> Vec<(usize, usize, f64)> {
-    let scale = src as f64 / dst as f64;
-    (0..dst)
-        .map(|d| {
-            let f = ((d as f64 + 0.5) * scale - 0.5).max(0.0);
-            // f >= 0, so the cast floors; min keeps it in range.
-            let i0 = (f as usize).min(src - 1);
-            let i1 = (i0 + 1).min(src - 1);
-            (i0, i1, f - i0 as f64)
-        })
-        .collect()
-}
-
-/// Resizes a row-major `(sh, sw)` map to `(h, w)` bilinearly; callers guarantee non-empty sizes.
-fn resize_map(map: &[f32], (sh, sw): (usize, usize), (h, w): (usize, usize)) -> Vec<f32> {
-    let xt = taps(sw, w);
-    let yt = taps(sh, h);
-    let mut out = Vec::with_capacity(h * w);
-    for &(y0, y1, wy) in &yt {
-        let (r0, r1) = (&map[y0 * sw..(y0 + 1) * sw], &map[y1 * sw..(y1 + 1) * sw]);
-        for &(x0, x1, wx) in &xt {
-            let top = f64::from(r0[x0]) * (1.0 - wx) + f64::from(r0[x1]) * wx;
-            let bot = f64::from(r1[x0]) * (1.0 - wx) + f64::from(r1[x1]) * wx;
-            out.push((top * (1.0 - wy) + bot * wy) as f32);
-        }
-    }
-    out
-}
-
-/// The saliency `(sh, sw)` (row-major) drawn over `original` at the ORIGINAL's size: saliency bilinearly resized to it,
+/// The saliency `(sh, sw)` (row-major) drawn over `original` at the ORIGINAL's size: saliency
+/// bilinearly resized to it (PyTorch's rule, [`torch_bilinear`]),
 /// min-max normalised to [0,1] (constant map -> all 0), jet-coloured, blended: out = (1-alpha)*image + alpha*colour.
 ///
 /// Errors ([`Error::InvalidArgument`]): an empty image or saliency size, a saliency whose length is
@@ -102,7 +67,7 @@ pub fn overlay(
             "image is {w}x{h}; expected a non-empty image"
         )));
     }
-    let map = resize_map(saliency, sal_size, (h as usize, w as usize));
+    let map = torch_bilinear(saliency, 1, sal_size, (h as usize, w as usize));
     let (lo, hi) = map
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
@@ -228,60 +193,6 @@ pub fn side_by_side(panels: &[RgbImage], gap: u32) -> RgbImage {
     canvas
 }
 
-/// Writes a PNG atomically (temp file in the same directory, then rename), so a failure leaves no partial file.
-///
-/// Errors: [`Error::Io`] naming `path` when the directory is missing or not writable or the
-/// write fails; [`Error::InvalidArgument`] for an empty image (PNG cannot hold 0 pixels).
-pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let (w, h) = img.dimensions();
-    if w == 0 || h == 0 {
-        return Err(Error::invalid(format!(
-            "image is {w}x{h}; cannot save an empty image as png"
-        )));
-    }
-    let name = path.file_name().ok_or_else(|| Error::Io {
-        path: path.to_path_buf(),
-        reason: "not a file path; expected a path ending in a file name".into(),
-    })?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let result = write_then_rename(img, &tmp, path);
-    if result.is_err() {
-        // Best effort: the temp file may not exist (e.g. the directory is missing).
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn write_then_rename(img: &RgbImage, tmp: &Path, path: &Path) -> Result<()> {
-    let file = std::fs::File::create(tmp).map_err(|e| Error::io(path, e))?;
-    let mut writer = std::io::BufWriter::new(file);
-    image::codecs::png::PngEncoder::new(&mut writer)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::Rgb8,
-        )
-        .map_err(|e| Error::Io {
-            path: path.to_path_buf(),
-            reason: format!("cannot encode png: {e}"),
-        })?;
-    writer.flush().map_err(|e| Error::io(path, e))?;
-    let file = writer
-        .into_inner()
-        .map_err(|e| Error::io(path, e.into_error()))?;
-    file.sync_all().map_err(|e| Error::io(path, e))?;
-    drop(file);
-    std::fs::rename(tmp, path).map_err(|e| Error::io(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +295,7 @@ mod tests {
     #[test]
     fn resize_map_matches_torch_bilinear() {
         // torch.nn.functional.interpolate([[0,1],[2,3]], size=4, mode="bilinear", align_corners=False)
-        let out = resize_map(&[0.0, 1.0, 2.0, 3.0], (2, 2), (4, 4));
+        let out = torch_bilinear(&[0.0, 1.0, 2.0, 3.0], 1, (2, 2), (4, 4));
         let row0 = [0.0, 0.25, 0.75, 1.0];
         for (i, v) in out.iter().enumerate() {
             let want = row0[i % 4] + 2.0 * row0[i / 4];
@@ -431,55 +342,32 @@ mod tests {
     }
 
     #[test]
-    fn save_png_round_trip_leaves_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out.png");
-        let img = photo(13, 9);
-        save_png(&img, &p).unwrap();
-        let back = image::open(&p).unwrap().into_rgb8();
-        assert_eq!(back, img);
-        // Overwrite works too.
-        save_png(&photo(3, 3), &p).unwrap();
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
-    }
-
-    #[test]
-    fn save_png_into_missing_directory_is_io_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("no/such/dir/out.png");
-        let err = save_png(&photo(2, 2), &p).unwrap_err();
-        assert!(matches!(err, Error::Io { .. }), "{err}");
-        assert!(!p.exists());
-        assert!(save_png(&RgbImage::new(0, 0), &dir.path().join("e.png")).is_err());
-    }
-
-    /// Renders the goldfish with a Gaussian blob to /tmp for a visual check (run with --ignored).
-    #[test]
-    #[ignore]
-    fn render_check() {
-        let img = crate::image::load_rgb(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/images/goldfish.jpg"
-        )))
-        .unwrap();
+    fn overlay_puts_the_hottest_colour_where_the_saliency_peaks() {
+        // A Gaussian blob at grid cell (6, 8) of 14x14, drawn over a 280x200 photo at alpha 1:
+        // the pixel coloured as the maximum lies in that cell, scaled to the photo, and the
+        // far corner has the minimum's colour.
+        let img = photo(280, 200);
         let sal: Vec<f32> = (0..14 * 14)
             .map(|i| {
                 let (y, x) = ((i / 14) as f32, (i % 14) as f32);
                 (-((x - 8.0).powi(2) + (y - 6.0).powi(2)) / 8.0).exp()
             })
             .collect();
-        let out = overlay(&img, &sal, (14, 14), 0.5).unwrap();
-        let out = with_legend(
-            &out,
-            &[
-                "class 2 goldfish  p=0.490".into(),
-                "ViT-CX  N=13 masks".into(),
-            ],
+        let out = overlay(&img, &sal, (14, 14), 1.0).unwrap();
+        let hot = jet(1.0);
+        let (px, py, _) = out
+            .enumerate_pixels()
+            .min_by_key(|(_, _, p)| {
+                (0..3)
+                    .map(|c| (i32::from(p.0[c]) - i32::from(hot[c])).abs())
+                    .sum::<i32>()
+            })
+            .unwrap();
+        let (cx, cy) = (px as f32 * 14.0 / 280.0, py as f32 * 14.0 / 200.0);
+        assert!(
+            (cx - 8.5).abs() <= 1.0 && (cy - 6.5).abs() <= 1.0,
+            "peak at {px},{py}"
         );
-        save_png(&out, Path::new("/tmp/vitcx_render_check.png")).unwrap();
+        assert_eq!(out.get_pixel(0, 199).0, jet(0.0));
     }
 }

@@ -5,6 +5,77 @@
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+
+use super::driver::{Clean, CleanPass, Explanation, Maps, Method, Run};
+use crate::error::Result;
+
+/// The `random` control: independent uniform noise per pixel, seeded per image index.
+#[derive(Debug, Clone, Copy)]
+pub struct Random {
+    seed: u64,
+}
+
+impl Random {
+    /// The control with its seed.
+    pub fn new(seed: u64) -> Self {
+        Random { seed }
+    }
+}
+
+impl Method for Random {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Probs
+    }
+
+    fn maps(&self, run: &mut Run<'_>, _: Clean, classes: &[usize]) -> Result<Maps> {
+        let m = random_map(run.size, self.seed, run.index);
+        Ok(Maps {
+            maps: vec![m; classes.len()],
+            stats: Default::default(),
+        })
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        json!({
+            "map": "independent uniform [0, 1) per pixel, ChaCha8 stream = image index",
+            "seed": self.seed,
+        })
+    }
+
+    fn describe(&self, _: &Explanation) -> String {
+        "control: random map".into()
+    }
+}
+
+/// The `center` control: a centred Gaussian blob.
+#[derive(Debug, Clone, Copy)]
+pub struct Center;
+
+impl Method for Center {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Probs
+    }
+
+    fn maps(&self, run: &mut Run<'_>, _: Clean, classes: &[usize]) -> Result<Maps> {
+        let m = centered_gaussian(run.size);
+        Ok(Maps {
+            maps: vec![m; classes.len()],
+            stats: Default::default(),
+        })
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        json!({
+            "map": "Gaussian blob at the image centre, peak 1",
+            "sigma_fraction_of_side": CENTER_SIGMA,
+        })
+    }
+
+    fn describe(&self, _: &Explanation) -> String {
+        "control: centred Gaussian".into()
+    }
+}
 
 /// Standard deviation of [`centered_gaussian`] as a fraction of the image side.
 pub const CENTER_SIGMA: f32 = 0.25;

@@ -7,15 +7,15 @@
 //!
 //! The layer is the one ViT-CX reads by default, the first LayerNorm of the last block, so the
 //! two methods look at the same tokens; the gradient comes from candle's backward pass through
-//! the blocks after it.
+//! the blocks after it (docs/algorithm.md §8.3).
 
-use std::time::Instant;
+use serde_json::json;
 
-use crate::error::Result;
-use crate::methods::vitcx::mask::upsample_bilinear;
-use crate::methods::vitcx::{resolve_layer, Explanation, Progress, Stage};
-use crate::methods::Targets;
-use crate::model::{Backbone, Tap};
+use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
+use crate::error::{Error, Result};
+use crate::model::Backbone;
+use crate::resample::torch_bilinear;
+use crate::target::{Score, Targets};
 
 /// Grad-CAM settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -23,29 +23,45 @@ pub struct GradCamParams {
     /// Block whose first LayerNorm output is the target layer; negative counts from the end.
     /// Default -1 (the last block, as ViT-CX).
     pub layer: i64,
+    /// A tap by name instead of `layer`'s first norm. Default none.
+    pub tap: Option<String>,
+    /// What is differentiated. Default the logit, as pytorch-grad-cam's
+    /// `ClassifierOutputTarget`.
+    pub score: Score,
 }
 
 impl Default for GradCamParams {
     fn default() -> Self {
-        Self { layer: -1 }
+        Self {
+            layer: -1,
+            tap: None,
+            score: Score::Logit,
+        }
     }
 }
 
-/// Grad-CAM with its layer resolved for one model.
+/// Grad-CAM with its tap resolved for one model.
 #[derive(Debug, Clone)]
 pub struct GradCam {
     params: GradCamParams,
     layer: usize,
+    tap: String,
 }
 
 /// The small constant pytorch-grad-cam adds to the maximum when it scales a map to [0, 1].
 const SCALE_EPS: f32 = 1e-7;
 
 impl GradCam {
-    /// Grad-CAM for `model`, its layer checked here.
+    /// Grad-CAM for `model`, its tap checked here.
     pub fn new(params: &GradCamParams, model: &dyn Backbone) -> Result<Self> {
+        let spec = model.spec();
+        let tap = match &params.tap {
+            Some(name) => spec.tap(name)?,
+            None => spec.layer_tap(params.layer)?,
+        };
         Ok(Self {
-            layer: resolve_layer(params.layer, model.spec().depth)?,
+            layer: tap.layer,
+            tap: tap.name.clone(),
             params: params.clone(),
         })
     }
@@ -69,55 +85,57 @@ impl GradCam {
         targets: &Targets,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
-        let px = crate::methods::input_tensor(model, x)?;
-        let spec = model.spec();
-        let (h, w) = spec.input_size;
-        let tap = Tap::Norm1(self.layer);
-        let mut timings = Vec::new();
+        explain(self, model, x, targets, 0, progress)
+    }
+}
 
-        progress.start(Stage::Forward, 1);
-        let t0 = Instant::now();
-        // The top-1 class comes from the gradient pass itself; other targets need the
-        // probabilities first.
-        let (probs, grads) = match targets {
-            Targets::TopK(1) => {
-                let g = model.tap_gradient(&px, tap, None)?;
-                (crate::methods::probs_of(&g.logits)?, g)
-            }
-            _ => {
-                let probs = crate::methods::clean_probs(model, &px)?;
-                let classes = targets.resolve(&probs)?;
-                let batch = px.repeat((classes.len(), 1, 1, 1))?;
-                (probs, model.tap_gradient(&batch, tap, Some(&classes))?)
-            }
-        };
+impl Method for GradCam {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Gradient {
+            tap: self.tap.clone(),
+            score: self.params.score,
+        }
+    }
+
+    fn maps(&self, run: &mut Run<'_>, clean: Clean, classes: &[usize]) -> Result<Maps> {
+        let grads = clean
+            .gradient
+            .ok_or_else(|| Error::invalid("the clean pass took no gradient"))?;
         let (b, d, gh, gw) = grads.features.dims4()?;
+        if b != classes.len() {
+            return Err(Error::invalid(format!(
+                "{b} gradients for {} classes",
+                classes.len()
+            )));
+        }
         let feats = grads.features.flatten_all()?.to_vec1::<f32>()?;
         let g = grads.gradients.flatten_all()?.to_vec1::<f32>()?;
-        timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
+        let size = run.size;
+        let maps = run.stage(Stage::AGGREGATION, || {
+            let per = d * gh * gw;
+            Ok((0..b)
+                .map(|i| {
+                    let range = i * per..(i + 1) * per;
+                    cam(&feats[range.clone()], &g[range], d, (gh, gw), size)
+                })
+                .collect())
+        })?;
+        let mut stats = super::driver::Stats::new();
+        stats.insert("n_feature_maps".into(), json!(d));
+        Ok(Maps { maps, stats })
+    }
 
-        progress.start(Stage::Aggregation, 1);
-        let t0 = Instant::now();
-        let per = d * gh * gw;
-        let saliency = (0..b)
-            .map(|i| {
-                let range = i * per..(i + 1) * per;
-                cam(&feats[range.clone()], &g[range], d, (gh, gw), (h, w))
-            })
-            .collect();
-        timings.push((Stage::Aggregation, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        Ok(Explanation {
-            probs,
-            classes: grads.classes,
-            saliency,
-            size: (h, w),
-            n_masks: 0,
-            n_feature_maps: d,
-            timings,
+    fn params_json(&self) -> serde_json::Value {
+        json!({
+            "layer": self.layer,
+            "layer_arg": self.params.layer,
+            "tap": self.tap,
+            "target": self.params.score.name(),
         })
+    }
+
+    fn describe(&self, _: &Explanation) -> String {
+        format!("Grad-CAM  layer {}", self.layer)
     }
 }
 
@@ -143,7 +161,7 @@ pub fn cam(
     }
     map.iter_mut().for_each(|v| *v = v.max(0.0));
     scale(&mut map);
-    let mut out = upsample_bilinear(&map, 1, grid, size);
+    let mut out = torch_bilinear(&map, 1, grid, size);
     scale(&mut out);
     out
 }

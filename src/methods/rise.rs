@@ -6,20 +6,23 @@
 //!
 //! The masks are made batch by batch from a seeded generator (mask `i` from stream `i`), so
 //! memory does not grow with `N` and the same seed gives the same map; the perturbed forward
-//! passes go through the same batched [`Backbone::probs`] as ViT-CX's.
-//! The upsampling is scikit-image's `resize(order=1, mode="reflect")`: half-pixel coordinates,
-//! mirrored about the first and last cell centres, computed in f64 and stored as f32.
+//! passes go through the driver's batches, as ViT-CX's.
+//! The upsampling is scikit-image's `resize(order=1, mode="reflect")` (docs/algorithm.md §8.2):
+//! half-pixel coordinates, mirrored about the first and last cell centres, computed in f64 and
+//! stored as f32.
 
-use std::time::Instant;
+use std::cell::RefCell;
+use std::collections::VecDeque;
 
-use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
+use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
 use crate::error::{Error, Result};
-use crate::methods::vitcx::{Explanation, Progress, Stage};
-use crate::methods::Targets;
-use crate::model::Backbone;
+use crate::model::{Backbone, Precision};
+use crate::resample::skimage_linear_mirror;
+use crate::target::Targets;
 
 /// RISE settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -66,10 +69,11 @@ pub enum MaskSource {
     Given(Vec<GridMask>),
 }
 
-/// RISE with checked settings.
+/// RISE with checked settings and its source of masks.
 #[derive(Debug, Clone)]
 pub struct Rise {
     params: RiseParams,
+    source: MaskSource,
 }
 
 impl Rise {
@@ -94,6 +98,7 @@ impl Rise {
         }
         Ok(Self {
             params: params.clone(),
+            source: MaskSource::Seeded(params.seed),
         })
     }
 
@@ -110,8 +115,7 @@ impl Rise {
         targets: &Targets,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
-        let source = MaskSource::Seeded(self.params.seed);
-        self.explain_with(model, x, targets, &source, progress)
+        explain(self, model, x, targets, 0, progress)
     }
 
     /// Explains `x` with masks from `source` (`Given` must hold at least N masks of this grid).
@@ -123,11 +127,18 @@ impl Rise {
         source: &MaskSource,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
-        let px = crate::methods::input_tensor(model, x)?;
-        let (h, w) = model.spec().input_size;
+        let with = Rise {
+            params: self.params.clone(),
+            source: source.clone(),
+        };
+        explain(&with, model, x, targets, 0, progress)
+    }
+
+    /// Fails unless given masks are at least N, of this grid, shifted less than a cell.
+    fn check_source(&self, size: (usize, usize)) -> Result<()> {
         let p = &self.params;
         let s = p.cells;
-        if let MaskSource::Given(given) = source {
+        if let MaskSource::Given(given) = &self.source {
             if given.len() < p.masks {
                 return Err(Error::invalid(format!(
                     "{} masks given; RISE is set to use {}",
@@ -135,7 +146,7 @@ impl Rise {
                     p.masks
                 )));
             }
-            let cell = cell_size((h, w), s);
+            let cell = cell_size(size, s);
             if let Some(bad) = given
                 .iter()
                 .find(|m| m.grid.len() != s * s || m.shift.0 >= cell.0 || m.shift.1 >= cell.1)
@@ -147,73 +158,82 @@ impl Rise {
                 )));
             }
         }
-        let mut timings = Vec::new();
+        Ok(())
+    }
+}
 
-        progress.start(Stage::Forward, 1);
-        let t0 = Instant::now();
-        let probs = crate::methods::clean_probs(model, &px)?;
-        let classes = targets.resolve(&probs)?;
-        timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
+impl Method for Rise {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Probs
+    }
 
-        progress.start(Stage::PerturbedForward, p.masks as u64);
-        let t0 = Instant::now();
+    fn maps(&self, run: &mut Run<'_>, _: Clean, classes: &[usize]) -> Result<Maps> {
+        let (h, w) = run.size;
+        self.check_source((h, w))?;
+        let x = run.x;
+        let p = &self.params;
+        let s = p.cells;
         let plane = h * w;
         let mut sums = vec![vec![0f64; plane]; classes.len()];
-        let mut mask_s = 0.0;
-        for start in (0..p.masks).step_by(p.batch) {
-            let end = (start + p.batch).min(p.masks);
-            let tm = Instant::now();
-            let masks: Vec<Vec<f32>> = (start..end)
-                .map(|i| {
-                    let m = match source {
-                        MaskSource::Seeded(seed) => random_grid(*seed, i as u64, s, p.p1, (h, w)),
-                        MaskSource::Given(given) => given[i].clone(),
-                    };
-                    upsample(&m, s, (h, w))
-                })
-                .collect();
-            let mut batch = Vec::with_capacity(masks.len() * x.len());
-            for m in &masks {
+        // The masks of the batch in flight, made by `fill`, consumed in order by `take`.
+        let pending: RefCell<VecDeque<Vec<f32>>> = RefCell::new(VecDeque::new());
+        run.perturbed(
+            p.masks,
+            1,
+            p.batch,
+            Precision::F32,
+            Some(Stage::MASKS),
+            |i, images| {
+                let grid = match &self.source {
+                    MaskSource::Seeded(seed) => random_grid(*seed, i as u64, s, p.p1, (h, w)),
+                    MaskSource::Given(given) => given[i].clone(),
+                };
+                let m = upsample(&grid, s, (h, w));
                 for xc in x.chunks_exact(plane) {
-                    batch.extend(xc.iter().zip(m).map(|(&v, &mv)| v * mv));
+                    images[0].extend(xc.iter().zip(&m).map(|(&v, &mv)| v * mv));
                 }
-            }
-            mask_s += tm.elapsed().as_secs_f64();
-            let px = Tensor::from_vec(batch, (masks.len(), 3, h, w), model.device())?;
-            let out = model.probs(&px)?.to_vec2::<f32>()?;
-            for (row, m) in out.iter().zip(&masks) {
-                for (sum, &c) in sums.iter_mut().zip(&classes) {
-                    let pc = f64::from(row[c]);
-                    for (acc, &mv) in sum.iter_mut().zip(m) {
+                pending.borrow_mut().push_back(m);
+                Ok(())
+            },
+            |_, rows| {
+                let m = pending
+                    .borrow_mut()
+                    .pop_front()
+                    .ok_or_else(|| Error::invalid("RISE: probabilities without a mask"))?;
+                for (sum, &c) in sums.iter_mut().zip(classes) {
+                    let pc = f64::from(rows[0][c]);
+                    for (acc, &mv) in sum.iter_mut().zip(&m) {
                         *acc += pc * f64::from(mv);
                     }
                 }
-            }
-            progress.advance((end - start) as u64);
-        }
-        timings.push((Stage::Masks, mask_s));
-        timings.push((Stage::PerturbedForward, t0.elapsed().as_secs_f64() - mask_s));
-
-        progress.start(Stage::Aggregation, 1);
-        let t0 = Instant::now();
+                Ok(())
+            },
+        )?;
         let norm = p.masks as f64 * p.p1;
-        let saliency = sums
-            .into_iter()
-            .map(|sum| sum.into_iter().map(|v| (v / norm) as f32).collect())
-            .collect();
-        timings.push((Stage::Aggregation, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
+        let maps = run.stage(Stage::AGGREGATION, || {
+            Ok(sums
+                .into_iter()
+                .map(|sum| sum.into_iter().map(|v| (v / norm) as f32).collect())
+                .collect())
+        })?;
+        let mut stats = super::driver::Stats::new();
+        stats.insert("n_masks".into(), json!(p.masks));
+        Ok(Maps { maps, stats })
+    }
 
-        Ok(Explanation {
-            probs,
-            classes,
-            saliency,
-            size: (h, w),
-            n_masks: p.masks,
-            n_feature_maps: 0,
-            timings,
+    fn params_json(&self) -> serde_json::Value {
+        let p = &self.params;
+        json!({
+            "masks": p.masks, "cells": p.cells, "p1": p.p1, "seed": p.seed, "batch": p.batch,
         })
+    }
+
+    fn describe(&self, ex: &Explanation) -> String {
+        format!(
+            "RISE  N={} masks  s={}",
+            ex.count("n_masks").unwrap_or(0),
+            self.params.cells
+        )
     }
 }
 
@@ -240,8 +260,8 @@ pub fn random_grid(seed: u64, index: u64, s: usize, p1: f64, size: (usize, usize
 pub fn upsample(m: &GridMask, s: usize, (h, w): (usize, usize)) -> Vec<f32> {
     let cell = cell_size((h, w), s);
     let up = ((s + 1) * cell.0, (s + 1) * cell.1);
-    let rows = axis(s, up.0, m.shift.0, h);
-    let cols = axis(s, up.1, m.shift.1, w);
+    let rows = skimage_linear_mirror(s, up.0, m.shift.0, h);
+    let cols = skimage_linear_mirror(s, up.1, m.shift.1, w);
     let mut out = Vec::with_capacity(h * w);
     for &(r0, r1, fr) in &rows {
         let (g0, g1) = (&m.grid[r0 * s..(r0 + 1) * s], &m.grid[r1 * s..(r1 + 1) * s]);
@@ -252,31 +272,6 @@ pub fn upsample(m: &GridMask, s: usize, (h, w): (usize, usize)) -> Vec<f32> {
         }
     }
     out
-}
-
-/// For output pixels `offset..offset + len` of an axis upsampled from `n` to `out` samples:
-/// the two source indices and the weight of the second, with scipy's half-pixel coordinates
-/// `(o + 0.5) * n / out - 0.5` mirrored about the first and last sample (`mode="mirror"`).
-fn axis(n: usize, out: usize, offset: usize, len: usize) -> Vec<(usize, usize, f64)> {
-    let scale = n as f64 / out as f64;
-    let last = (n - 1) as f64;
-    (offset..offset + len)
-        .map(|o| {
-            let mut c = (o as f64 + 0.5) * scale - 0.5;
-            if n == 1 {
-                return (0, 0, 0.0);
-            }
-            if c < 0.0 {
-                c = -c;
-            }
-            if c > last {
-                c = 2.0 * last - c;
-            }
-            let i0 = (c.floor() as usize).min(n - 1);
-            let i1 = (i0 + 1).min(n - 1);
-            (i0, i1, c - i0 as f64)
-        })
-        .collect()
 }
 
 #[cfg(test)]

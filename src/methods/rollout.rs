@@ -8,15 +8,16 @@
 //! sum of row `j` (a broadcasting slip); here each row is divided by its own sum, as the paper
 //! says, so every rollout matrix is row-stochastic.
 //!
-//! Rollout ignores the class: every class of an image gets the same map.
+//! Rollout ignores the class: every class of an image gets the same map (docs/algorithm.md
+//! §8.1).
 
-use std::time::Instant;
+use serde_json::json;
 
+use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
 use crate::error::{Error, Result};
-use crate::methods::vitcx::mask::upsample_bilinear;
-use crate::methods::vitcx::{Explanation, Progress, Stage};
-use crate::methods::Targets;
 use crate::model::Backbone;
+use crate::resample::torch_bilinear;
+use crate::target::Targets;
 
 /// Attention Rollout settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -66,55 +67,61 @@ impl Rollout {
         targets: &Targets,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
-        let px = crate::methods::input_tensor(model, x)?;
-        let spec = model.spec();
-        let (h, w) = spec.input_size;
-        let mut timings = Vec::new();
+        explain(self, model, x, targets, 0, progress)
+    }
+}
 
-        progress.start(Stage::Forward, 1);
-        let t0 = Instant::now();
-        let att = model.attention(&px)?;
-        let probs = crate::methods::probs_of(&att.logits)?;
-        let classes = targets.resolve(&probs)?;
-        let mut fused = Vec::with_capacity(att.maps.len());
-        let mut tokens = 0;
-        for m in &att.maps {
-            let (_, heads, t, t2) = m.dims4()?;
-            if t != t2 {
+impl Method for Rollout {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Attention
+    }
+
+    fn maps(&self, run: &mut Run<'_>, clean: Clean, classes: &[usize]) -> Result<Maps> {
+        let att = clean
+            .attention
+            .ok_or_else(|| Error::invalid("the clean pass kept no attention"))?;
+        let size = run.size;
+        let discard_ratio = self.params.discard_ratio;
+        let map = run.stage(Stage::AGGREGATION, || {
+            let mut fused = Vec::with_capacity(att.maps.len());
+            let mut tokens = 0;
+            for m in &att.maps {
+                let (_, heads, t, t2) = m.dims4()?;
+                if t != t2 {
+                    return Err(Error::invalid(format!(
+                        "attention map is {t}x{t2}; expected a square token-by-token matrix"
+                    )));
+                }
+                tokens = t;
+                fused.push(head_mean(&m.flatten_all()?.to_vec1::<f32>()?, heads, t));
+            }
+            let (gh, gw) = att.grid;
+            if tokens != att.prefix_tokens + gh * gw {
                 return Err(Error::invalid(format!(
-                    "attention map is {t}x{t2}; expected a square token-by-token matrix"
+                    "attention has {tokens} tokens; expected {} prefix + {gh}x{gw} patch tokens",
+                    att.prefix_tokens
                 )));
             }
-            tokens = t;
-            fused.push(head_mean(&m.flatten_all()?.to_vec1::<f32>()?, heads, t));
-        }
-        timings.push((Stage::Forward, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        progress.start(Stage::Aggregation, 1);
-        let t0 = Instant::now();
-        let (gh, gw) = spec.grid;
-        if tokens != spec.num_prefix_tokens + gh * gw {
-            return Err(Error::invalid(format!(
-                "attention has {tokens} tokens; expected {} prefix + {gh}x{gw} patch tokens",
-                spec.num_prefix_tokens
-            )));
-        }
-        let result = rollout(&mut fused, tokens, self.params.discard_ratio);
-        let grid = cls_map(&result, tokens, spec.num_prefix_tokens);
-        let map = upsample_bilinear(&grid, 1, (gh, gw), (h, w));
-        timings.push((Stage::Aggregation, t0.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        Ok(Explanation {
-            probs,
-            saliency: vec![map; classes.len()],
-            classes,
-            size: (h, w),
-            n_masks: 0,
-            n_feature_maps: 0,
-            timings,
+            let result = rollout(&mut fused, tokens, discard_ratio);
+            let grid = cls_map(&result, tokens, att.prefix_tokens);
+            Ok(torch_bilinear(&grid, 1, (gh, gw), size))
+        })?;
+        Ok(Maps {
+            maps: vec![map; classes.len()],
+            stats: Default::default(),
         })
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        json!({
+            "head_fusion": "mean",
+            "discard_ratio": self.params.discard_ratio,
+            "rows": "renormalised to sum 1",
+        })
+    }
+
+    fn describe(&self, _: &Explanation) -> String {
+        format!("Rollout  discard {}", self.params.discard_ratio)
     }
 }
 

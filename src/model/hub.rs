@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// The file every model directory must hold.
 const CONFIG: &str = "config.json";
@@ -83,9 +83,11 @@ pub fn resolve_model(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
     if looks_like_path(arg) {
         return Err(Error::Io {
             path: path.to_path_buf(),
-            reason: "no such file or directory; pass an existing model directory \
-                     (config.json + model.safetensors) or file, or a hub id 'owner/name'"
-                .to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file or directory; pass an existing model directory \
+                 (config.json + model.safetensors) or file, or a hub id 'owner/name'",
+            ),
         });
     }
     let id = HubId::parse(arg)?;
@@ -246,12 +248,25 @@ fn download(id: &HubId, cache_dir: &Path) -> std::result::Result<PathBuf, String
             failures.join("; ")
         ));
     }
-    // Optional: many timm repos have no preprocessor config, so a failure here is not an error.
-    let _ = repo.get(PREPROCESSOR);
+    // Optional: many timm repos have none, so "not found" is fine; any other failure would
+    // leave the model with default mean/std, so it is an error.
+    match repo.get(PREPROCESSOR) {
+        Ok(_) => {}
+        Err(e) if is_not_found(&e) => {}
+        Err(e) => return Err(format!("fetching {PREPROCESSOR}: {e}")),
+    }
     config
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| format!("downloaded {} has no parent directory", config.display()))
+}
+
+/// Whether the Hub answered "no such file" (HTTP 404).
+fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
+    matches!(
+        e,
+        hf_hub::api::sync::ApiError::RequestError(r) if matches!(**r, ureq::Error::Status(404, _))
+    )
 }
 
 #[cfg(test)]

@@ -1,376 +1,130 @@
-//! Checkpoint files: finding them, reading their tensors (safetensors or a PyTorch pickle), and
-//! the one place where Hugging Face tensor names are mapped to timm's.
-//!
-//! Everything downstream (config checks, the model) sees timm names only: `cls_token`,
-//! `dist_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
-//! mlp.fc1,mlp.fc2}.*`, `norm.*`, `head.*`, `head_dist.*`. Hugging Face's separate
-//! query/key/value projections are fused into timm's `qkv` (rows in q, k, v order, as timm's
-//! `checkpoint_filter_fn` does), so both formats run through the same code. Error messages name
-//! tensors as the checkpoint spells them.
+//! A checkpoint's tensors under one family's own names, handed out one at a time with shape
+//! checks, so that a missing, misshapen or unused tensor is an error that names it as the
+//! checkpoint spells it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
-use super::config::Format;
 use crate::error::{Error, Result};
 
-/// Hugging Face names (after the `vit.` / `deit.` prefix) of the embedding and final-norm tensors.
-const HF_TOP: &[(&str, &str)] = &[
-    ("embeddings.cls_token", "cls_token"),
-    ("embeddings.distillation_token", "dist_token"),
-    ("embeddings.position_embeddings", "pos_embed"),
-    (
-        "embeddings.patch_embeddings.projection.weight",
-        "patch_embed.proj.weight",
-    ),
-    (
-        "embeddings.patch_embeddings.projection.bias",
-        "patch_embed.proj.bias",
-    ),
-    ("layernorm.weight", "norm.weight"),
-    ("layernorm.bias", "norm.bias"),
-];
-
-/// Hugging Face classifier names (never prefixed) of the heads.
-const HF_HEADS: &[(&str, &str)] = &[
-    ("classifier.weight", "head.weight"),
-    ("classifier.bias", "head.bias"),
-    ("cls_classifier.weight", "head.weight"),
-    ("cls_classifier.bias", "head.bias"),
-    ("distillation_classifier.weight", "head_dist.weight"),
-    ("distillation_classifier.bias", "head_dist.bias"),
-];
-
-/// Hugging Face module paths inside `encoder.layer.N.` and their timm names inside `blocks.N.`.
-const HF_BLOCK: &[(&str, &str)] = &[
-    ("layernorm_before", "norm1"),
-    ("attention.output.dense", "attn.proj"),
-    ("layernorm_after", "norm2"),
-    ("intermediate.dense", "mlp.fc1"),
-    ("output.dense", "mlp.fc2"),
-];
-
-/// Hugging Face's separate attention projections, fused in this order into timm's `attn.qkv`.
-const HF_QKV: [&str; 3] = [
-    "attention.attention.query",
-    "attention.attention.key",
-    "attention.attention.value",
-];
-
-/// Hugging Face tensors that a classifier never uses (pooler of `ViTModel`, MIM mask token).
-fn hf_ignored(rest: &str) -> bool {
-    rest.starts_with("pooler.") || rest == "embeddings.mask_token"
-}
-
-/// The files that make up one checkpoint.
-#[derive(Debug, Clone)]
-pub(crate) struct CheckpointFiles {
-    /// `config.json` (timm or Hugging Face).
-    pub config: PathBuf,
-    /// `model.safetensors` or `pytorch_model.bin`.
-    pub weights: PathBuf,
-    /// Hugging Face `preprocessor_config.json`, when present.
-    pub preprocessor: Option<PathBuf>,
-}
-
-/// Finds config and weights for a checkpoint directory, or for a weights file with `config.json`
-/// beside it.
-pub(crate) fn locate(path: &Path) -> Result<CheckpointFiles> {
-    let ckpt_err = |reason: String| Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let (dir, weights) = if path.is_dir() {
-        let candidates = ["model.safetensors", "pytorch_model.bin"];
-        let found = candidates
-            .iter()
-            .map(|f| path.join(f))
-            .find(|p| p.is_file());
-        match found {
-            Some(w) => (path.to_path_buf(), w),
-            None if path.join("model.safetensors.index.json").is_file() => {
-                return Err(Error::Unsupported(format!(
-                    "sharded checkpoint in {} (model.safetensors.index.json); merge the shards into one model.safetensors",
-                    path.display()
-                )))
-            }
-            None => {
-                return Err(ckpt_err(
-                    "no model.safetensors or pytorch_model.bin in the directory".into(),
-                ))
-            }
-        }
-    } else if path.is_file() {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        (dir, path.to_path_buf())
-    } else {
-        return Err(ckpt_err("no such file or directory".into()));
-    };
-    let config = dir.join("config.json");
-    if !config.is_file() {
-        return Err(Error::Checkpoint {
-            path: dir,
-            reason: "missing config.json (needed beside the weights to know the architecture)"
-                .into(),
-        });
-    }
-    let preprocessor = Some(dir.join("preprocessor_config.json")).filter(|p| p.is_file());
-    Ok(CheckpointFiles {
-        config,
-        weights,
-        preprocessor,
-    })
-}
-
-/// Reads every tensor of a `.safetensors` or PyTorch pickle (`.bin`, `.pth`, `.pt`) file as f32
-/// on `device`.
-pub(crate) fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let ckpt_err = |e: candle_core::Error| Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let raw: Vec<(String, Tensor)> = match ext.as_str() {
-        "safetensors" => candle_core::safetensors::load(path, device)
-            .map_err(ckpt_err)?
-            .into_iter()
-            .collect(),
-        "bin" | "pth" | "pt" => {
-            let mut all = candle_core::pickle::read_all(path).map_err(ckpt_err)?;
-            // Training checkpoints nest the weights under a key.
-            for key in ["state_dict", "model"] {
-                if !all.is_empty() {
-                    break;
-                }
-                all = candle_core::pickle::read_all_with_key(path, Some(key)).unwrap_or_default();
-            }
-            all.into_iter()
-                .map(|(k, t)| Ok((k, t.to_device(device)?)))
-                .collect::<candle_core::Result<_>>()
-                .map_err(ckpt_err)?
-        }
-        _ => {
-            return Err(Error::Unsupported(format!(
-                "weights file {} (expected .safetensors, .bin, .pth or .pt)",
-                path.display()
-            )))
-        }
-    };
-    if raw.is_empty() {
-        return Err(Error::Checkpoint {
-            path: path.to_path_buf(),
-            reason: "no tensors found".into(),
-        });
-    }
-    raw.into_iter()
-        .map(|(k, t)| {
-            let t = t.to_dtype(DType::F32).map_err(ckpt_err)?;
-            Ok((k, t))
-        })
-        .collect()
-}
-
-/// Reads every tensor of a `.safetensors` buffer as f32 on `device`; `path` names it in errors.
-pub(crate) fn read_tensors_from_buffer(
-    path: &Path,
-    buffer: &[u8],
-    device: &Device,
-) -> Result<HashMap<String, Tensor>> {
-    let ckpt_err = |e: candle_core::Error| Error::Checkpoint {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    };
-    let raw = candle_core::safetensors::load_buffer(buffer, device).map_err(ckpt_err)?;
-    if raw.is_empty() {
-        return Err(Error::Checkpoint {
-            path: path.to_path_buf(),
-            reason: "no tensors found".into(),
-        });
-    }
-    raw.into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32).map_err(ckpt_err)?)))
-        .collect()
-}
-
-/// How the checkpoint spells tensor names, to report errors in its own terms.
-#[derive(Debug, Clone)]
-struct Naming {
-    format: Format,
-    /// `vit.`, `deit.` or empty (Hugging Face only).
-    prefix: String,
-    /// Hugging Face DeiT with teacher: heads are `cls_classifier` / `distillation_classifier`.
-    teacher: bool,
-}
-
-impl Naming {
-    /// The checkpoint's own name for the timm name `name`.
-    fn source_name(&self, name: &str) -> String {
-        if self.format == Format::Timm {
-            return name.to_string();
-        }
-        let p = &self.prefix;
-        if let Some((hf, _)) = HF_TOP.iter().find(|(_, t)| *t == name) {
-            return format!("{p}{hf}");
-        }
-        if let Some(param) = name.strip_prefix("head.") {
-            let head = if self.teacher {
-                "cls_classifier"
-            } else {
-                "classifier"
-            };
-            return format!("{head}.{param}");
-        }
-        if let Some(param) = name.strip_prefix("head_dist.") {
-            return format!("distillation_classifier.{param}");
-        }
-        if let Some(rest) = name.strip_prefix("blocks.") {
-            if let Some((n, module)) = rest.split_once('.') {
-                let (path, param) = split_param(module);
-                if path == "attn.qkv" {
-                    return format!(
-                        "{p}encoder.layer.{n}.attention.attention.{{query,key,value}}.{param}"
-                    );
-                }
-                if let Some((hf, _)) = HF_BLOCK.iter().find(|(_, t)| *t == path) {
-                    return format!("{p}encoder.layer.{n}.{hf}.{param}");
-                }
-            }
-        }
-        name.to_string()
-    }
-}
-
-/// Splits `attn.qkv.weight` into (`attn.qkv`, `weight`).
-fn split_param(name: &str) -> (&str, &str) {
-    name.rsplit_once('.').unwrap_or((name, ""))
-}
-
-/// The tensors of a checkpoint under timm names, handed out one by one with shape checks.
-#[derive(Debug)]
-pub(crate) struct Weights {
+/// The tensors of a checkpoint, named as the family names them (timm's names for the ViT).
+pub struct Weights {
     path: PathBuf,
-    naming: Naming,
     tensors: HashMap<String, Tensor>,
+    /// The checkpoint's own name for a family name, for error messages.
+    source_name: Box<dyn Fn(&str) -> String>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        f.debug_struct("Weights")
+            .field("path", &self.path)
+            .field("tensors", &names)
+            .finish()
+    }
 }
 
 impl Weights {
-    /// Renames `raw` (read from `path`, in `format`'s naming) to timm names.
-    pub(crate) fn new(path: &Path, format: Format, raw: HashMap<String, Tensor>) -> Result<Self> {
-        let mut naming = Naming {
-            format,
-            prefix: String::new(),
-            teacher: false,
-        };
-        let tensors = match format {
-            Format::Timm => raw,
-            Format::HuggingFace => {
-                naming.prefix = ["vit.", "deit."]
-                    .iter()
-                    .find(|p| raw.keys().any(|k| k.starts_with(*p)))
-                    .map(|p| p.to_string())
-                    .unwrap_or_default();
-                naming.teacher = raw.keys().any(|k| k.starts_with("cls_classifier."));
-                hf_to_timm(path, &naming.prefix, raw)?
-            }
-        };
-        Ok(Weights {
+    /// `tensors` (read from `path`, already renamed to the family's names); `source_name` maps a
+    /// family name back to the checkpoint's own spelling for errors.
+    pub fn new(
+        path: &Path,
+        tensors: HashMap<String, Tensor>,
+        source_name: impl Fn(&str) -> String + 'static,
+    ) -> Self {
+        Weights {
             path: path.to_path_buf(),
-            naming,
             tensors,
-        })
+            source_name: Box::new(source_name),
+        }
     }
 
     /// The weights file, for error messages.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// Whether tensor `name` (timm naming) exists.
-    pub(crate) fn contains(&self, name: &str) -> bool {
+    /// Whether tensor `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
     /// The shape of tensor `name`, or a "missing tensor" error naming it as the checkpoint does.
-    pub(crate) fn dims(&self, name: &str) -> Result<&[usize]> {
+    pub fn dims(&self, name: &str) -> Result<&[usize]> {
         match self.tensors.get(name) {
             Some(t) => Ok(t.dims()),
             None => Err(self.missing(name)),
         }
     }
 
-    /// The checkpoint's own name for timm name `name`.
-    pub(crate) fn source_name(&self, name: &str) -> String {
-        self.naming.source_name(name)
+    /// The checkpoint's own name for `name`.
+    pub fn source_name(&self, name: &str) -> String {
+        (self.source_name)(name)
     }
 
-    /// Number of transformer blocks, from the `blocks.N.` prefixes; they must run 0..N.
-    pub(crate) fn block_count(&self) -> Result<usize> {
+    /// A checkpoint error about this file.
+    pub fn err(&self, reason: String) -> Error {
+        Error::Checkpoint {
+            path: self.path.clone(),
+            reason,
+        }
+    }
+
+    /// Number of numbered layers `{prefix}N.` (e.g. `blocks.`); they must run `0..N` without gap
+    /// (`probe`, a tensor of each layer, names the layer in the error).
+    pub fn layer_count(&self, prefix: &str, probe: &str) -> Result<usize> {
         let mut seen: Vec<usize> = self
             .tensors
             .keys()
-            .filter_map(|k| k.strip_prefix("blocks.")?.split_once('.')?.0.parse().ok())
+            .filter_map(|k| k.strip_prefix(prefix)?.split_once('.')?.0.parse().ok())
             .collect();
         seen.sort_unstable();
         seen.dedup();
         for (i, &n) in seen.iter().enumerate() {
             if n != i {
-                return Err(Error::Checkpoint {
-                    path: self.path.clone(),
-                    reason: format!(
-                        "block {i} is missing ({} tensors found but none for block {i})",
-                        self.source_name(&format!("blocks.{n}.norm1.weight"))
-                    ),
-                });
+                return Err(self.err(format!(
+                    "block {i} is missing ({} tensors found but none for block {i})",
+                    self.source_name(&format!("{prefix}{n}.{probe}"))
+                )));
             }
         }
         Ok(seen.len())
     }
 
     /// Removes tensor `name` and checks it has shape `shape`.
-    pub(crate) fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self
             .tensors
             .remove(name)
             .ok_or_else(|| self.missing(name))?;
         if t.dims() != shape {
-            return Err(Error::Checkpoint {
-                path: self.path.clone(),
-                reason: format!(
-                    "tensor '{}' has shape {:?}, expected {:?}",
-                    self.source_name(name),
-                    t.dims(),
-                    shape
-                ),
-            });
+            return Err(self.err(format!(
+                "tensor '{}' has shape {:?}, expected {:?}",
+                self.source_name(name),
+                t.dims(),
+                shape
+            )));
         }
         Ok(t)
     }
 
-    /// Checks that every tensor was used: a leftover means an architecture feature (register
-    /// tokens, layer scale, pooling norm, ...) this model would silently ignore.
-    pub(crate) fn finish(self) -> Result<()> {
+    /// Checks that every tensor was used: a leftover means an architecture feature the model
+    /// would silently ignore. `model` says what the family built ("a plain ViT/DeiT") and
+    /// `variants` which variants it does not support.
+    pub fn finish(self, model: &str, variants: &str) -> Result<()> {
         if self.tensors.is_empty() {
             return Ok(());
         }
-        let mut left: Vec<String> = self
-            .tensors
-            .keys()
-            .map(|k| self.naming.source_name(k))
-            .collect();
+        let mut left: Vec<String> = self.tensors.keys().map(|k| self.source_name(k)).collect();
         left.sort();
         let n = left.len();
         left.truncate(5);
         Err(Error::Unsupported(format!(
-            "{} holds {n} tensor(s) a plain ViT/DeiT does not use: {}{} (register tokens, layer scale, pooling norms and similar variants are not supported)",
+            "{} holds {n} tensor(s) {model} does not use: {}{} ({variants})",
             self.path.display(),
             left.join(", "),
             if n > 5 { ", ..." } else { "" }
@@ -378,191 +132,57 @@ impl Weights {
     }
 
     fn missing(&self, name: &str) -> Error {
-        Error::Checkpoint {
-            path: self.path.clone(),
-            reason: format!("missing tensor '{}'", self.source_name(name)),
-        }
+        self.err(format!("missing tensor '{}'", self.source_name(name)))
     }
-}
-
-/// Maps Hugging Face ViT/DeiT names to timm names, fusing query/key/value into `qkv`.
-/// Unknown names are kept as they are (reported later as unsupported).
-fn hf_to_timm(
-    path: &Path,
-    prefix: &str,
-    raw: HashMap<String, Tensor>,
-) -> Result<HashMap<String, Tensor>> {
-    let mut out: HashMap<String, Tensor> = HashMap::new();
-    // (layer, param) -> [query, key, value]
-    let mut qkv: BTreeMap<(String, String), [Option<Tensor>; 3]> = BTreeMap::new();
-    let insert = |out: &mut HashMap<String, Tensor>, name: String, src: &str, t: Tensor| {
-        if out.insert(name.clone(), t).is_some() {
-            return Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                reason: format!("tensor '{src}' duplicates another tensor that maps to '{name}'"),
-            });
-        }
-        Ok(())
-    };
-    for (key, t) in raw {
-        if let Some((_, timm)) = HF_HEADS.iter().find(|(hf, _)| *hf == key) {
-            insert(&mut out, timm.to_string(), &key, t)?;
-            continue;
-        }
-        let rest = key.strip_prefix(prefix).unwrap_or(&key);
-        if hf_ignored(rest) {
-            continue;
-        }
-        if let Some((_, timm)) = HF_TOP.iter().find(|(hf, _)| *hf == rest) {
-            insert(&mut out, timm.to_string(), &key, t)?;
-            continue;
-        }
-        if let Some((n, module)) = rest
-            .strip_prefix("encoder.layer.")
-            .and_then(|r| r.split_once('.'))
-            .filter(|(n, _)| n.parse::<usize>().is_ok())
-        {
-            let (mpath, param) = split_param(module);
-            if let Some(i) = HF_QKV.iter().position(|q| *q == mpath) {
-                // `i` is a position in the 3-element HF_QKV, so it indexes the 3 slots.
-                qkv.entry((n.to_string(), param.to_string())).or_default()[i] = Some(t);
-                continue;
-            }
-            if let Some((_, timm)) = HF_BLOCK.iter().find(|(hf, _)| *hf == mpath) {
-                insert(&mut out, format!("blocks.{n}.{timm}.{param}"), &key, t)?;
-                continue;
-            }
-        }
-        insert(&mut out, key.clone(), &key, t)?;
-    }
-    for ((n, param), parts) in qkv {
-        let mut found = Vec::with_capacity(3);
-        for (i, part) in parts.into_iter().enumerate() {
-            match part {
-                Some(t) => found.push(t),
-                None => {
-                    return Err(Error::Checkpoint {
-                        path: path.to_path_buf(),
-                        reason: format!(
-                            "missing tensor '{prefix}encoder.layer.{n}.{}.{param}'",
-                            HF_QKV[i]
-                        ),
-                    })
-                }
-            }
-        }
-        let dims: Vec<&[usize]> = found.iter().map(|t| t.dims()).collect();
-        if dims[0] != dims[1] || dims[0] != dims[2] {
-            return Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "query/key/value {param} of layer {n} differ in shape: {:?}, {:?}, {:?}",
-                    dims[0], dims[1], dims[2]
-                ),
-            });
-        }
-        let fused = Tensor::cat(&found, 0)?;
-        out.insert(format!("blocks.{n}.attn.qkv.{param}"), fused);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
-    fn naming(format: Format, prefix: &str, teacher: bool) -> Naming {
-        Naming {
-            format,
-            prefix: prefix.into(),
-            teacher,
-        }
-    }
-
-    #[test]
-    fn source_names_round_trip_the_hub_names() {
-        let hf = naming(Format::HuggingFace, "vit.", false);
-        assert_eq!(hf.source_name("cls_token"), "vit.embeddings.cls_token");
-        assert_eq!(
-            hf.source_name("blocks.3.mlp.fc2.weight"),
-            "vit.encoder.layer.3.output.dense.weight"
-        );
-        assert_eq!(
-            hf.source_name("blocks.0.attn.proj.bias"),
-            "vit.encoder.layer.0.attention.output.dense.bias"
-        );
-        assert_eq!(
-            hf.source_name("blocks.1.attn.qkv.weight"),
-            "vit.encoder.layer.1.attention.attention.{query,key,value}.weight"
-        );
-        assert_eq!(hf.source_name("head.weight"), "classifier.weight");
-        let teacher = naming(Format::HuggingFace, "deit.", true);
-        assert_eq!(teacher.source_name("head.bias"), "cls_classifier.bias");
-        assert_eq!(
-            teacher.source_name("head_dist.weight"),
-            "distillation_classifier.weight"
-        );
-        assert_eq!(
-            teacher.source_name("dist_token"),
-            "deit.embeddings.distillation_token"
-        );
-        let timm = naming(Format::Timm, "", false);
-        assert_eq!(
-            timm.source_name("blocks.1.norm1.bias"),
-            "blocks.1.norm1.bias"
-        );
-    }
-
-    #[test]
-    fn hf_names_map_to_timm_and_qkv_fuses_in_order() {
-        let dev = Device::Cpu;
-        let mut raw = HashMap::new();
-        for (i, q) in ["query", "key", "value"].iter().enumerate() {
-            let t = Tensor::full(i as f32, (2, 2), &dev).unwrap();
-            raw.insert(
-                format!("vit.encoder.layer.0.attention.attention.{q}.weight"),
-                t,
-            );
-        }
-        raw.insert(
-            "vit.encoder.layer.0.output.dense.weight".into(),
-            Tensor::zeros((2, 4), DType::F32, &dev).unwrap(),
-        );
-        raw.insert(
-            "vit.encoder.layer.0.attention.output.dense.weight".into(),
-            Tensor::zeros((2, 2), DType::F32, &dev).unwrap(),
-        );
-        raw.insert(
-            "vit.pooler.dense.weight".into(),
-            Tensor::zeros((2, 2), DType::F32, &dev).unwrap(),
-        );
-        let mut w = Weights::new(Path::new("m.safetensors"), Format::HuggingFace, raw).unwrap();
-        let qkv = w.take("blocks.0.attn.qkv.weight", &[6, 2]).unwrap();
-        let col: Vec<f32> = qkv.get_on_dim(1, 0).unwrap().to_vec1().unwrap();
-        assert_eq!(col, vec![0., 0., 1., 1., 2., 2.]);
-        assert_eq!(w.dims("blocks.0.mlp.fc2.weight").unwrap(), &[2, 4]);
-        assert_eq!(w.dims("blocks.0.attn.proj.weight").unwrap(), &[2, 2]);
-        assert_eq!(w.block_count().unwrap(), 1);
-        // The pooler is dropped, not reported as unused.
-        w.take("blocks.0.mlp.fc2.weight", &[2, 4]).unwrap();
-        w.take("blocks.0.attn.proj.weight", &[2, 2]).unwrap();
-        assert!(w.finish().is_ok());
+    fn weights(names: &[&str]) -> Weights {
+        let t: HashMap<String, Tensor> = names
+            .iter()
+            .map(|n| {
+                let z = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+                (n.to_string(), z)
+            })
+            .collect();
+        Weights::new(Path::new("m.safetensors"), t, |n| format!("src.{n}"))
     }
 
     #[test]
     fn block_gap_is_an_error() {
-        let dev = Device::Cpu;
-        let mut raw = HashMap::new();
-        for n in [0, 2] {
-            raw.insert(
-                format!("blocks.{n}.norm1.weight"),
-                Tensor::zeros(2, DType::F32, &dev).unwrap(),
-            );
-        }
-        let w = Weights::new(Path::new("m.safetensors"), Format::Timm, raw).unwrap();
-        match w.block_count() {
+        let w = weights(&["blocks.0.norm1.weight", "blocks.2.norm1.weight"]);
+        match w.layer_count("blocks.", "norm1.weight") {
             Err(Error::Checkpoint { reason, .. }) => {
-                assert!(reason.contains("block 1"), "{reason}")
+                assert!(reason.contains("block 1"), "{reason}");
+                assert!(reason.contains("src.blocks.2.norm1.weight"), "{reason}")
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let w = weights(&["blocks.0.a", "blocks.1.a", "blocks.1.b", "head"]);
+        assert_eq!(w.layer_count("blocks.", "a").unwrap(), 2);
+    }
+
+    #[test]
+    fn take_checks_shapes_and_finish_lists_leftovers() {
+        let mut w = weights(&["a", "b", "c"]);
+        assert!(w.take("a", &[2]).is_ok());
+        let e = w.take("b", &[3]).unwrap_err().to_string();
+        assert!(
+            e.contains("tensor 'src.b' has shape [2], expected [3]"),
+            "{e}"
+        );
+        let e = w.take("zz", &[2]).unwrap_err().to_string();
+        assert!(e.contains("missing tensor 'src.zz'"), "{e}");
+        match w.finish("a toy", "no extras") {
+            Err(Error::Unsupported(m)) => {
+                assert!(
+                    m.contains("1 tensor(s) a toy does not use: src.c (no extras)"),
+                    "{m}"
+                )
             }
             other => panic!("unexpected {other:?}"),
         }

@@ -1,9 +1,15 @@
-//! Helpers shared by the integration tests: where the test data is, how to run the binary, and
-//! the distance the numeric checks use.
+//! Helpers shared by the integration tests: where the test data is, how to run the binary, the
+//! golden cases, and the distances the numeric checks use.
 #![allow(dead_code)] // each test crate uses its own subset
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use vitcx::io::npy::read_npy;
+use vitcx::model::Backbone;
+
+/// The three golden cases of the reference implementation.
+pub const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
 
 /// `tests/data/<rel>`.
 pub fn data(rel: &str) -> PathBuf {
@@ -30,6 +36,23 @@ pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The binary's stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The names in a directory, sorted (none if it does not exist).
+pub fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    };
+    v.sort();
+    v
+}
+
 /// Largest absolute difference of two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -37,4 +60,55 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Largest minus smallest value.
+pub fn range(v: &[f32]) -> f32 {
+    let max = v.iter().cloned().fold(f32::MIN, f32::max);
+    let min = v.iter().cloned().fold(f32::MAX, f32::min);
+    max - min
+}
+
+/// Pearson correlation of two equally long series.
+pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    vitcx::eval::metrics::pearson(a, b)
+}
+
+/// A golden case's folder.
+pub fn case(name: &str) -> PathBuf {
+    data(name)
+}
+
+/// A golden case's `manifest.json`.
+pub fn manifest(name: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(case(name).join("manifest.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A golden case's model.
+pub fn model(name: &str) -> Box<dyn Backbone> {
+    vitcx::model::load(&case(name), &candle_core::Device::Cpu).unwrap()
+}
+
+/// A float32 fixture of a golden case (`<case>/<file>`).
+pub fn fixture(name: &str, file: &str) -> Vec<f32> {
+    read_npy(case(name).join(file)).unwrap().to_f32()
+}
+
+/// The reference's normalised input `input.npy` `(3, 224, 224)`.
+pub fn reference_input(name: &str) -> Vec<f32> {
+    fixture(name, "input.npy")
+}
+
+/// The input the reference used: `image_224.png` through vitcx's own preprocessing.
+pub fn input(name: &str, model: &dyn Backbone) -> Vec<f32> {
+    let img = vitcx::image::load_rgb(&case(name).join("image_224.png")).unwrap();
+    let pre = &model.spec().preprocess;
+    vitcx::image::to_input(&img, pre.mean, pre.std)
+}
+
+/// `x` `(3, H, W)` as a batch of one on the CPU.
+pub fn batch_of_one(x: &[f32], (h, w): (usize, usize)) -> candle_core::Tensor {
+    candle_core::Tensor::from_slice(x, (1, 3, h, w), &candle_core::Device::Cpu).unwrap()
 }

@@ -1,8 +1,10 @@
-//! Command-line arguments (clap derive). Values are validated by the library before any work.
+//! Command-line arguments (clap derive) and their conversion to the library's settings. Values
+//! are validated by the library before any work.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use vitcx::eval::metrics::{Baseline, CurveParams};
 
 /// Explain what a Vision Transformer looks at, with ViT-CX (causal explanations, IJCAI 2023).
 #[derive(Debug, Parser)]
@@ -227,9 +229,32 @@ pub fn method_params(v: &VitCxArgs, o: &MethodArgs) -> vitcx::MethodParams {
             seed: v.seed,
             batch: v.batch,
         },
-        gradcam: vitcx::methods::gradcam::GradCamParams { layer: v.layer },
+        gradcam: vitcx::methods::gradcam::GradCamParams {
+            layer: v.layer,
+            tap: v.tap.clone(),
+            ..Default::default()
+        },
         control_seed: v.seed,
     }
+}
+
+/// Curve settings from the flags, checked before any model or image is read.
+pub fn curve_params(c: &CurveArgs, batch: usize) -> anyhow::Result<CurveParams> {
+    let baseline = |name: &str, flag: &str| {
+        Baseline::parse(name, c.blur_kernel, c.blur_sigma)
+            .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+    };
+    let curve = CurveParams {
+        step: c.step,
+        deletion_baseline: baseline(&c.deletion_baseline, "--deletion-baseline")?,
+        insertion_baseline: baseline(&c.insertion_baseline, "--insertion-baseline")?,
+        batch,
+    };
+    if curve.step == 0 {
+        anyhow::bail!("--step 0; expected at least 1 pixel per step");
+    }
+    curve.check()?;
+    Ok(curve)
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +297,10 @@ pub struct VitCxArgs {
     /// counts from the end.
     #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
     pub layer: i64,
+    /// Read the feature maps (and Grad-CAM's tokens) at this tap instead, by name
+    /// (`blocks.5`, `blocks.5.norm1`; `vitcx inspect --json` lists them).
+    #[arg(long, conflicts_with = "layer")]
+    pub tap: Option<String>,
     /// Clustering distance threshold in [0, 1].
     #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub threshold: f64,
@@ -299,6 +328,7 @@ impl VitCxArgs {
     pub fn params(&self) -> vitcx::VitCxParams {
         vitcx::VitCxParams {
             layer: self.layer,
+            tap: self.tap.clone(),
             threshold: self.threshold,
             noise_std: self.noise_std,
             seed: self.seed,

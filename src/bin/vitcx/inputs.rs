@@ -4,13 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-const EXTENSIONS: [&str; 5] = ["png", "jpg", "jpeg", "bmp", "webp"];
-
-fn is_image(p: &Path) -> bool {
-    p.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
+use vitcx::image::{has_image_extension, EXTENSIONS};
 
 /// Files named by `args`, in argument order (directory contents and glob matches sorted).
 /// An existing file is taken whatever its extension (decoding decides); a missing path that
@@ -23,7 +17,7 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
             let mut files: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("cannot read directory {a}"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && is_image(p))
+                .filter(|p| p.is_file() && has_image_extension(p))
                 .collect();
             if files.is_empty() {
                 bail!("directory {a} holds no image ({})", EXTENSIONS.join(", "));

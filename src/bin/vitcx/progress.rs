@@ -1,7 +1,7 @@
 //! Progress bars: one for the images, one for the stages of the current image.
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use vitcx::methods::vitcx::{Progress, Stage};
+use vitcx::methods::{Progress, Stage};
 
 /// Two bars on stderr (hidden when stderr is not a terminal or with `--quiet`).
 pub struct Bars {
@@ -48,7 +48,7 @@ impl Bars {
     /// Reports a failed image on one line: library errors about an image already name it,
     /// others get the path in front.
     pub fn report_failure(&self, path: &std::path::Path, err: &anyhow::Error) {
-        let msg = format!("{err:#}");
+        let msg = crate::common::one_line(err);
         let shown = path.display().to_string();
         if msg.contains(&shown) {
             self.println(&format!("vitcx: {msg}"));
@@ -70,7 +70,7 @@ impl Progress for Bars {
         self.stage.set_length(total);
         self.stage.set_position(0);
         let what = match stage {
-            Stage::PerturbedForward => "forward passes of perturbed images",
+            Stage::PERTURBED_FORWARD => "forward passes of perturbed images",
             s => s.name(),
         };
         self.stage.set_message(what.to_string());

@@ -1,11 +1,12 @@
-//! Masks from patch-token feature maps (ViT-CX, Xie et al., IJCAI 2023,
-//! <https://arxiv.org/abs/2211.03064>, sections 2 and 3 of `spec/algorithm.md`): bilinear
+//! Masks from patch-token feature maps (docs/algorithm.md §2.3-2.4, §3.1, §3.3, §3.5): bilinear
 //! upsampling, min-max normalisation, cosine distances between masks and the merge of
 //! clustered masks.
 //!
 //! The distances are computed in the token-grid space: every raw mask is `a_i * U (f_i - min_i)`
 //! with `U` the fixed bilinear upsampling matrix, so all inner products follow from the
 //! `(gh*gw, gh*gw)` matrix `U^T U` instead of the `(D, H*W)` masks.
+
+use crate::resample::{torch_bilinear, torch_sample, TorchAxis};
 
 /// Masks `(N, H, W)`, row-major, values in `[0, 1]`.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,120 +31,8 @@ impl Masks {
     }
 }
 
-/// One axis of the bilinear upsampling, as PyTorch computes it for `align_corners=False`
-/// without a scale factor: for each output index, the two source indices and their weights.
-#[derive(Debug, Clone)]
-struct Axis {
-    i0: Vec<usize>,
-    i1: Vec<usize>,
-    l0: Vec<f32>,
-    l1: Vec<f32>,
-}
-
-impl Axis {
-    /// Source indices and weights for `out` samples from `inp` samples (`inp > 0`), in f32 as
-    /// `area_pixel_compute_source_index` does: `src = scale * (dst + 0.5) - 0.5`, negative
-    /// clamped to 0, the upper neighbour clamped to the last index.
-    fn new(inp: usize, out: usize) -> Self {
-        let scale = inp as f32 / out as f32;
-        let mut a = Axis {
-            i0: Vec::with_capacity(out),
-            i1: Vec::with_capacity(out),
-            l0: Vec::with_capacity(out),
-            l1: Vec::with_capacity(out),
-        };
-        for dst in 0..out {
-            let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-            // src >= 0, so truncation is floor; min() guards float rounding past the end
-            let i0 = (src as usize).min(inp - 1);
-            let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
-            let l1 = src - i0 as f32;
-            a.i0.push(i0);
-            a.i1.push(i1);
-            a.l0.push(1.0 - l1);
-            a.l1.push(l1);
-        }
-        a
-    }
-
-    /// Output indices where a per-cell linear piece of the interpolation can have an extremum:
-    /// the first and last sample of every run with the same lower source index. The
-    /// interpolated map is bilinear on each cell, so its min and max over the sample grid lie
-    /// on these rows and columns.
-    fn extreme_candidates(&self) -> Vec<usize> {
-        let n = self.i0.len();
-        (0..n)
-            .filter(|&k| {
-                k == 0 || k + 1 == n || self.i0[k - 1] != self.i0[k] || self.i0[k + 1] != self.i0[k]
-            })
-            .collect()
-    }
-
-    /// The dense `(out, inp)` interpolation matrix in f64 (rows sum to 1).
-    fn dense(&self, inp: usize) -> Vec<f64> {
-        let out = self.i0.len();
-        let mut m = vec![0.0f64; out * inp];
-        for k in 0..out {
-            m[k * inp + self.i0[k]] += self.l0[k] as f64;
-            m[k * inp + self.i1[k]] += self.l1[k] as f64;
-        }
-        m
-    }
-}
-
-/// `a * l0 + b * l1` rounded as PyTorch's x86 CPU kernel does it: compiled with FMA
-/// contraction, it computes `fma(b, l1, a * l0)`. This makes the masks equal to the
-/// reference's to the last bit (checked on the golden cases); plain `a * l0 + b * l1` is off by
-/// one ulp at about 15% of the pixels.
-#[inline]
-fn lerp(a: f32, b: f32, l0: f32, l1: f32) -> f32 {
-    b.mul_add(l1, a * l0)
-}
-
-/// Value of one upsampled pixel, in f32 and in the order of PyTorch's CPU kernel
-/// (interpolate along the width on both rows, then along the height).
-#[inline]
-fn sample(map: &[f32], gw: usize, ay: &Axis, ax: &Axis, y: usize, x: usize) -> f32 {
-    let (r0, r1) = (ay.i0[y] * gw, ay.i1[y] * gw);
-    let (c0, c1) = (ax.i0[x], ax.i1[x]);
-    let t0 = lerp(map[r0 + c0], map[r0 + c1], ax.l0[x], ax.l1[x]);
-    let t1 = lerp(map[r1 + c0], map[r1 + c1], ax.l0[x], ax.l1[x]);
-    lerp(t0, t1, ay.l0[y], ay.l1[y])
-}
-
-/// Bilinear upsampling of maps `(D, gh, gw)` to `(D, H, W)` like torch
-/// `F.interpolate(mode="bilinear", align_corners=False)`: `src = (dst + 0.5) * gh / H - 0.5`,
-/// negative clamped to 0, neighbours clamped to the last row/col; computed in f32 as torch does.
-///
-/// Panics if `maps.len() != d * gh * gw` or a grid side is 0 while `d > 0`.
-pub fn upsample_bilinear(
-    maps: &[f32],
-    d: usize,
-    grid: (usize, usize),
-    size: (usize, usize),
-) -> Vec<f32> {
-    let (gh, gw) = grid;
-    let (h, w) = size;
-    assert_eq!(maps.len(), d * gh * gw, "maps must hold (D, gh, gw) values");
-    let mut out = vec![0.0f32; d * h * w];
-    if d == 0 || h == 0 || w == 0 {
-        return out;
-    }
-    let ay = Axis::new(gh, h);
-    let ax = Axis::new(gw, w);
-    for (map, dst) in maps.chunks_exact(gh * gw).zip(out.chunks_exact_mut(h * w)) {
-        for y in 0..h {
-            let row = &mut dst[y * w..(y + 1) * w];
-            for (x, v) in row.iter_mut().enumerate() {
-                *v = sample(map, gw, &ay, &ax, y, x);
-            }
-        }
-    }
-    out
-}
-
 /// Min-max normalises each row of length `row_len` in place; a constant row becomes all zeros
-/// (the reference gives NaN there, spec 2.4).
+/// (the reference gives NaN there, docs/algorithm.md §2.4).
 pub fn normalise_rows(data: &mut [f32], row_len: usize) {
     if row_len == 0 {
         return;
@@ -166,7 +55,8 @@ pub fn normalise_rows(data: &mut [f32], row_len: usize) {
     }
 }
 
-/// Feature maps `(D, gh, gw)` -> `D` raw masks `(D, H, W)`: upsample + normalise (spec 2.3-2.4).
+/// Feature maps `(D, gh, gw)` -> `D` raw masks `(D, H, W)`: upsample + normalise
+/// (docs/algorithm.md §2.3-2.4).
 ///
 /// Panics if `feature_maps.len() != d * gh * gw`.
 pub fn raw_masks(
@@ -175,7 +65,7 @@ pub fn raw_masks(
     grid: (usize, usize),
     size: (usize, usize),
 ) -> Masks {
-    let mut data = upsample_bilinear(feature_maps, d, grid, size);
+    let mut data = torch_bilinear(feature_maps, d, grid, size);
     normalise_rows(&mut data, size.0 * size.1);
     Masks {
         n: d,
@@ -186,14 +76,14 @@ pub fn raw_masks(
 }
 
 /// Cosine distances `1 - s_ij` `(D, D)`, row-major, f64, between the raw masks of
-/// [`raw_masks`], computed in the token-grid space (spec 3.1 and its cost note).
+/// [`raw_masks`], computed in the token-grid space (docs/algorithm.md §3.1, §3.5).
 ///
 /// Each raw mask is `a_i * U g_i` with `g_i = f_i - min_i` (bilinear rows sum to 1, so the
 /// min-max shift moves into the grid) and `a_i > 0`, which cancels in the cosine; so
 /// `s_ij = g_i^T G g_j / sqrt(g_i^T G g_i * g_j^T G g_j)` with `G = U^T U = Gy (x) Gx`.
 /// The per-map min and max (deciding also which masks are constant, hence zero) are taken in
 /// f32 over the rows/columns where the bilinear pieces have their extrema, with the same
-/// formula as [`upsample_bilinear`]. A zero mask has similarity 0 (distance 1); the diagonal
+/// formula as [`torch_bilinear`]. A zero mask has similarity 0 (distance 1); the diagonal
 /// is 0. This replaces the reference's `(D, H*W)` product (`2 D^2 H W` flops).
 ///
 /// Panics if `feature_maps.len() != d * gh * gw`.
@@ -218,8 +108,8 @@ pub fn cosine_distances(
         // every mask is empty (zero): distance 1 off the diagonal
         return unit_distances(d);
     }
-    let ay = Axis::new(gh, h);
-    let ax = Axis::new(gw, w);
+    let ay = TorchAxis::new(gh, h);
+    let ax = TorchAxis::new(gw, w);
     let ys = ay.extreme_candidates();
     let xs = ax.extreme_candidates();
     let gy = gram(&ay.dense(gh), h, gh);
@@ -233,7 +123,7 @@ pub fn cosine_distances(
         let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
         for &y in &ys {
             for &x in &xs {
-                let v = sample(map, gw, &ay, &ax, y, x);
+                let v = torch_sample(map, gw, &ay, &ax, y, x);
                 lo = lo.min(v);
                 hi = hi.max(v);
             }
@@ -390,7 +280,7 @@ pub fn cosine_distances_direct(masks: &Masks) -> Vec<f64> {
 }
 
 /// Sums the raw masks of each cluster (`labels[i]` in `0..n_clusters`) and min-max normalises
-/// each sum (spec 3.3) -> `(n_clusters, H, W)`. A cluster without members gives an all-zero mask.
+/// each sum (docs/algorithm.md §3.3) -> `(n_clusters, H, W)`. A cluster without members gives an all-zero mask.
 ///
 /// The sums are f32, added in ascending member order, as PyTorch does: this reproduces the
 /// reference's masks to the last bit (an f64 sum differs by up to 8e-7 on the golden cases).
@@ -444,22 +334,6 @@ mod tests {
         (0..d * p)
             .map(|_| rng.random::<f32>() * 4.0 - 2.0)
             .collect()
-    }
-
-    #[test]
-    fn upsample_matches_torch_on_2x2() {
-        // torch.nn.functional.interpolate(x, (4, 4), mode="bilinear", align_corners=False)
-        let up = upsample_bilinear(&[1.0, 2.0, 3.0, 4.0], 1, (2, 2), (4, 4));
-        let want = [
-            1.0, 1.25, 1.75, 2.0, 1.5, 1.75, 2.25, 2.5, 2.5, 2.75, 3.25, 3.5, 3.0, 3.25, 3.75, 4.0,
-        ];
-        assert_eq!(up, want);
-    }
-
-    #[test]
-    fn upsample_same_size_is_identity() {
-        let maps = random_maps(7, 2, 15);
-        assert_eq!(upsample_bilinear(&maps, 2, (3, 5), (3, 5)), maps);
     }
 
     #[test]
@@ -542,8 +416,7 @@ mod tests {
             let dist_diff = max_abs_diff(&fast, &direct);
             assert!(dist_diff < 1e-5, "{case}: distance max diff {dist_diff}");
 
-            let clustering =
-                crate::methods::vitcx::cluster::complete_linkage(&fast, d, 0.1).unwrap();
+            let clustering = super::super::cluster::complete_linkage(&fast, d, 0.1).unwrap();
             let merged = merge_clusters(&raw, &clustering.labels, clustering.n_clusters);
             let golden = read_npy(case_path(case, "masks.npy")).unwrap();
             assert_eq!(golden.shape, vec![merged.n, 224, 224], "{case}: mask count");

@@ -2,32 +2,34 @@
 //!
 //! Xie, Li, Cao, Zhang, "ViT-CX: Causal Explanation of Vision Transformers", IJCAI 2023
 //! (<https://arxiv.org/abs/2211.03064>). The steps and their corner cases follow
-//! `spec/algorithm.md`, which restates the reference implementation exactly.
+//! docs/algorithm.md §1-5, which restates the reference implementation; §9 lists where vitcx
+//! departs from it on purpose (distances in the token-grid space, seeded noise, no noisy
+//! originals at sigma 0, zero instead of NaN for constant maps and uncovered pixels).
 //!
-//! Departures from the reference, each on purpose:
-//! - the mask similarity is computed in the token-grid space (same numbers, ~1000x cheaper);
-//! - noise comes from a seeded generator, so the same call gives the same map twice;
-//! - with zero noise the noisy originals equal the clean image, so their forward passes are skipped;
-//! - a constant feature map gives an all-zero mask and an uncovered pixel a zero weight
-//!   (the reference divides by zero there).
+//! The stages: [`mask`] (feature maps to masks, distances), [`cluster`] (complete linkage),
+//! [`score`] (causal scores, coverage correction); this module wires them into the driver.
 
 pub mod cluster;
 pub mod mask;
 pub mod score;
 
-use std::time::Instant;
-
-use candle_core::Tensor;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
+use serde_json::json;
 
+use self::cluster::{complete_linkage, Clustering};
+use self::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
+use self::score::saliency;
+use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
 use crate::error::{Error, Result};
-use crate::methods::vitcx::cluster::{complete_linkage, Clustering};
-use crate::methods::vitcx::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
-use crate::methods::vitcx::score::saliency;
-use crate::methods::{check_input, input_tensor, probs_of};
-use crate::model::{Backbone, Precision, Tap};
+use crate::model::{Backbone, Precision, Spec};
+use crate::target::{check_classes, Targets};
+
+/// Similarities of the masks (docs/algorithm.md §3.1).
+pub const SIMILARITY: Stage = Stage("similarity");
+/// Agglomerative clustering and merging (§3.2-3.3).
+pub const CLUSTERING: Stage = Stage("clustering");
 
 /// ViT-CX parameters. Build with [`VitCxParams::default`] and the setters, then [`VitCxParams::check`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -35,6 +37,9 @@ pub struct VitCxParams {
     /// Block whose first LayerNorm output gives the feature maps; negative counts from the end.
     /// Default -1, the last block (reference: `model.blocks[-1].norm1`).
     pub layer: i64,
+    /// A tap by name (`blocks.5`, see `vitcx inspect`) instead of `layer`'s first norm.
+    /// Default none.
+    pub tap: Option<String>,
     /// Clustering distance threshold in [0, 1]; masks closer than this are merged.
     /// Default 0.1 (reference `distance_threshold`).
     pub threshold: f64,
@@ -54,6 +59,7 @@ impl Default for VitCxParams {
     fn default() -> Self {
         Self {
             layer: -1,
+            tap: None,
             threshold: 0.1,
             noise_std: 0.1,
             seed: 0,
@@ -63,19 +69,25 @@ impl Default for VitCxParams {
     }
 }
 
-/// [`VitCxParams`] validated against a model: the layer resolved to a 0-based block index.
+/// [`VitCxParams`] validated against a model: the tap resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckedParams {
-    /// The resolved 0-based block index.
+    /// The 0-based block the tap belongs to.
     pub layer: usize,
+    /// The tap the feature maps are read from (`blocks.11.norm1`).
+    pub tap: String,
     /// The parameters as given.
     pub params: VitCxParams,
 }
 
 impl VitCxParams {
-    /// Validates the parameters for a model with `depth` blocks.
-    pub fn check(&self, depth: usize) -> Result<CheckedParams> {
-        let layer = resolve_layer(self.layer, depth)?;
+    /// Validates the parameters for a model: the tap resolved (`tap` by name, else `layer`),
+    /// threshold, noise and batch in range.
+    pub fn check(&self, spec: &Spec) -> Result<CheckedParams> {
+        let tap = match &self.tap {
+            Some(name) => spec.tap(name)?,
+            None => spec.layer_tap(self.layer)?,
+        };
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::invalid(format!(
                 "threshold {} out of range; expected a value in [0, 1]",
@@ -94,24 +106,11 @@ impl VitCxParams {
             ));
         }
         Ok(CheckedParams {
-            layer,
+            layer: tap.layer,
+            tap: tap.name.clone(),
             params: self.clone(),
         })
     }
-}
-
-/// Resolves a possibly negative layer index (Python style: -1 is the last block).
-pub fn resolve_layer(layer: i64, depth: usize) -> Result<usize> {
-    let d = depth as i64;
-    let resolved = if layer < 0 { d + layer } else { layer };
-    if resolved < 0 || resolved >= d {
-        return Err(Error::invalid(format!(
-            "layer {layer} out of range; model has {depth} blocks (valid: {} to {})",
-            -d,
-            d - 1
-        )));
-    }
-    Ok(resolved as usize)
 }
 
 /// Where the noise of the perturbed images comes from.
@@ -125,85 +124,19 @@ pub enum Noise {
     Given(Vec<Vec<f32>>),
 }
 
-/// Which stage of an explanation is running, for progress reporting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// The clean forward pass (prediction and feature maps).
-    Forward,
-    /// Upsampling and normalising feature maps into masks.
-    Masks,
-    /// Mask similarities.
-    Similarity,
-    /// Agglomerative clustering and merging.
-    Clustering,
-    /// Forward passes of the perturbed images.
-    PerturbedForward,
-    /// Causal scores and the saliency map.
-    Aggregation,
-}
-
-impl Stage {
-    /// Short stable name (used in JSON timings and progress bars).
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Forward => "forward",
-            Stage::Masks => "masks",
-            Stage::Similarity => "similarity",
-            Stage::Clustering => "clustering",
-            Stage::PerturbedForward => "perturbed_forward",
-            Stage::Aggregation => "aggregation",
-        }
-    }
-}
-
-/// Receives progress: `start(stage, total_units)` then `advance(n)` as units complete.
-pub trait Progress {
-    /// A stage begins; `total` units of work (images for forward passes, 1 otherwise).
-    fn start(&mut self, stage: Stage, total: u64);
-    /// `n` more units of the current stage are done.
-    fn advance(&mut self, n: u64);
-}
-
-/// Progress sink that ignores everything (library default).
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn start(&mut self, _: Stage, _: u64) {}
-    fn advance(&mut self, _: u64) {}
-}
-
-/// The image-independent half of an explanation: prediction, masks and clustering.
+/// The class-independent half of an explanation: the prediction, the masks and their
+/// clustering, from the clean pass.
 #[derive(Debug, Clone)]
 pub struct Prepared {
     /// Softmax probabilities of the clean image `(C)`.
     pub probs: Vec<f32>,
-    /// Feature maps `(D, gh, gw)` of the chosen layer.
+    /// Feature maps `(D, gh, gw)` of the chosen tap.
     pub feature_maps: Vec<f32>,
     /// The clustering of the `D` raw masks.
     pub clustering: Clustering,
     /// The merged masks `(N, H, W)`.
     pub masks: Masks,
     /// Seconds spent per stage so far.
-    pub timings: Vec<(Stage, f64)>,
-}
-
-/// A finished explanation.
-#[derive(Debug, Clone)]
-pub struct Explanation {
-    /// Softmax probabilities of the clean image `(C)`.
-    pub probs: Vec<f32>,
-    /// The explained classes, in the order asked.
-    pub classes: Vec<usize>,
-    /// One saliency map `(H, W)` per explained class, row-major.
-    pub saliency: Vec<Vec<f32>>,
-    /// Saliency size `(H, W)`: the model's input size.
-    pub size: (usize, usize),
-    /// Number of masks after clustering (N).
-    pub n_masks: usize,
-    /// Number of raw feature maps before clustering (D).
-    pub n_feature_maps: usize,
-    /// Seconds per stage.
     pub timings: Vec<(Stage, f64)>,
 }
 
@@ -217,7 +150,7 @@ impl VitCx {
     /// ViT-CX for `model` with the given parameters (validated here).
     pub fn new(params: &VitCxParams, model: &dyn Backbone) -> Result<Self> {
         Ok(Self {
-            params: params.check(model.spec().depth)?,
+            params: params.check(model.spec())?,
         })
     }
 
@@ -226,59 +159,20 @@ impl VitCx {
         &self.params
     }
 
-    /// Steps 1-3: predicts `x` `(3, H, W)` (normalised pixels) and builds the clustered masks,
-    /// all from one forward pass.
+    /// Steps 1-3 (docs/algorithm.md §1-3): predicts `x` `(3, H, W)` (normalised pixels) and
+    /// builds the clustered masks, all from one forward pass.
     pub fn prepare(
         &self,
         model: &dyn Backbone,
         x: &[f32],
         progress: &mut dyn Progress,
     ) -> Result<Prepared> {
-        let px = input_tensor(model, x)?;
-        let (h, w) = model.spec().input_size;
-        let mut timings = Vec::new();
-
-        progress.start(Stage::Forward, 1);
-        let t = Instant::now();
-        let out = model.forward(&px, Some(Tap::Norm1(self.params.layer)))?;
-        let probs = probs_of(&out.logits)?;
-        let features = out.features.ok_or_else(|| {
-            Error::Unsupported("model returned no feature maps for the requested layer".into())
-        })?;
-        let (_, d, gh, gw) = features.dims4()?;
-        let feature_maps = features.flatten_all()?.to_vec1::<f32>()?;
-        timings.push((Stage::Forward, t.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        progress.start(Stage::Masks, 1);
-        let t = Instant::now();
-        let raw = raw_masks(&feature_maps, d, (gh, gw), (h, w));
-        timings.push((Stage::Masks, t.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        progress.start(Stage::Similarity, 1);
-        let t = Instant::now();
-        let dist = cosine_distances(&feature_maps, d, (gh, gw), (h, w));
-        timings.push((Stage::Similarity, t.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        progress.start(Stage::Clustering, 1);
-        let t = Instant::now();
-        let clustering = complete_linkage(&dist, d, self.params.params.threshold)?;
-        let masks = merge_clusters(&raw, &clustering.labels, clustering.n_clusters);
-        timings.push((Stage::Clustering, t.elapsed().as_secs_f64()));
-        progress.advance(1);
-
-        Ok(Prepared {
-            probs,
-            feature_maps,
-            clustering,
-            masks,
-            timings,
-        })
+        let mut run = Run::new(model, x, 0, progress)?;
+        let (clean, _) = run.clean(&self.clean_pass(), &Targets::default())?;
+        self.masks(&mut run, clean)
     }
 
-    /// Steps 4-5: runs the perturbed images through the model and turns the probability
+    /// Steps 4-5 (§4-5): runs the perturbed images through the model and turns the probability
     /// differences into one saliency map per class in `classes`.
     pub fn score(
         &self,
@@ -289,9 +183,66 @@ impl VitCx {
         noise: &Noise,
         progress: &mut dyn Progress,
     ) -> Result<Explanation> {
-        let spec = model.spec();
-        let (h, w) = spec.input_size;
-        check_input(x, (h, w))?;
+        let probs = prepared.probs.clone();
+        let mut run = Run::new(model, x, 0, progress)?.with_timings(prepared.timings.clone());
+        let maps = self.causal_scores(&mut run, &prepared, classes, noise)?;
+        run.finish(probs, classes.to_vec(), maps)
+    }
+
+    /// The whole method with seeded noise; `classes` empty means the top-1 class.
+    pub fn explain(
+        &self,
+        model: &dyn Backbone,
+        x: &[f32],
+        classes: &[usize],
+        progress: &mut dyn Progress,
+    ) -> Result<Explanation> {
+        let targets = if classes.is_empty() {
+            Targets::TopK(1)
+        } else {
+            Targets::Classes(classes.to_vec())
+        };
+        explain(self, model, x, &targets, 0, progress)
+    }
+
+    /// Masks and clusters from the clean pass's feature maps.
+    fn masks(&self, run: &mut Run<'_>, clean: Clean) -> Result<Prepared> {
+        let features = clean.features.ok_or_else(|| {
+            Error::Unsupported("model returned no feature maps for the requested layer".into())
+        })?;
+        let (_, d, gh, gw) = features.dims4()?;
+        let feature_maps = features.flatten_all()?.to_vec1::<f32>()?;
+        let size = run.size;
+        let raw = run.stage(Stage::MASKS, || {
+            Ok(raw_masks(&feature_maps, d, (gh, gw), size))
+        })?;
+        let dist = run.stage(SIMILARITY, || {
+            Ok(cosine_distances(&feature_maps, d, (gh, gw), size))
+        })?;
+        let threshold = self.params.params.threshold;
+        let (clustering, masks) = run.stage(CLUSTERING, || {
+            let clustering = complete_linkage(&dist, d, threshold)?;
+            let masks = merge_clusters(&raw, &clustering.labels, clustering.n_clusters);
+            Ok((clustering, masks))
+        })?;
+        Ok(Prepared {
+            probs: clean.probs,
+            feature_maps,
+            clustering,
+            masks,
+            timings: run.timings().to_vec(),
+        })
+    }
+
+    /// The perturbed passes and the saliency of each class in `classes`.
+    fn causal_scores(
+        &self,
+        run: &mut Run<'_>,
+        prepared: &Prepared,
+        classes: &[usize],
+        noise: &Noise,
+    ) -> Result<Maps> {
+        let x = run.x;
         let num_classes = prepared.probs.len();
         check_classes(classes, num_classes)?;
         if classes.is_empty() {
@@ -308,23 +259,22 @@ impl VitCx {
                 )));
             }
         }
-        let sigma = self.params.params.noise_std;
+        let p = &self.params.params;
+        let sigma = p.noise_std;
         let with_noise = sigma > 0.0;
-        let mut timings = prepared.timings.clone();
+        let plane = run.size.0 * run.size.1;
 
-        // Masks per chunk: each contributes a masked image and (with noise) a noisy original.
+        // Each mask gives a masked image and (with noise) a noisy original (§4).
         let per_mask = if with_noise { 2 } else { 1 };
-        let chunk = (self.params.params.batch / per_mask).max(1);
-        progress.start(Stage::PerturbedForward, (n * per_mask) as u64);
-        let t = Instant::now();
         let mut pa = Vec::with_capacity(n * num_classes);
         let mut pb = Vec::with_capacity(n * num_classes);
-        let plane = h * w;
-        for start in (0..n).step_by(chunk) {
-            let end = (start + chunk).min(n);
-            let mut batch = Vec::with_capacity((end - start) * per_mask * x.len());
-            let mut noisy = Vec::with_capacity(if with_noise { batch.capacity() / 2 } else { 0 });
-            for i in start..end {
+        run.perturbed(
+            n,
+            per_mask,
+            p.batch,
+            p.precision,
+            None,
+            |i, images| {
                 let m = masks.mask(i);
                 let z = if with_noise {
                     Some(match noise {
@@ -340,101 +290,77 @@ impl VitCx {
                             Some(z) => sigma * z[c * plane + u] * (1.0 - mv),
                             None => 0.0,
                         };
-                        batch.push(xv * mv + e);
+                        images[0].push(xv * mv + e);
                         if with_noise {
-                            noisy.push(xv + e);
+                            images[1].push(xv + e);
                         }
                     }
                 }
-            }
-            let count = end - start;
-            batch.extend_from_slice(&noisy);
-            let px = Tensor::from_vec(batch, (count * per_mask, 3, h, w), model.device())?;
-            let probs = model
-                .probs_at(&px, self.params.params.precision)?
-                .to_vec2::<f32>()?;
-            for row in &probs[..count] {
-                pa.extend_from_slice(row);
-            }
-            if with_noise {
-                for row in &probs[count..] {
-                    pb.extend_from_slice(row);
-                }
-            } else {
-                for _ in 0..count {
-                    pb.extend_from_slice(&prepared.probs);
-                }
-            }
-            progress.advance((count * per_mask) as u64);
-        }
-        timings.push((Stage::PerturbedForward, t.elapsed().as_secs_f64()));
+                Ok(())
+            },
+            |_, rows| {
+                pa.extend_from_slice(rows[0]);
+                // At sigma 0 the noisy original is the clean image (§4.3).
+                pb.extend_from_slice(rows.get(1).copied().unwrap_or(&prepared.probs));
+                Ok(())
+            },
+        )?;
 
-        progress.start(Stage::Aggregation, 1);
-        let t = Instant::now();
-        let mut maps = Vec::with_capacity(classes.len());
-        for &c in classes {
-            // Each class is explained as the reference explains its target: with its own p[c].
-            let mut one = saliency(&pa, &pb, num_classes, prepared.probs[c], masks, &[c])?;
-            maps.push(
-                one.pop()
-                    .ok_or_else(|| Error::invalid(format!("no saliency computed for class {c}")))?,
-            );
-        }
-        timings.push((Stage::Aggregation, t.elapsed().as_secs_f64()));
-        progress.advance(1);
+        let maps = run.stage(Stage::AGGREGATION, || {
+            classes
+                .iter()
+                .map(|&c| {
+                    // Each class is explained as the reference explains its target: with its
+                    // own p[c] (§1.3).
+                    let mut one = saliency(&pa, &pb, num_classes, prepared.probs[c], masks, &[c])?;
+                    one.pop().ok_or_else(|| {
+                        Error::invalid(format!("no saliency computed for class {c}"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut stats = super::driver::Stats::new();
+        stats.insert("n_masks".into(), json!(n));
+        stats.insert(
+            "n_feature_maps".into(),
+            json!(prepared.clustering.labels.len()),
+        );
+        Ok(Maps { maps, stats })
+    }
+}
 
-        Ok(Explanation {
-            probs: prepared.probs,
-            classes: classes.to_vec(),
-            saliency: maps,
-            size: (h, w),
-            n_masks: n,
-            n_feature_maps: prepared.clustering.labels.len(),
-            timings,
+impl Method for VitCx {
+    fn clean_pass(&self) -> CleanPass {
+        CleanPass::Features(self.params.tap.clone())
+    }
+
+    fn maps(&self, run: &mut Run<'_>, clean: Clean, classes: &[usize]) -> Result<Maps> {
+        let prepared = self.masks(run, clean)?;
+        let noise = Noise::Seeded(self.params.params.seed);
+        self.causal_scores(run, &prepared, classes, &noise)
+    }
+
+    fn params_json(&self) -> serde_json::Value {
+        let p = &self.params.params;
+        json!({
+            "layer": self.params.layer,
+            "layer_arg": p.layer,
+            "tap": self.params.tap,
+            "threshold": p.threshold,
+            // Through its shortest decimal form, so 0.1f32 reads 0.1 and not 0.10000000149.
+            "noise_std": p.noise_std.to_string().parse::<f64>().unwrap_or(f64::NAN),
+            "seed": p.seed,
+            "batch": p.batch,
+            "precision": p.precision.name(),
         })
     }
 
-    /// The whole method: [`VitCx::prepare`] then [`VitCx::score`] with seeded noise.
-    /// `classes` empty means the top-1 class.
-    pub fn explain(
-        &self,
-        model: &dyn Backbone,
-        x: &[f32],
-        classes: &[usize],
-        progress: &mut dyn Progress,
-    ) -> Result<Explanation> {
-        let prepared = self.prepare(model, x, progress)?;
-        let classes = if classes.is_empty() {
-            vec![argmax(&prepared.probs)]
-        } else {
-            classes.to_vec()
-        };
-        let noise = Noise::Seeded(self.params.params.seed);
-        self.score(model, x, prepared, &classes, &noise, progress)
-    }
-}
-
-/// Index of the largest value (first on ties); 0 for an empty slice.
-pub fn argmax(v: &[f32]) -> usize {
-    top_k(v, 1).first().copied().unwrap_or(0)
-}
-
-/// Indices of the `k` largest values, largest first (ties: lower index first).
-pub fn top_k(v: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
-    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
-    idx.truncate(k);
-    idx
-}
-
-/// Fails unless every class id is below `num_classes`.
-pub fn check_classes(classes: &[usize], num_classes: usize) -> Result<()> {
-    match classes.iter().find(|&&c| c >= num_classes) {
-        Some(c) => Err(Error::invalid(format!(
-            "class {c} out of range; model has {num_classes} classes (0 to {})",
-            num_classes.saturating_sub(1)
-        ))),
-        None => Ok(()),
+    fn describe(&self, ex: &Explanation) -> String {
+        format!(
+            "ViT-CX  N={} masks  layer {}",
+            ex.count("n_masks").unwrap_or(0),
+            self.params.layer
+        )
     }
 }
 
@@ -450,37 +376,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn layer_resolution() {
-        assert_eq!(resolve_layer(-1, 12).unwrap(), 11);
-        assert_eq!(resolve_layer(0, 12).unwrap(), 0);
-        assert_eq!(resolve_layer(-12, 12).unwrap(), 0);
-        let e = resolve_layer(12, 12).unwrap_err().to_string();
-        assert!(
-            e.contains("layer 12 out of range; model has 12 blocks"),
-            "{e}"
-        );
-        assert!(resolve_layer(-13, 12).is_err());
-    }
-
-    #[test]
     fn params_are_checked() {
+        let model = crate::model::demo(&candle_core::Device::Cpu).unwrap();
+        let spec = model.spec();
         let p = VitCxParams {
             threshold: 1.5,
             ..Default::default()
         };
-        let e = p.check(4).unwrap_err().to_string();
+        let e = p.check(spec).unwrap_err().to_string();
         assert!(e.contains("threshold 1.5"), "{e}");
         let p = VitCxParams {
             noise_std: f32::NAN,
             ..Default::default()
         };
-        assert!(p.check(4).is_err());
+        assert!(p.check(spec).is_err());
         let p = VitCxParams {
             batch: 0,
             ..Default::default()
         };
-        assert!(p.check(4).is_err());
-        assert_eq!(VitCxParams::default().check(4).unwrap().layer, 3);
+        assert!(p.check(spec).is_err());
+        let checked = VitCxParams::default().check(spec).unwrap();
+        assert_eq!((checked.layer, checked.tap.as_str()), (3, "blocks.3.norm1"));
+        let p = VitCxParams {
+            tap: Some("blocks.1".into()),
+            ..Default::default()
+        };
+        assert_eq!(p.check(spec).unwrap().layer, 1);
+        let p = VitCxParams {
+            tap: Some("head".into()),
+            ..Default::default()
+        };
+        let e = p.check(spec).unwrap_err().to_string();
+        assert!(e.contains("tap 'head' not in this model"), "{e}");
     }
 
     #[test]
@@ -492,16 +419,5 @@ mod tests {
         let mean = a.iter().sum::<f32>() / 1000.0;
         let var = a.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 1000.0;
         assert!(mean.abs() < 0.15 && (var - 1.0).abs() < 0.2, "{mean} {var}");
-    }
-
-    #[test]
-    fn top_k_orders_and_breaks_ties_by_index() {
-        assert_eq!(top_k(&[0.1, 0.5, 0.5, 0.2], 3), vec![1, 2, 3]);
-        assert_eq!(argmax(&[0.3, 0.1]), 0);
-        let e = check_classes(&[10], 10).unwrap_err().to_string();
-        assert!(
-            e.contains("class 10 out of range; model has 10 classes"),
-            "{e}"
-        );
     }
 }

@@ -1,19 +1,75 @@
-//! ViT / DeiT forward pass, numerically as timm's `VisionTransformer` and Hugging Face's
+//! The ViT family: ViT, DeiT and DeiT-distilled from timm or Hugging Face checkpoints, with a
+//! forward pass numerically as timm's `VisionTransformer` and Hugging Face's
 //! `ViTForImageClassification` / `DeiTForImageClassification[WithTeacher]` in eval mode.
 //!
 //! ViT: Dosovitskiy et al., <https://arxiv.org/abs/2010.11929>; DeiT: Touvron et al.,
-//! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one layer's
-//! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks.
+//! <https://arxiv.org/abs/2012.12877>. One pass returns the logits and, when asked, one tap's
+//! patch tokens as feature maps `(B, D, gh, gw)`, which is what ViT-CX turns into masks. The taps
+//! are named as timm names the modules: `blocks.N.norm1` (the first LayerNorm of block `N`, the
+//! reference's target layer) and `blocks.N` (the block's output).
+
+mod config;
+mod names;
+pub mod random;
 
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor, Var};
+use serde_json::{json, Value};
 
-use super::config::{Family, ModelConfig};
-use super::kernels::bf16::{Bf16Linear, PackedBf16};
-use super::weights::Weights;
-use super::{Attention as AttentionMaps, Backbone, Forward, Precision, Spec, Tap, TapGradient};
 use crate::error::{Error, Result};
+use crate::model::backbone::{
+    Attention as AttentionMaps, Backbone, Forward, Precision, Spec, TapGradient, TapInfo,
+};
+use crate::model::checkpoint::{Checkpoint, Family};
+use crate::model::config::Format;
+use crate::model::kernels::bf16::{Bf16Linear, PackedBf16};
+use crate::model::weights::Weights;
+
+pub use config::{Variant, VitConfig};
+
+/// The family's registry entry.
+pub const FAMILY: Family = Family {
+    name: "vit",
+    covers: "ViT, DeiT, DeiT-distilled (timm vit_*, deit_*; Hugging Face model_type vit, deit)",
+    claims,
+    build,
+};
+
+/// timm architectures whose name starts with `vit_` or `deit`, Hugging Face `vit` and `deit`.
+fn claims(format: Format, config: &Value) -> bool {
+    match format {
+        Format::Timm => config
+            .get("architecture")
+            .and_then(Value::as_str)
+            .is_some_and(|a| a.starts_with("vit_") || a.starts_with("deit")),
+        Format::HuggingFace => config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t == "vit" || t == "deit"),
+    }
+}
+
+fn build(ckpt: Checkpoint, device: &Device) -> Result<Box<dyn Backbone>> {
+    Ok(Box::new(VisionTransformer::from_checkpoint(ckpt, device)?))
+}
+
+/// A tap of this family, parsed from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tap {
+    /// `blocks.N.norm1`: output of the first LayerNorm of block `N` (0-based).
+    Norm1(usize),
+    /// `blocks.N`: output of block `N` (the residual stream after the block).
+    Block(usize),
+}
+
+impl Tap {
+    fn layer(self) -> usize {
+        match self {
+            Tap::Norm1(l) | Tap::Block(l) => l,
+        }
+    }
+}
 
 /// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous, and packed
 /// for the bf16 product the first time a bf16 pass needs it.
@@ -192,7 +248,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(w: &mut Weights, i: usize, cfg: &ModelConfig) -> Result<Self> {
+    fn new(w: &mut Weights, i: usize, cfg: &VitConfig) -> Result<Self> {
         let p = format!("blocks.{i}");
         let (d, m) = (cfg.dim, cfg.mlp_dim);
         let eps = cfg.layer_norm_eps;
@@ -239,8 +295,9 @@ impl Block {
 /// checkpoint; see [`crate::model::load`].
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
-    config: ModelConfig,
+    config: VitConfig,
     spec: Spec,
+    grid: (usize, usize),
     device: Device,
     /// Patch projection `(3 * p * p, D)`, rows in (channel, y, x) order like the conv kernel.
     patch_wt: Tensor,
@@ -256,8 +313,12 @@ pub struct VisionTransformer {
 }
 
 impl VisionTransformer {
-    /// Builds the model from checked config and timm-named weights; every tensor must be used.
-    pub(crate) fn new(config: ModelConfig, mut w: Weights, device: &Device) -> Result<Self> {
+    /// Builds the model from a checkpoint: its configuration checked against its tensors, every
+    /// tensor used.
+    pub fn from_checkpoint(mut ckpt: Checkpoint, device: &Device) -> Result<Self> {
+        let tensors = std::mem::take(&mut ckpt.tensors);
+        let mut w = names::weights(&ckpt.weights_path, ckpt.format, tensors)?;
+        let config = config::read(&ckpt, &w)?;
         let cfg = &config;
         let (d, p) = (cfg.dim, cfg.patch);
         let grid = (cfg.input_size.0 / p, cfg.input_size.1 / p);
@@ -279,27 +340,21 @@ impl VisionTransformer {
             .collect::<Result<Vec<_>>>()?;
         let norm = LayerNorm::new(&mut w, "norm", d, cfg.layer_norm_eps)?;
         let head = Linear::new(&mut w, "head", cfg.num_classes, d, true)?;
-        let head_dist = match cfg.family {
-            Family::DeitDistilled => {
+        let head_dist = match cfg.variant {
+            Variant::DeitDistilled => {
                 Some(Linear::new(&mut w, "head_dist", cfg.num_classes, d, true)?)
             }
-            Family::Vit | Family::Deit => None,
+            Variant::Vit | Variant::Deit => None,
         };
-        w.finish()?;
-        let spec = Spec {
-            family: cfg.family,
-            depth: cfg.depth,
-            dim: d,
-            heads: cfg.heads,
-            patch: p,
-            input_size: cfg.input_size,
-            grid,
-            num_prefix_tokens: cfg.num_prefix_tokens,
-            num_classes: cfg.num_classes,
-        };
+        w.finish(
+            "a plain ViT/DeiT",
+            "register tokens, layer scale, pooling norms and similar variants are not supported",
+        )?;
+        let spec = spec(cfg, grid);
         Ok(VisionTransformer {
             config,
             spec,
+            grid,
             device: device.clone(),
             patch_wt,
             patch_b,
@@ -312,8 +367,8 @@ impl VisionTransformer {
         })
     }
 
-    /// Everything read from the checkpoint's config files (labels, preprocessing, notes).
-    pub fn config(&self) -> &ModelConfig {
+    /// Everything read from the checkpoint's config files, with the family's own sizes.
+    pub fn config(&self) -> &VitConfig {
         &self.config
     }
 
@@ -321,9 +376,9 @@ impl VisionTransformer {
     /// The 16x16 stride-16 conv is written as a reshape and one matmul.
     fn embed(&self, px: &Tensor) -> Result<Tensor> {
         let (b, _, _, _) = px.dims4()?;
-        let p = self.spec.patch;
-        let (gh, gw) = self.spec.grid;
-        let d = self.spec.dim;
+        let p = self.config.patch;
+        let (gh, gw) = self.grid;
+        let d = self.config.dim;
         let patches = px
             .reshape((b, 3, gh, p, gw, p))?
             .permute((0, 2, 4, 1, 3, 5))?
@@ -333,7 +388,7 @@ impl VisionTransformer {
             .reshape((b, gh * gw, d))?;
         let prefix = self
             .prefix
-            .broadcast_as((b, self.spec.num_prefix_tokens, d))?;
+            .broadcast_as((b, self.config.num_prefix_tokens, d))?;
         let xs = Tensor::cat(&[&prefix, &patches], 1)?;
         Ok(xs.broadcast_add(&self.pos_embed)?)
     }
@@ -342,7 +397,7 @@ impl VisionTransformer {
     fn logits(&self, xs: &Tensor) -> Result<Tensor> {
         let pre = self
             .norm
-            .forward(&xs.narrow(1, 0, self.spec.num_prefix_tokens)?)?;
+            .forward(&xs.narrow(1, 0, self.config.num_prefix_tokens)?)?;
         let cls = self.head.forward(&pre.get_on_dim(1, 0)?, Precision::F32)?;
         match &self.head_dist {
             // timm eval mode / HF WithTeacher: average of the [CLS] and [DIST] heads.
@@ -357,9 +412,9 @@ impl VisionTransformer {
     /// Patch tokens `(B, T, D)` -> feature maps `(B, D, gh, gw)`, prefix dropped.
     fn to_maps(&self, tokens: &Tensor) -> Result<Tensor> {
         let (b, _, d) = tokens.dims3()?;
-        let (gh, gw) = self.spec.grid;
+        let (gh, gw) = self.grid;
         Ok(tokens
-            .narrow(1, self.spec.num_prefix_tokens, gh * gw)?
+            .narrow(1, self.config.num_prefix_tokens, gh * gw)?
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, d, gh, gw))?)
@@ -375,7 +430,8 @@ impl Backbone for VisionTransformer {
         &self.device
     }
 
-    fn forward(&self, px: &Tensor, tap: Option<Tap>) -> Result<Forward> {
+    fn forward(&self, px: &Tensor, tap: Option<&str>) -> Result<Forward> {
+        let tap = tap.map(|t| self.parse_tap(t)).transpose()?;
         self.run(px, tap, Precision::F32)
     }
 
@@ -385,7 +441,7 @@ impl Backbone for VisionTransformer {
     }
 
     fn attention(&self, px: &Tensor) -> Result<AttentionMaps> {
-        self.check(px, None)?;
+        self.check(px)?;
         let mut xs = self.embed(&px.to_dtype(DType::F32)?)?;
         let mut maps = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
@@ -397,27 +453,19 @@ impl Backbone for VisionTransformer {
         Ok(AttentionMaps {
             logits: self.logits(&xs)?,
             maps,
+            prefix_tokens: self.config.num_prefix_tokens,
+            grid: self.grid,
         })
     }
 
     fn tap_gradient(
         &self,
         px: &Tensor,
-        tap: Tap,
-        classes: Option<&[usize]>,
+        tap: &str,
+        score: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<TapGradient> {
-        self.check(px, Some(tap))?;
-        let b = px.dim(0)?;
-        let c = self.spec.num_classes;
-        if let Some(cls) = classes {
-            if cls.len() != b {
-                return Err(Error::invalid(format!(
-                    "{} classes given for a batch of {b} images",
-                    cls.len()
-                )));
-            }
-            crate::methods::vitcx::check_classes(cls, c)?;
-        }
+        let tap = self.parse_tap(tap)?;
+        self.check(px)?;
         // The weights are plain tensors, so the graph starts at the tapped tokens: only the
         // blocks after the tap are differentiated.
         let mut xs = self.embed(&px.to_dtype(DType::F32)?)?;
@@ -439,39 +487,78 @@ impl Backbone for VisionTransformer {
                 _ => block.forward(&xs, Precision::F32)?.0,
             };
         }
+        // parse_tap only accepts layers below the depth, so the loop reached the tap.
         let tapped = tapped.ok_or_else(|| Error::invalid("tap not reached"))?;
         let logits = self.logits(&xs)?;
-        let classes = match classes {
-            Some(cls) => cls.to_vec(),
-            None => logits
-                .to_vec2::<f32>()?
-                .iter()
-                .map(|row| crate::methods::vitcx::argmax(row))
-                .collect(),
-        };
-        let mut onehot = vec![0f32; b * c];
-        for (i, &k) in classes.iter().enumerate() {
-            onehot[i * c + k] = 1.0;
-        }
-        let onehot = Tensor::from_vec(onehot, (b, c), &self.device)?;
-        let score = (&logits * onehot)?.sum_all()?;
-        let grads = score.backward()?;
+        let grads = score(&logits)?.backward()?;
         let g = grads
             .get(tapped.as_tensor())
             .ok_or_else(|| Error::Unsupported("no gradient reached the tapped tokens".into()))?;
         Ok(TapGradient {
             logits: logits.detach(),
-            classes,
             features: self.to_maps(&tapped.as_tensor().detach())?,
             gradients: self.to_maps(g)?,
         })
     }
 }
 
+/// What the model tells methods and commands: labels, preprocessing, and its taps (every
+/// block's first norm and output, each on the same grid, at the same width).
+fn spec(cfg: &VitConfig, grid: (usize, usize)) -> Spec {
+    let prefix: Vec<String> = ["[CLS]", "[DIST]"][..cfg.num_prefix_tokens]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let tap = |name: String, layer: usize| TapInfo {
+        name,
+        layer,
+        grid,
+        dim: cfg.dim,
+        prefix_tokens: prefix.clone(),
+    };
+    let taps = (0..cfg.depth)
+        .flat_map(|i| {
+            [
+                tap(format!("blocks.{i}.norm1"), i),
+                tap(format!("blocks.{i}"), i),
+            ]
+        })
+        .collect();
+    let details = json!({
+        "dim": cfg.dim,
+        "heads": cfg.heads,
+        "mlp_dim": cfg.mlp_dim,
+        "patch": cfg.patch,
+        "grid": grid,
+        "num_prefix_tokens": cfg.num_prefix_tokens,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "qkv_bias": cfg.qkv_bias,
+    });
+    Spec {
+        family: cfg.variant.name().to_string(),
+        format: cfg.format,
+        architecture: cfg.architecture.clone(),
+        input_size: cfg.input_size,
+        num_classes: cfg.num_classes,
+        labels: cfg.labels.clone(),
+        preprocess: cfg.preprocess.clone(),
+        depth: cfg.depth,
+        layer_taps: (0..cfg.depth)
+            .map(|i| format!("blocks.{i}.norm1"))
+            .collect(),
+        taps,
+        notes: cfg.notes.clone(),
+        details: match details {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        },
+    }
+}
+
 impl VisionTransformer {
     /// One forward pass at `precision`: logits, and the tapped tokens if asked.
     fn run(&self, px: &Tensor, tap: Option<Tap>, precision: Precision) -> Result<Forward> {
-        self.check(px, tap)?;
+        self.check(px)?;
         let px = px.to_dtype(DType::F32)?;
         let mut xs = self.embed(&px)?;
         let mut features = None;
@@ -490,26 +577,38 @@ impl VisionTransformer {
         })
     }
 
-    /// Fails unless `px` is `(B, 3, H, W)` at the model's size and `tap` names a block.
-    fn check(&self, px: &Tensor, tap: Option<Tap>) -> Result<()> {
-        let (h, w) = self.spec.input_size;
+    /// Fails unless `px` is `(B, 3, H, W)` at the model's size.
+    fn check(&self, px: &Tensor) -> Result<()> {
+        let (h, w) = self.config.input_size;
         match px.dims() {
-            [b, 3, ph, pw] if *b > 0 && (*ph, *pw) == (h, w) => {}
-            dims => {
-                return Err(Error::invalid(format!(
-                    "input has shape {dims:?}, expected (B, 3, {h}, {w}) with B >= 1"
-                )))
-            }
+            [b, 3, ph, pw] if *b > 0 && (*ph, *pw) == (h, w) => Ok(()),
+            dims => Err(Error::invalid(format!(
+                "input has shape {dims:?}, expected (B, 3, {h}, {w}) with B >= 1"
+            ))),
         }
-        if let Some(t) = tap {
-            if t.layer() >= self.spec.depth {
-                return Err(Error::invalid(format!(
-                    "layer {} out of range; model has {} blocks",
-                    t.layer(),
-                    self.spec.depth
-                )));
+    }
+
+    /// `blocks.N.norm1` or `blocks.N`, with `N` below the depth.
+    fn parse_tap(&self, name: &str) -> Result<Tap> {
+        let tap = name.strip_prefix("blocks.").and_then(|rest| {
+            let (n, role) = rest.split_once('.').unwrap_or((rest, ""));
+            let n: usize = n.parse().ok()?;
+            match role {
+                "norm1" => Some(Tap::Norm1(n)),
+                "" => Some(Tap::Block(n)),
+                _ => None,
             }
+        });
+        match tap {
+            Some(t) if t.layer() < self.config.depth => Ok(t),
+            Some(t) => Err(Error::invalid(format!(
+                "layer {} out of range; model has {} blocks",
+                t.layer(),
+                self.config.depth
+            ))),
+            None => Err(self.spec.tap(name).err().unwrap_or_else(|| {
+                Error::invalid(format!("tap '{name}' is not a tap of this ViT"))
+            })),
         }
-        Ok(())
     }
 }

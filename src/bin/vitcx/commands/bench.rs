@@ -52,7 +52,7 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         a.seed
     );
     let model = random_vit(preset, a.seed, device).context("cannot build the random model")?;
-    let pre = &model.config().preprocess;
+    let pre = &model.spec().preprocess;
     let x = synthetic_image(model.spec().input_size, pre.mean, pre.std);
 
     // The CPU's peak says nothing about a GPU run.

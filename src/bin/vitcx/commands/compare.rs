@@ -5,31 +5,33 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use serde_json::json;
-use vitcx::model::Backbone;
-use vitcx::{Explainer, Method, Targets};
+use vitcx::eval::harness::{explain_and_score, Scored};
+use vitcx::target::{class_id, Targets};
+use vitcx::Explainer;
 
 use crate::args::CompareArgs;
-use crate::commands::eval::{explain_and_score, Scored};
+use crate::common::{load_model, model_name};
 use crate::progress::Bars;
 
 pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
-    let methods = Method::parse_list(&a.methods).context("--methods")?;
-    let curve = crate::commands::eval::curve_params(&a.curve, a.vitcx.batch)?;
-    let model = crate::load_model(a.model.as_deref(), device)?;
-    let cfg = model.config().clone();
+    let methods = vitcx::methods::parse_list(&a.methods).context("--methods")?;
+    let curve = crate::args::curve_params(&a.curve, a.vitcx.batch)?;
+    let model = load_model(a.model.as_deref(), device)?;
+    let model = model.as_ref();
+    let spec = model.spec().clone();
     let params = crate::args::method_params(&a.vitcx, &a.other);
     let explainers = methods
         .iter()
-        .map(|&m| Explainer::new(m, &params, &model))
+        .map(|&m| Explainer::new(m, &params, model))
         .collect::<vitcx::Result<Vec<_>>>()?;
     let targets = match &a.class {
-        Some(c) => Targets::Classes(vec![crate::commands::explain::class_id(c, &cfg)?]),
+        Some(c) => Targets::Classes(vec![class_id(c, &spec.labels)?]),
         None => Targets::TopK(1),
     };
     let img = vitcx::image::load_rgb(&a.image)?;
-    let size = model.spec().input_size;
+    let size = spec.input_size;
     let (resized, x) =
-        vitcx::image::model_input(&img, size, cfg.preprocess.mean, cfg.preprocess.std);
+        vitcx::image::model_input(&img, size, spec.preprocess.mean, spec.preprocess.std);
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
     let stem = a
@@ -44,8 +46,7 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let mut entries = Vec::new();
     let mut class_line = None;
     for ex in &explainers {
-        let method = ex.method();
-        bars.images.set_message(method.name());
+        bars.images.set_message(ex.name());
         let Scored {
             probs,
             class,
@@ -54,33 +55,33 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
             insertion,
             explain_s,
             curves_s,
-        } = explain_and_score(&model, ex, &x, &targets, 0, &curve, &mut bars)
-            .with_context(|| format!("{} failed", method.name()))?;
-        let npy = format!("{stem}.{}.saliency.npy", method.name());
+        } = explain_and_score(model, ex, &x, &targets, 0, &curve, &mut bars)
+            .with_context(|| format!("{} failed", ex.name()))?;
+        let npy = format!("{stem}.{}.saliency.npy", ex.name());
         vitcx::io::output::write_npy_atomic(&a.out.join(&npy), &[size.0, size.1], &saliency)?;
         let overlay = vitcx::io::render::overlay(&resized, &saliency, size, 0.5)?;
         panels.push(vitcx::io::render::with_legend(
             &overlay,
             &[
-                method.title().to_string(),
+                ex.title().to_string(),
                 format!("deletion AUC {:.3}", deletion.auc),
                 format!("insertion AUC {:.3}", insertion.auc),
             ],
         ));
         class_line.get_or_insert_with(|| {
-            let label = cfg.labels.get(class).cloned().unwrap_or_default();
+            let label = spec.labels.get(class).cloned().unwrap_or_default();
             (class, label, probs[class])
         });
         bars.println(&format!(
             "{}: {} deletion {:.4} insertion {:.4} ({:.2} s)",
             a.image.display(),
-            method.name(),
+            ex.name(),
             deletion.auc,
             insertion.auc,
             explain_s
         ));
         entries.push(json!({
-            "method": method.name(),
+            "method": ex.name(),
             "params": ex.params_json(),
             "deletion_auc": deletion.auc,
             "insertion_auc": insertion.auc,
@@ -102,17 +103,17 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     );
     panels.insert(0, first);
     let png = format!("{stem}.compare.png");
-    vitcx::io::render::save_png(
+    vitcx::io::output::save_png(
         &vitcx::io::render::side_by_side(&panels, 8),
         &a.out.join(&png),
     )?;
     let report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
         "image": a.image.display().to_string(),
-        "model": crate::model_name(&a.model),
+        "model": model_name(&a.model),
         "class": { "id": class, "label": label, "probability": p },
         "methods": entries,
-        "curves": crate::commands::eval::curve_json(&curve),
+        "curves": curve.report_json(),
         "figure": png,
     });
     vitcx::io::output::write_json_atomic(&a.out.join(format!("{stem}.compare.json")), &report)?;

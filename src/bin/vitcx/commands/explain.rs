@@ -7,21 +7,22 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::methods::vitcx::{top_k, Explanation};
-use vitcx::model::{Backbone, ModelConfig, VisionTransformer};
-use vitcx::{Explainer, Method, Targets};
+use vitcx::model::{Backbone, Precision, Spec};
+use vitcx::target::{class_id, top_k, Targets};
+use vitcx::{Explainer, Explanation};
 
 use crate::args::ExplainArgs;
+use crate::common::{load_model, model_name};
 use crate::progress::Bars;
-use vitcx::model::Precision;
 
 pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
-    let method = Method::parse(&a.method).context("--method")?;
-    let model = crate::load_model(a.model.as_deref(), device)?;
+    let entry = vitcx::methods::entry(&a.method).context("--method")?;
+    let model = load_model(a.model.as_deref(), device)?;
+    let model = model.as_ref();
     let params = crate::args::method_params(&a.vitcx, &a.other);
-    let method = Explainer::new(method, &params, &model)?;
-    let cfg = model.config().clone();
-    let classes = resolve_classes(&a, &cfg)?;
+    let method = Explainer::new(entry, &params, model)?;
+    let spec = model.spec().clone();
+    let classes = resolve_classes(&a, &spec)?;
     let images = crate::inputs::expand(&a.images)?;
     if a.vitcx.precision == Precision::Bf16 && device.is_cpu() && !Precision::bf16_is_native() {
         eprintln!(
@@ -43,7 +44,7 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
                 .unwrap_or_default(),
         );
         let stem = unique_stem(path, &mut used_stems);
-        match explain_one(&model, &cfg, &method, &a, &classes, path, &stem, &mut bars) {
+        match explain_one(model, &spec, &method, &a, &classes, path, &stem, &mut bars) {
             Ok(line) => bars.println(&line),
             Err(e) => {
                 failures += 1;
@@ -65,19 +66,19 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
 }
 
 /// Which classes to explain, resolved before any image is read.
-fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Targets> {
+fn resolve_classes(a: &ExplainArgs, spec: &Spec) -> Result<Targets> {
     if let Some(k) = a.top_k {
-        if k == 0 || k > cfg.num_classes {
+        if k == 0 || k > spec.num_classes {
             bail!(
                 "--top-k {k} out of range; model has {} classes",
-                cfg.num_classes
+                spec.num_classes
             );
         }
         return Ok(Targets::TopK(k));
     }
     let mut ids = Vec::new();
     for c in &a.classes {
-        let id = class_id(c, cfg)?;
+        let id = class_id(c, &spec.labels)?;
         if !ids.contains(&id) {
             ids.push(id);
         }
@@ -87,18 +88,6 @@ fn resolve_classes(a: &ExplainArgs, cfg: &ModelConfig) -> Result<Targets> {
     } else {
         Targets::Classes(ids)
     })
-}
-
-/// A class given as an id or an exact label, checked against the model.
-pub fn class_id(c: &str, cfg: &ModelConfig) -> Result<usize> {
-    let id = match c.parse::<usize>() {
-        Ok(id) => id,
-        Err(_) => cfg.labels.iter().position(|l| l == c).with_context(|| {
-            format!("class '{c}' is neither a class id nor a label of this model")
-        })?,
-    };
-    vitcx::methods::vitcx::check_classes(&[id], cfg.num_classes)?;
-    Ok(id)
 }
 
 /// The file stem for an image, made unique within this run (`a.png`, `b/a.png` -> `a`, `a-2`).
@@ -118,8 +107,8 @@ fn unique_stem(path: &Path, used: &mut HashSet<String>) -> String {
 
 #[allow(clippy::too_many_arguments)]
 fn explain_one(
-    model: &VisionTransformer,
-    cfg: &ModelConfig,
+    model: &dyn Backbone,
+    spec: &Spec,
     method: &Explainer,
     a: &ExplainArgs,
     classes: &Targets,
@@ -130,8 +119,8 @@ fn explain_one(
     let started = Instant::now();
     let t = Instant::now();
     let img = vitcx::image::load_rgb(path)?;
-    let size = model.spec().input_size;
-    let (_, x) = vitcx::image::model_input(&img, size, cfg.preprocess.mean, cfg.preprocess.std);
+    let pre = &spec.preprocess;
+    let (_, x) = vitcx::image::model_input(&img, spec.input_size, pre.mean, pre.std);
     let load_s = t.elapsed().as_secs_f64();
 
     let ex = method.explain(model, &x, classes, 0, bars)?;
@@ -152,22 +141,22 @@ fn explain_one(
     let png = if a.no_overlay {
         None
     } else {
-        let label = |c: usize| cfg.labels.get(c).cloned().unwrap_or_default();
+        let label = |c: usize| spec.labels.get(c).cloned().unwrap_or_default();
         let c = ex.classes[0];
         let overlay = vitcx::io::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
         let lines = vec![
             format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
-            describe(method, &ex),
+            method.describe(&ex),
         ];
         let picture = vitcx::io::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
-        vitcx::io::render::save_png(&picture, &a.out.join(&name))?;
+        vitcx::io::output::save_png(&picture, &a.out.join(&name))?;
         Some(name)
     };
     let write_s = t.elapsed().as_secs_f64();
     let report = report(
         a,
-        cfg,
+        spec,
         method,
         path,
         (img.width(), img.height()),
@@ -183,31 +172,17 @@ fn explain_one(
     Ok(format!(
         "{}: class {c} ({}) p={:.3}, {} -> {}",
         path.display(),
-        cfg.labels.get(c).map(String::as_str).unwrap_or("?"),
+        spec.labels.get(c).map(String::as_str).unwrap_or("?"),
         ex.probs[c],
-        describe(method, &ex),
+        method.describe(&ex),
         a.out.join(&files[0]).display()
     ))
-}
-
-/// One line on how a map was made, for legends and logs.
-pub fn describe(method: &Explainer, ex: &Explanation) -> String {
-    match method {
-        Explainer::VitCx(m) => {
-            format!("ViT-CX  N={} masks  layer {}", ex.n_masks, m.params().layer)
-        }
-        Explainer::Rollout(m) => format!("Rollout  discard {}", m.params().discard_ratio),
-        Explainer::Rise(m) => format!("RISE  N={} masks  s={}", ex.n_masks, m.params().cells),
-        Explainer::GradCam(m) => format!("Grad-CAM  layer {}", m.layer()),
-        Explainer::Random(_) => "control: random map".into(),
-        Explainer::Center => "control: centred Gaussian".into(),
-    }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn report(
     a: &ExplainArgs,
-    cfg: &ModelConfig,
+    spec: &Spec,
     method: &Explainer,
     path: &Path,
     (iw, ih): (u32, u32),
@@ -219,7 +194,7 @@ fn report(
     total_s: f64,
 ) -> serde_json::Value {
     let class =
-        |c: usize| json!({ "id": c, "label": cfg.labels.get(c), "probability": ex.probs[c] });
+        |c: usize| json!({ "id": c, "label": spec.labels.get(c), "probability": ex.probs[c] });
     let targets: Vec<_> = ex
         .classes
         .iter()
@@ -243,29 +218,32 @@ fn report(
             "resize".into(),
             json!("bilinear, half-pixel centres, no antialiasing, whole image stretched"),
         );
-        p.insert("mean".into(), json!(cfg.preprocess.mean));
-        p.insert("std".into(), json!(cfg.preprocess.std));
+        p.insert("mean".into(), json!(spec.preprocess.mean));
+        p.insert("std".into(), json!(spec.preprocess.std));
     }
-    json!({
+    let mut report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
-        "method": method.method().name(),
+        "method": method.name(),
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
         "model": {
-            "id": crate::model_name(&a.model),
-            "format": cfg.format,
-            "family": cfg.family,
-            "architecture": cfg.architecture,
-            "input_size": [cfg.input_size.0, cfg.input_size.1],
-            "num_classes": cfg.num_classes,
+            "id": model_name(&a.model),
+            "format": spec.format,
+            "family": spec.family,
+            "architecture": spec.architecture,
+            "input_size": [spec.input_size.0, spec.input_size.1],
+            "num_classes": spec.num_classes,
         },
         "targets": targets,
         "top5": top_k(&ex.probs, 5).into_iter().map(class).collect::<Vec<_>>(),
-        "n_masks": ex.n_masks,
-        "n_feature_maps": ex.n_feature_maps,
         "saliency_shape": [ex.size.0, ex.size.1],
         "overlay": png,
         "params": params,
         "seconds": seconds,
-    })
+    });
+    // The method's own numbers (ViT-CX: n_masks, n_feature_maps) at the top level.
+    if let Some(r) = report.as_object_mut() {
+        r.extend(ex.stats.clone());
+    }
+    report
 }

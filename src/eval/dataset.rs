@@ -1,0 +1,228 @@
+//! The images an evaluation runs over, with their ground truth: a `manifest.jsonl` (as `vitcx
+//! synth` writes it, or any list with at least an `image` per line), a directory holding one,
+//! or a plain directory of images (no ground truth).
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+
+use crate::error::{Error, Result};
+use crate::model::Spec;
+use crate::target::check_classes;
+
+/// One manifest line; everything but `image` is optional so a plain list of images works.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Entry {
+    /// As written in the manifest (relative to it); reported in the CSV.
+    pub image: PathBuf,
+    /// `image` resolved against the manifest's directory.
+    #[serde(skip)]
+    pub path: PathBuf,
+    /// The true class id.
+    #[serde(default)]
+    pub class_id: Option<usize>,
+    /// The true class by label (used when there is no `class_id`).
+    #[serde(default)]
+    pub class_name: Option<String>,
+    /// `[x0, y0, x1, y1]` in original image pixels, `x1`/`y1` exclusive.
+    #[serde(default)]
+    pub bbox: Option<[f64; 4]>,
+    /// The object mask (nonzero = object), resolved against the manifest's directory.
+    #[serde(default)]
+    pub mask: Option<PathBuf>,
+}
+
+/// The entries named by `data`: a manifest file, a directory holding `manifest.jsonl`, or a
+/// directory of images (no ground truth). Paths become relative to the manifest's directory.
+pub fn read(data: &Path) -> Result<Vec<Entry>> {
+    let manifest = if data.is_dir() {
+        let m = data.join("manifest.jsonl");
+        if !m.is_file() {
+            return images_in(data);
+        }
+        m
+    } else {
+        data.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&manifest).map_err(|e| Error::io(&manifest, e))?;
+    let dir = manifest.parent().unwrap_or(Path::new("."));
+    let mut entries = Vec::new();
+    for (k, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut e: Entry = serde_json::from_str(line).map_err(|err| {
+            Error::invalid(format!(
+                "{} line {}: bad manifest entry: {err}",
+                manifest.display(),
+                k + 1
+            ))
+        })?;
+        e.path = dir.join(&e.image);
+        e.mask = e.mask.map(|m| dir.join(m));
+        entries.push(e);
+    }
+    if entries.is_empty() {
+        return Err(Error::invalid(format!(
+            "manifest {} lists no image",
+            manifest.display()
+        )));
+    }
+    Ok(entries)
+}
+
+/// The image files of a directory, sorted, as entries without ground truth.
+fn images_in(dir: &Path) -> Result<Vec<Entry>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && crate::image::has_image_extension(p))
+        .collect();
+    if files.is_empty() {
+        return Err(Error::invalid(format!(
+            "directory {} holds no manifest.jsonl and no image ({})",
+            dir.display(),
+            crate::image::EXTENSIONS.join(", ")
+        )));
+    }
+    files.sort();
+    Ok(files
+        .into_iter()
+        .map(|path| Entry {
+            image: path.strip_prefix(dir).unwrap_or(&path).to_path_buf(),
+            path,
+            class_id: None,
+            class_name: None,
+            bbox: None,
+            mask: None,
+        })
+        .collect())
+}
+
+/// One image read, resized and normalised for a model, with its ground truth.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The model's input `(3, H, W)`.
+    pub x: Vec<f32>,
+    /// The true class, where the entry gives one.
+    pub truth: Option<usize>,
+    /// The object mask `(H, W)` at the model's input size, where the entry gives one.
+    pub mask: Option<Vec<u8>>,
+}
+
+impl Entry {
+    /// The ground-truth class: `class_id`, else `class_name` looked up in the model's labels.
+    pub fn truth(&self, spec: &Spec) -> Result<Option<usize>> {
+        let id = match (self.class_id, &self.class_name) {
+            (Some(id), _) => Some(id),
+            (None, Some(name)) => spec.labels.iter().position(|l| l == name),
+            (None, None) => None,
+        };
+        if let Some(id) = id {
+            check_classes(&[id], spec.num_classes)?;
+        }
+        Ok(id)
+    }
+
+    /// Reads the image and its ground truth for a model with `spec`.
+    pub fn load(&self, spec: &Spec) -> Result<Input> {
+        let img = crate::image::load_rgb(&self.path)?;
+        self.input(&img, spec)
+    }
+
+    fn input(&self, img: &RgbImage, spec: &Spec) -> Result<Input> {
+        let size = spec.input_size;
+        let pre = &spec.preprocess;
+        let (_, x) = crate::image::model_input(img, size, pre.mean, pre.std);
+        let truth = self.truth(spec)?;
+        let mask = match (&self.mask, self.bbox) {
+            (Some(m), _) => Some(load_mask(m, size)?),
+            (None, Some(b)) => Some(bbox_mask(b, (img.width(), img.height()), size)),
+            (None, None) => None,
+        };
+        Ok(Input { x, truth, mask })
+    }
+}
+
+/// A mask PNG (nonzero = object) resized to `(H, W)` by nearest neighbour (half-pixel centres).
+pub fn load_mask(path: &Path, (h, w): (usize, usize)) -> Result<Vec<u8>> {
+    let m = image::DynamicImage::ImageRgb8(crate::image::load_rgb(path)?).to_luma8();
+    let (mw, mh) = (m.width() as usize, m.height() as usize);
+    let near = |d: usize, out: usize, src: usize| ((2 * d + 1) * src / (2 * out)).min(src - 1);
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let sy = near(y, h, mh);
+        for x in 0..w {
+            let sx = near(x, w, mw);
+            out.push(u8::from(m.get_pixel(sx as u32, sy as u32).0[0] != 0));
+        }
+    }
+    Ok(out)
+}
+
+/// A box `[x0, y0, x1, y1]` in original pixels (end exclusive) as a mask `(H, W)`: a model
+/// pixel is inside when its centre, mapped back to the original image, is.
+pub fn bbox_mask(b: [f64; 4], (iw, ih): (u32, u32), (h, w): (usize, usize)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(h * w);
+    for y in 0..h {
+        let cy = (y as f64 + 0.5) * f64::from(ih) / h as f64;
+        for x in 0..w {
+            let cx = (x as f64 + 0.5) * f64::from(iw) / w as f64;
+            out.push(u8::from(cx >= b[0] && cx < b[2] && cy >= b[1] && cy < b[3]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bbox_mask_scales_to_model_size() {
+        // A 4x2 image whose box covers its left half, on a 2x4 model grid.
+        let m = bbox_mask([0.0, 0.0, 2.0, 2.0], (4, 2), (2, 4));
+        assert_eq!(m, [1, 1, 0, 0, 1, 1, 0, 0]);
+    }
+
+    #[test]
+    fn mask_png_resized_by_nearest_neighbour() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.png");
+        // 2x2 mask: top-right pixel inside (value 7, any nonzero counts).
+        image::GrayImage::from_raw(2, 2, vec![0, 7, 0, 0])
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let m = load_mask(&p, (4, 4)).unwrap();
+        assert_eq!(m, [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert!(load_mask(&dir.path().join("none.png"), (4, 4)).is_err());
+    }
+
+    #[test]
+    fn manifests_and_image_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("a.png"), b"x").unwrap();
+        std::fs::write(d.join("notes.txt"), b"x").unwrap();
+        let e = read(d).unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].image, PathBuf::from("a.png"));
+        std::fs::write(
+            d.join("manifest.jsonl"),
+            "{\"image\": \"a.png\", \"class_id\": 1, \"mask\": \"m.png\"}\n\n",
+        )
+        .unwrap();
+        let e = read(d).unwrap();
+        assert_eq!(
+            (e[0].class_id, e[0].path.clone()),
+            (Some(1), d.join("a.png"))
+        );
+        assert_eq!(e[0].mask, Some(d.join("m.png")));
+        std::fs::write(d.join("manifest.jsonl"), "{\"class_id\": 1}\n").unwrap();
+        let err = read(d).unwrap_err().to_string();
+        assert!(err.contains("line 1: bad manifest entry"), "{err}");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(read(empty.path()).is_err());
+    }
+}
