@@ -89,9 +89,10 @@ pub struct TrainParams {
     pub clutter_ramp: usize,
     /// 0: a freshly generated image for every sample of every step. N: generate N training
     /// images once (in parallel) and draw each batch from them, augmented afresh each time.
-    /// Generating an image costs about as much as a training step spends on it (6 ms), so a
-    /// long run on a pool is about twice as fast; a pool of tens of thousands of images is
-    /// plenty (the PyTorch probe in `scripts/probe_gpu.py` drew 1.15M samples from 64k).
+    /// Generating an image costs about as much as a training step spends on it, so a long run
+    /// on a pool is faster (measured in docs/performance.md); a pool of tens of thousands of
+    /// images is plenty (the PyTorch probe in `scripts/probe_gpu.py` drew 1.15M samples from
+    /// 64k).
     pub pool: usize,
 }
 
@@ -489,7 +490,7 @@ pub fn augment(img: &RgbImage, mask: &GrayImage, rng: &mut ChaCha8Rng) -> (RgbIm
     for p in out.pixels_mut() {
         for v in p.0.iter_mut() {
             let x = (f32::from(*v) - 128.0) * contrast + 128.0 + brightness;
-            // Rounded half up, without a libm `round` call per value (3% of a training step).
+            // Rounded half up, without a libm `round` call per value.
             *v = (x.clamp(0.0, 255.0) + 0.5) as u8;
         }
     }

@@ -1,5 +1,5 @@
 //! Complete-linkage agglomerative clustering of masks on a precomputed distance matrix
-//! (ViT-CX, <https://arxiv.org/abs/2211.03064>, spec section 3.2), reproducing what the
+//! (ViT-CX, <https://arxiv.org/abs/2211.03064>, docs/algorithm.md §3.2), reproducing what the
 //! reference gets from scikit-learn's `AgglomerativeClustering(linkage="complete",
 //! distance_threshold=t)`: the dendrogram of SciPy's nearest-neighbour chain, the cut rule
 //! `n_clusters = 1 + count(heights >= t)` and scikit-learn's `_hc_cut` label numbering, so the

@@ -1,5 +1,5 @@
 //! Causal impact scores of masks and the saliency they add up to (ViT-CX,
-//! <https://arxiv.org/abs/2211.03064>, spec section 5): `S[c, i] = PA[i, c] - PB[i, c] + class_p`,
+//! <https://arxiv.org/abs/2211.03064>, docs/algorithm.md §5): `S[c, i] = PA[i, c] - PB[i, c] + class_p`,
 //! pixel-coverage-bias correction `W_i(u) = M_i(u) / sum_j M_j(u)` and
 //! `sal[c](u) = (1/N) sum_i S[c, i] W_i(u)`.
 
@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::methods::vitcx::mask::Masks;
 
 /// Pixel-coverage-bias correction weights `W_i(u) = M_i(u) / sum_j M_j(u)`, 0 where the sum
-/// is 0 (the reference gives NaN there; spec 5.2) -> `(N, H, W)`. The sum and the division are
+/// is 0 (the reference gives NaN there; docs/algorithm.md §5.2) -> `(N, H, W)`. The sum and the division are
 /// done in f64, the result is cast to f32.
 pub fn coverage_weights(masks: &Masks) -> Vec<f32> {
     let len = masks.h * masks.w;
@@ -30,7 +30,7 @@ pub fn coverage_weights(masks: &Masks) -> Vec<f32> {
     out
 }
 
-/// Causal impact scores `S[c, i] = PA[i, c] - PB[i, c] + class_p` (spec 5.1) as a `(C, N)`
+/// Causal impact scores `S[c, i] = PA[i, c] - PB[i, c] + class_p` (docs/algorithm.md §5.1) as a `(C, N)`
 /// row-major matrix (one row per class). `pa`, `pb`: `(N, C)` row-major probabilities of the
 /// masked images and of the noisy originals; `class_p` is the clean probability of the
 /// explained class, the same for every `c`.

@@ -5,8 +5,8 @@
 //!
 //! Composed from candle ops, attention costs a permuted copy of q, k and v, a zeroed `(B, H, T, T)`
 //! score tensor, a second one for the softmax and a transposed copy of the output; with a small
-//! width (the demo model: 14x14 tokens, width 64) that was most of a forward pass (perf of
-//! `vitcx eval` on the demo model: softmax 15%, memset 14%, memmove 7%). The matrix products use
+//! width (the demo model: 14x14 tokens, width 64) that was most of a forward pass (profiles in
+//! docs/performance.md). The matrix products use
 //! the `gemm` crate candle itself uses. The backward pass (training, Grad-CAM) is fused the same
 //! way ([`AttentionGrad`]). Other dtypes and devices take the composed path.
 

@@ -1,7 +1,7 @@
 //! `GELU(x + b)` in one pass over the MLP's widest activations, for the MLP's first layer.
 //!
 //! candle adds the bias in one pass and applies GELU in another, through a scalar `erf` call per
-//! element: 18-21% of a ViT-B forward pass (issue "Fast", perf). This kernel fuses both and
+//! element, a large share of a ViT-B forward pass (docs/performance.md). This kernel fuses both and
 //! computes `erf` as PyTorch's vectorised CPU kernel does ([`super::vecmath::erf`]), compiled
 //! for AVX-512, for AVX2 + FMA and for baseline x86-64 and chosen at run time. Other dtypes and
 //! devices fall back to candle's ops. The backward pass (training, Grad-CAM) is one sweep too:
@@ -97,7 +97,7 @@ fn composed_grad(
 
 /// The backward pass in one sweep: `(xs, bias, output gradient)` -> `(rows + 1, N)`, the input
 /// gradient's rows then the bias gradient (its column sums). Composed from candle ops it was
-/// ten sweeps over the MLP's widest activations (10% of a demo training step).
+/// ten sweeps over the MLP's widest activations.
 struct BiasGeluGrad;
 
 impl CustomOp3 for BiasGeluGrad {

@@ -135,7 +135,7 @@ fn composed_grad(
 
 /// The backward pass in one sweep per row: `(xs, weight, output gradient)` -> `(rows + 2, N)`,
 /// the input gradient's rows, then the weight and bias gradients (column sums). Composed from
-/// candle ops it was a dozen sweeps over the activations (10% of a demo training step).
+/// candle ops it was a dozen sweeps over the activations.
 struct LayerNormGrad {
     eps: f64,
 }

@@ -97,8 +97,7 @@ pub(crate) fn row_grad_cpu(
 }
 
 /// Sum over every dimension but the last (a bias gradient), as one matrix-vector product:
-/// candle's reduction over a leading dimension is strided and single-threaded (13% of a demo
-/// training step).
+/// candle's reduction over a leading dimension is strided and single-threaded.
 pub(crate) fn sum_leading(t: &Tensor) -> candle_core::Result<Tensor> {
     let n = t.dims().last().copied().unwrap_or(1);
     let rows = t.elem_count() / n.max(1);
