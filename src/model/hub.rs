@@ -27,13 +27,17 @@ const ACCEPTED: &str = "expected an existing local directory or file, or a hub i
 'owner/name' or 'owner/name@revision' (e.g. google/vit-base-patch16-224)";
 
 /// Where and how to look for Hub models; `from_env()` honours HF_HUB_CACHE, HF_HOME (then
-/// $HOME/.cache/huggingface), HF_HUB_OFFLINE (1/true/yes/on).
+/// $HOME/.cache/huggingface), HF_HUB_OFFLINE (1/true/yes/on), HF_ENDPOINT and HF_TOKEN.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
     /// The Hub cache directory (the one holding `models--owner--name/`).
     pub cache_dir: PathBuf,
     /// Never touch the network: a model not in the cache is an error.
     pub offline: bool,
+    /// The Hub's address, when not the default (a mirror, a private hub).
+    pub endpoint: Option<String>,
+    /// The access token for gated and private models.
+    pub token: Option<String>,
 }
 
 impl HubOptions {
@@ -66,7 +70,12 @@ impl HubOptions {
                 "1" | "true" | "yes" | "on"
             )
         });
-        HubOptions { cache_dir, offline }
+        HubOptions {
+            cache_dir,
+            offline,
+            endpoint: var("HF_ENDPOINT"),
+            token: var("HF_TOKEN"),
+        }
     }
 }
 
@@ -105,7 +114,7 @@ pub fn resolve_model(arg: &str, opts: &HubOptions) -> Result<PathBuf> {
             ),
         });
     }
-    download(&id, &opts.cache_dir).map_err(|reason| Error::Hub {
+    download(&id, opts).map_err(|reason| Error::Hub {
         id: arg.to_string(),
         reason: format!(
             "download into {} failed: {reason}; check the id and your network (set HF_TOKEN \
@@ -217,14 +226,14 @@ fn cached_snapshot(id: &HubId, cache_dir: &Path) -> Option<PathBuf> {
 
 /// Downloads config, weights and (if present) the preprocessor config into the cache, returning
 /// the snapshot directory; the error is a one-line reason.
-fn download(id: &HubId, cache_dir: &Path) -> std::result::Result<PathBuf, String> {
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache_dir.to_path_buf()))
+fn download(id: &HubId, opts: &HubOptions) -> std::result::Result<PathBuf, String> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
         .with_progress(std::io::stderr().is_terminal());
-    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
-        builder = builder.with_endpoint(endpoint);
+    if let Some(endpoint) = &opts.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
     }
-    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
-        builder = builder.with_token(Some(token));
+    if let Some(token) = &opts.token {
+        builder = builder.with_token(Some(token.clone()));
     }
     let api = builder.build().map_err(|e| e.to_string())?;
     let repo = api.repo(id.hf_repo());
@@ -293,6 +302,8 @@ mod tests {
         HubOptions {
             cache_dir: dir.to_path_buf(),
             offline: true,
+            endpoint: None,
+            token: None,
         }
     }
 
@@ -321,6 +332,8 @@ mod tests {
         let opts = HubOptions {
             cache_dir: tmp.path().to_path_buf(),
             offline: false,
+            endpoint: None,
+            token: None,
         };
         assert_eq!(
             resolve_model("google/vit-base-patch16-224", &opts).unwrap(),
@@ -470,5 +483,131 @@ mod tests {
             let o = HubOptions::from_lookup(env(&[("HF_HUB_OFFLINE", v), ("HOME", "/u")]));
             assert_eq!(o.offline, want, "HF_HUB_OFFLINE={v:?}");
         }
+    }
+
+    /// A Hub on loopback serving `files` (path after `/resolve/main/` -> HTTP status and body)
+    /// as the Hub does: ranged GETs answered 206 with `ETag`, `X-Repo-Commit` and
+    /// `Content-Range`. Returns its address.
+    fn fake_hub(files: HashMap<&'static str, (u16, Vec<u8>)>) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let files = std::sync::Arc::new(files);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let files = files.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(stream.try_clone().unwrap());
+                    let mut out = stream;
+                    loop {
+                        let mut head = Vec::new();
+                        loop {
+                            let mut line = String::new();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            head.push(line);
+                        }
+                        let path = head[0].split_whitespace().nth(1).unwrap_or("").to_string();
+                        let file = path.rsplit("/resolve/main/").next().unwrap_or("");
+                        let range = head.iter().find_map(|h| {
+                            let (k, v) = h.split_once(':')?;
+                            let v = v.trim().strip_prefix("bytes=")?;
+                            let (a, b) = v.split_once('-')?;
+                            (k.eq_ignore_ascii_case("range"))
+                                .then(|| (a.parse::<usize>().ok(), b.parse::<usize>().ok()))
+                        });
+                        let reply = match files.get(file) {
+                            Some((200, body)) => {
+                                let (a, b) = match range {
+                                    Some((Some(a), Some(b))) => (a, b.min(body.len() - 1)),
+                                    Some((Some(a), None)) => (a, body.len() - 1),
+                                    _ => (0, body.len() - 1),
+                                };
+                                let part = &body[a..=b];
+                                let mut r = format!(
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{b}/{}\r\nETag: \"e-{file}\"\r\nX-Repo-Commit: {HASH}\r\n\r\n",
+                                    part.len(),
+                                    body.len()
+                                )
+                                .into_bytes();
+                                r.extend_from_slice(part);
+                                r
+                            }
+                            Some((status, _)) => {
+                                format!("HTTP/1.1 {status} Error\r\nContent-Length: 0\r\n\r\n")
+                                    .into_bytes()
+                            }
+                            None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                                .to_string()
+                                .into_bytes(),
+                        };
+                        if out.write_all(&reply).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn online(cache: &Path, endpoint: String) -> HubOptions {
+        HubOptions {
+            cache_dir: cache.to_path_buf(),
+            offline: false,
+            endpoint: Some(endpoint),
+            token: None,
+        }
+    }
+
+    #[test]
+    fn downloads_into_the_cache_and_an_absent_preprocessor_is_fine() {
+        let files = HashMap::from([
+            (CONFIG, (200, b"{\"model_type\": \"vit\"}".to_vec())),
+            ("model.safetensors", (404, vec![])),
+            ("pytorch_model.bin", (200, b"weights".to_vec())),
+        ]);
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = online(tmp.path(), fake_hub(files));
+        let dir = resolve_model("google/vit-base-patch16-224", &opts).unwrap();
+        assert_eq!(
+            std::fs::read(dir.join("pytorch_model.bin")).unwrap(),
+            b"weights"
+        );
+        assert!(dir.join(CONFIG).is_file());
+        assert!(!dir.join(PREPROCESSOR).exists());
+        // Now cached: found offline.
+        let again = resolve_model("google/vit-base-patch16-224", &offline(tmp.path())).unwrap();
+        assert_eq!(again, dir);
+    }
+
+    #[test]
+    fn a_failed_preprocessor_download_is_an_error_not_default_mean_std() {
+        let files = HashMap::from([
+            (CONFIG, (200, b"{}".to_vec())),
+            ("model.safetensors", (200, b"w".to_vec())),
+            (PREPROCESSOR, (500, vec![])),
+        ]);
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = online(tmp.path(), fake_hub(files));
+        let err = resolve_model("google/vit-base-patch16-224", &opts).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Hub { .. }), "{err:?}");
+        assert!(
+            msg.contains("preprocessor_config.json") && msg.contains("500"),
+            "{msg}"
+        );
+        // And a model with neither weights file says so.
+        let files = HashMap::from([(CONFIG, (200, b"{}".to_vec()))]);
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = online(tmp.path(), fake_hub(files));
+        let msg = resolve_model("google/vit-base-patch16-224", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("no weights found"), "{msg}");
     }
 }
