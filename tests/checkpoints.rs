@@ -545,13 +545,19 @@ fn write_zip(path: &Path, entries: &[(String, Vec<u8>)]) {
 }
 
 /// Writes f32 tensors as a PyTorch `state_dict` pickle (`pytorch_model.bin`).
-fn write_pth(path: &Path, tensors: &std::collections::HashMap<String, Tensor>) {
+/// With `nest`, the state dict sits under that key of an outer dict, as training checkpoints
+/// store it (`{"model": state_dict, ...}`).
+fn write_pth(path: &Path, tensors: &std::collections::HashMap<String, Tensor>, nest: Option<&str>) {
     let mut pkl = vec![0x80, 2, b'}', b'('];
     let unicode = |p: &mut Vec<u8>, s: &str| {
         p.push(b'X');
         p.extend_from_slice(&(s.len() as u32).to_le_bytes());
         p.extend_from_slice(s.as_bytes());
     };
+    if let Some(key) = nest {
+        unicode(&mut pkl, key);
+        pkl.extend_from_slice(b"}(");
+    }
     let int = |p: &mut Vec<u8>, x: usize| {
         p.push(b'J');
         p.extend_from_slice(&(x as i32).to_le_bytes());
@@ -588,6 +594,9 @@ fn write_pth(path: &Path, tensors: &std::collections::HashMap<String, Tensor>) {
         let bytes = data.iter().flat_map(|x| x.to_le_bytes()).collect();
         entries.push((format!("archive/data/{i}"), bytes));
     }
+    if nest.is_some() {
+        pkl.push(b'u');
+    }
     pkl.extend_from_slice(b"u.");
     entries.insert(0, ("archive/data.pkl".to_string(), pkl));
     write_zip(path, &entries);
@@ -604,7 +613,14 @@ fn pytorch_bin_loads_like_safetensors() {
     let t =
         candle_core::safetensors::load(case("vit_timm").join("model.safetensors"), &Device::Cpu)
             .unwrap();
-    write_pth(&dir.path().join("pytorch_model.bin"), &t);
+    write_pth(&dir.path().join("pytorch_model.bin"), &t, None);
+    let nested = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        case("vit_timm").join("config.json"),
+        nested.path().join("config.json"),
+    )
+    .unwrap();
+    write_pth(&nested.path().join("model.pth"), &t, Some("model"));
     let x = input("vit_timm");
     let want = load(&case("vit_timm"), &Device::Cpu)
         .unwrap()
@@ -614,6 +630,7 @@ fn pytorch_bin_loads_like_safetensors() {
     for p in [
         dir.path().to_path_buf(),
         dir.path().join("pytorch_model.bin"),
+        nested.path().join("model.pth"),
     ] {
         let got = load(&p, &Device::Cpu)
             .unwrap()
