@@ -23,8 +23,7 @@ and checks that the loaded model reproduces probs.npy before writing anything. F
 tests/data/<case>/methods/ (float32 little-endian C order unless said; k = argmax of the clean
 softmax, P = number of prefix tokens, T = P + 196):
 
-    rollout_grid_r0.npy, rollout_grid_r0.9.npy   (14, 14)   [CLS] row of the rollout, / max
-    rollout_r0.npy, rollout_r0.9.npy             (224, 224) the same, bilinear (align_corners=False)
+    rollout_r0.npy, rollout_r0.9.npy             (224, 224) [CLS] row of the rollout over the patches, / max, bilinear (align_corners=False)
     rollout_matrix_r0.npy                        (T, T)     the full rollout product for r = 0
     gradcam.npy                                  (224, 224) pytorch-grad-cam's GradCAM output
     gradcam_activations.npy                      (D, 14, 14) the target layer's patch tokens
@@ -361,7 +360,6 @@ def run_case(case, vers):
     for r in DISCARD_RATIOS:
         tag = f"r{r:g}"
         result, grid = rollout([a.clone() for a in attentions], r, p)
-        save(out, f"rollout_grid_{tag}.npy", grid.numpy())
         save(out, f"rollout_{tag}.npy", upsample(grid).numpy())
         if r == 0.0:
             save(out, "rollout_matrix_r0.npy", result.numpy())

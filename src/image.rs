@@ -286,7 +286,12 @@ mod tests {
                 within * 100.0,
                 exact * 100.0
             );
-            assert!(within >= 0.99, "{case}: only {within} within 2 grey levels");
+            // The README's figure: 99.97% or more (measured 99.966-99.989%; the margin is
+            // the rounding of the last digit).
+            assert!(
+                within >= 0.99965,
+                "{case}: only {within} within 2 grey levels"
+            );
         }
     }
 
@@ -377,8 +382,13 @@ mod tests {
         let dir = tmp();
         let p = dir.path().join("garbled.jpg");
         std::fs::write(&p, &bytes).unwrap();
-        // Lenient decoders may still produce pixels; what matters is no panic.
-        let _ = load_rgb(&p);
+        // Lenient decoders may still produce pixels from a garbled body: the result is either
+        // the image at its size or an image error naming the file, never a panic.
+        match load_rgb(&p) {
+            Ok(img) => assert_eq!(img.dimensions(), (500, 375)),
+            Err(Error::Image { path, .. }) => assert_eq!(path, p),
+            Err(other) => panic!("unexpected {other:?}"),
+        }
     }
 
     fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], body: &[u8]) {

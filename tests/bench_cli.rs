@@ -1,14 +1,10 @@
 //! `vitcx bench` end to end: a quick tiny-preset run prints one JSON object with the keys that
-//! `scripts/bench_pytorch.py` compares against, and bad arguments exit 2.
+//! `scripts/bench_pytorch.py` compares against, its times are consistent with the clock of the
+//! process that ran it, and bad arguments exit 2.
 
-use std::process::{Command, Output};
+mod common;
 
-fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .output()
-        .expect("run vitcx")
-}
+use common::vitcx;
 
 fn positive(v: &serde_json::Value, key: &str) -> f64 {
     let x = v[key]
@@ -20,6 +16,7 @@ fn positive(v: &serde_json::Value, key: &str) -> f64 {
 
 #[test]
 fn bench_tiny_json() {
+    let started = std::time::Instant::now();
     let o = vitcx(&[
         "bench",
         "--preset",
@@ -32,6 +29,7 @@ fn bench_tiny_json() {
         "4",
         "--json",
     ]);
+    let wall = started.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     let v: serde_json::Value =
@@ -40,18 +38,32 @@ fn bench_tiny_json() {
     assert_eq!(v["preset"], "tiny");
     assert_eq!(v["model"], "vit_tiny_patch16_224");
     assert_eq!(v["dtype"], "f32");
-    let s = positive(&v, "forward_s_per_image");
+    positive(&v, "forward_s_per_image");
     let g = positive(&v, "forward_gflops");
     let flop = positive(&v, "gflop_per_image");
+    // ViT-Ti/16 at 224 px, counted by hand: 1.25 G multiply-adds (timm's own profile: 1.3 GMACs).
     assert!((flop - 2.51).abs() < 0.02, "tiny is 2.51 GFLOP, got {flop}");
-    assert!(((g * s - flop) / flop).abs() < 1e-9, "{g} * {s} != {flop}");
     positive(&v, "forward_s_per_image_bf16");
     if cfg!(target_arch = "x86_64") {
-        // The forward pass cannot beat the machine's FMA peak.
+        // The forward pass cannot beat the machine's FMA peak, measured in the same run.
         let peak = positive(&v, "fma_peak_gflops");
-        let share = positive(&v, "forward_share_of_peak");
-        assert!((share - g / peak).abs() < 1e-9 && share < 1.0, "{share}");
+        assert!(g < peak, "forward {g} GFLOP/s above the FMA peak {peak}");
+        assert!(positive(&v, "forward_share_of_peak") < 1.0);
     }
+    // Every timed run happened inside this process's lifetime: the sum of the reported times
+    // cannot exceed the wall clock around it (a unit slip, ms for s, would).
+    let runs: f64 = ["forward_runs_s", "forward_runs_s_bf16"]
+        .iter()
+        .flat_map(|k| v[*k]["1"].as_array().cloned().unwrap_or_default())
+        .map(|t| t.as_f64().unwrap())
+        .sum();
+    let explained =
+        v["explain"]["total_s"].as_f64().unwrap() + v["explain_bf16"]["total_s"].as_f64().unwrap();
+    assert!(runs > 0.0 && explained > 0.0, "{runs} {explained}");
+    assert!(
+        runs + explained < wall,
+        "timed {runs} + {explained} s in a process of {wall} s"
+    );
     assert!(v["bf16_kernel"].as_str().unwrap().contains("bf16"));
     positive(&v, "explain_s_per_mask_bf16");
     assert_eq!(v["explain_bf16"]["n_masks"], 4);

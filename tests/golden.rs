@@ -172,8 +172,9 @@ fn seeded_noise_is_reproducible_and_close_to_reference() {
 }
 
 /// `--precision bf16` (bf16 products in the perturbed passes) keeps each golden map: Pearson
-/// >= 0.99 against the reference's f32 saliency with the same stored noise, and the same top-1
-/// > class from a bf16 pass over the clean image.
+/// at least 0.99998 against the reference's f32 saliency with the same stored noise (the
+/// README's figure; measured 0.999986 to 1.000000), and the same top-1 class from a bf16 pass
+/// over the clean image.
 #[test]
 fn bf16_perturbed_passes_keep_the_golden_maps() {
     for case in CASES {
@@ -187,7 +188,7 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
         let r = pearson(&ex.saliency[0], &golden);
         let d = max_abs_diff(&ex.saliency[0], &golden) / range(&golden);
         eprintln!("{case}: bf16 perturbed passes: pearson {r:.6}, max diff {d:.2e} of the range");
-        assert!(r >= 0.99, "{case}: bf16 pearson {r}");
+        assert!(r >= 0.99998, "{case}: bf16 pearson {r}");
         assert!(
             d > 0.0,
             "{case}: bf16 gave the f32 map bit for bit; was bf16 used?"

@@ -1,23 +1,9 @@
 //! End-to-end tests of `vitcx synth`: the files it writes, determinism, and errors (exit 2,
 //! one line).
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .output()
-        .expect("run vitcx")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{s, stderr, vitcx};
 
 #[test]
 fn synth_writes_images_masks_and_manifest() {
