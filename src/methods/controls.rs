@@ -30,10 +30,7 @@ impl Method for Random {
 
     fn maps(&self, run: &mut Run<'_>, _: Clean, classes: &[usize]) -> Result<Maps> {
         let m = random_map(run.size, self.seed, run.index);
-        Ok(Maps {
-            maps: vec![m; classes.len()],
-            stats: Default::default(),
-        })
+        Ok(Maps::same_for_each(m, classes.len()))
     }
 
     fn params_json(&self) -> serde_json::Value {
@@ -58,11 +55,10 @@ impl Method for Center {
     }
 
     fn maps(&self, run: &mut Run<'_>, _: Clean, classes: &[usize]) -> Result<Maps> {
-        let m = centered_gaussian(run.size);
-        Ok(Maps {
-            maps: vec![m; classes.len()],
-            stats: Default::default(),
-        })
+        Ok(Maps::same_for_each(
+            centered_gaussian(run.size),
+            classes.len(),
+        ))
     }
 
     fn params_json(&self) -> serde_json::Value {

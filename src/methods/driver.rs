@@ -118,6 +118,16 @@ pub struct Maps {
     pub stats: Stats,
 }
 
+impl Maps {
+    /// The same map for each of `n` classes, for methods that ignore the class.
+    pub fn same_for_each(map: Vec<f32>, n: usize) -> Self {
+        Maps {
+            maps: vec![map; n],
+            stats: Stats::new(),
+        }
+    }
+}
+
 /// An explanation method: which clean pass it reads, and its own step from there to one map
 /// per class. Everything else is the driver's ([`explain`]).
 pub trait Method: std::fmt::Debug {
@@ -134,6 +144,21 @@ pub trait Method: std::fmt::Debug {
 
     /// One line on how a map was made, for legends and logs.
     fn describe(&self, ex: &Explanation) -> String;
+
+    /// Explains `x` `(3, H, W)` (normalised pixels) for `targets` with this method: the driver
+    /// ([`explain`]) for a single image.
+    fn explain(
+        &self,
+        model: &dyn Backbone,
+        x: &[f32],
+        targets: &Targets,
+        progress: &mut dyn Progress,
+    ) -> Result<Explanation>
+    where
+        Self: Sized,
+    {
+        explain(self, model, x, targets, 0, progress)
+    }
 }
 
 /// One explanation in progress: the model, the checked input, progress and timings.

@@ -11,11 +11,11 @@
 
 use serde_json::json;
 
-use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
+use super::driver::{Clean, CleanPass, Explanation, Maps, Method, Run, Stage};
 use crate::error::{Error, Result};
 use crate::model::Backbone;
 use crate::resample::torch_bilinear;
-use crate::target::{Score, Targets};
+use crate::target::Score;
 
 /// Grad-CAM settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -74,18 +74,6 @@ impl GradCam {
     /// The resolved 0-based block.
     pub fn layer(&self) -> usize {
         self.layer
-    }
-
-    /// Explains `x` `(3, H, W)` (normalised pixels): one forward and backward pass per class,
-    /// all classes in one batch.
-    pub fn explain(
-        &self,
-        model: &dyn Backbone,
-        x: &[f32],
-        targets: &Targets,
-        progress: &mut dyn Progress,
-    ) -> Result<Explanation> {
-        explain(self, model, x, targets, 0, progress)
     }
 }
 

@@ -107,17 +107,6 @@ impl Rise {
         &self.params
     }
 
-    /// Explains `x` `(3, H, W)` (normalised pixels) with seeded masks.
-    pub fn explain(
-        &self,
-        model: &dyn Backbone,
-        x: &[f32],
-        targets: &Targets,
-        progress: &mut dyn Progress,
-    ) -> Result<Explanation> {
-        explain(self, model, x, targets, 0, progress)
-    }
-
     /// Explains `x` with masks from `source` (`Given` must hold at least N masks of this grid).
     pub fn explain_with(
         &self,

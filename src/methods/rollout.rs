@@ -13,11 +13,9 @@
 
 use serde_json::json;
 
-use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
+use super::driver::{Clean, CleanPass, Explanation, Maps, Method, Run, Stage};
 use crate::error::{Error, Result};
-use crate::model::Backbone;
 use crate::resample::torch_bilinear;
-use crate::target::Targets;
 
 /// Attention Rollout settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -58,17 +56,6 @@ impl Rollout {
     pub fn params(&self) -> &RolloutParams {
         &self.params
     }
-
-    /// Explains `x` `(3, H, W)` (normalised pixels) from one forward pass that keeps attention.
-    pub fn explain(
-        &self,
-        model: &dyn Backbone,
-        x: &[f32],
-        targets: &Targets,
-        progress: &mut dyn Progress,
-    ) -> Result<Explanation> {
-        explain(self, model, x, targets, 0, progress)
-    }
 }
 
 impl Method for Rollout {
@@ -106,10 +93,7 @@ impl Method for Rollout {
             let grid = cls_map(&result, tokens, att.prefix_tokens);
             Ok(torch_bilinear(&grid, 1, (gh, gw), size))
         })?;
-        Ok(Maps {
-            maps: vec![map; classes.len()],
-            stats: Default::default(),
-        })
+        Ok(Maps::same_for_each(map, classes.len()))
     }
 
     fn params_json(&self) -> serde_json::Value {
