@@ -3,42 +3,26 @@
 //! misshapen tensors, configs that disagree with the tensors, unsupported variants), each an
 //! error naming the tensor or field as the checkpoint spells it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use vitcx::io::npy::read_npy;
 use vitcx::model::{load, Backbone, Format};
 use vitcx::Error;
 
-const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+mod common;
 
-fn case(name: &str) -> PathBuf {
-    Path::new(DATA).join(name)
-}
+use common::{batch_of_one, case, crc32, manifest, max_abs_diff, reference_input};
 
-fn manifest(name: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(case(name).join("manifest.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
+/// A golden case's `input.npy` as a batch of one.
 fn input(name: &str) -> Tensor {
-    let a = read_npy(case(name).join("input.npy")).unwrap();
-    assert_eq!(a.shape, vec![3, 224, 224]);
-    Tensor::from_vec(a.to_f32(), (1, 3, 224, 224), &Device::Cpu).unwrap()
+    batch_of_one(&reference_input(name), (224, 224))
 }
 
 /// Logits of `model` for `x`, flattened.
 fn logits(model: &dyn Backbone, x: &Tensor) -> Vec<f32> {
     let out = model.forward(x, None).unwrap();
     out.logits.flatten_all().unwrap().to_vec1().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Golden check: probs and last-block norm1 feature maps against the PyTorch reference.
@@ -483,21 +467,6 @@ fn hf_without_prefix_and_as_deit_teacher() {
         r,
         "missing tensor 'deit.encoder.layer.0.attention.attention.value.bias'"
     );
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// Writes `entries` as an uncompressed zip (the container of PyTorch's `torch.save`).

@@ -3,24 +3,8 @@
 
 mod common;
 
-use common::{data, s, vitcx};
-use std::path::{Path, PathBuf};
-use std::process::Output;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => vec![],
-    };
-    v.sort();
-    v
-}
+use common::{crc32, data, files_in, s, stderr, vitcx};
+use std::path::PathBuf;
 
 #[test]
 fn explain_sigma0_matches_reference_through_the_cli() {
@@ -370,22 +354,6 @@ fn predict_and_inspect() {
     let o = vitcx(&["inspect", s(&data("vit_hf"))]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("token grid     14 x 14"), "{text}");
-}
-
-/// CRC-32 (IEEE), as PNG chunks need.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in bytes {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 #[test]

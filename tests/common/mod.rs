@@ -112,3 +112,25 @@ pub fn input(name: &str, model: &dyn Backbone) -> Vec<f32> {
 pub fn batch_of_one(x: &[f32], (h, w): (usize, usize)) -> candle_core::Tensor {
     candle_core::Tensor::from_slice(x, (1, 3, h, w), &candle_core::Device::Cpu).unwrap()
 }
+
+/// One cell of a README table, printed for `scripts/readme_tables.py` (run the tests with
+/// `--nocapture`): `| readme | table | row | column | value |`.
+pub fn readme_cell(table: &str, row: &str, column: &str, value: impl std::fmt::Display) {
+    eprintln!("| readme | {table} | {row} | {column} | {value} |");
+}
+
+/// CRC-32 (IEEE), as PNG chunks and zip entries need.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
