@@ -44,6 +44,7 @@ fn assert_saliency(case: &str, file: &str, saliency: &[f32]) {
     let d = max_abs_diff(saliency, &golden);
     let r = range(&golden);
     eprintln!("{case}: {file} max diff {d:e} (range {r:e})");
+    common::readme_cell("golden", case, file, format!("{d:.1e} (range {r:.1e})"));
     assert!(d <= 1e-5 * r, "{case}: {file} differs by {d} (range {r})");
 }
 
@@ -90,6 +91,15 @@ fn sigma0_reproduces_reference() {
         eprintln!(
             "{case}: N {n} | max diff probs {dp:e}, feature maps {df:e}, masks {dm:e} (reference order: {in_order})"
         );
+        for (column, v) in [
+            ("N", n.to_string()),
+            ("probs", format!("{dp:.1e}")),
+            ("feature maps", format!("{df:.1e}")),
+            ("masks", format!("{dm:.1e}")),
+            ("masks in the reference's order", in_order.to_string()),
+        ] {
+            common::readme_cell("golden", case, column, v);
+        }
 
         let target = m["target"].as_u64().unwrap() as usize;
         let ex = method
@@ -188,6 +198,7 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
         let r = pearson(&ex.saliency[0], &golden);
         let d = max_abs_diff(&ex.saliency[0], &golden) / range(&golden);
         eprintln!("{case}: bf16 perturbed passes: pearson {r:.6}, max diff {d:.2e} of the range");
+        common::readme_cell("bf16", case, "pearson", format!("{r:.6}"));
         assert!(r >= 0.99998, "{case}: bf16 pearson {r}");
         assert!(
             d > 0.0,
