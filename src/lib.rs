@@ -7,7 +7,7 @@
 //! vitcx computes it is `docs/algorithm.md`.
 //!
 //! The modules, dependencies pointing down the list:
-//! - [`bench`], [`train`]: tools apart from the pipeline (timings, training the demo model);
+//! - [`mod@bench`], [`train`]: tools apart from the pipeline (timings, training the demo model);
 //! - [`eval`]: faithfulness metrics, the data sets they run over, their reports, the shapes
 //!   benchmark;
 //! - [`methods`]: ViT-CX and the methods it is compared with, behind one driver and registry;
@@ -46,3 +46,8 @@ pub use error::{Error, Result};
 pub use methods::vitcx::{Noise, VitCx, VitCxParams};
 pub use methods::{Explainer, Explanation, Method, MethodParams};
 pub use target::Targets;
+
+/// The README's code runs as a doc test, so the example people copy keeps compiling and working.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

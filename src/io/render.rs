@@ -27,7 +27,7 @@ pub fn jet(v: f32) -> [u8; 3] {
 
 /// The saliency `(sh, sw)` (row-major) drawn over `original` at the ORIGINAL's size: saliency
 /// bilinearly resized to it (PyTorch's rule, [`torch_bilinear`]),
-/// min-max normalised to [0,1] (constant map -> all 0), jet-coloured, blended: out = (1-alpha)*image + alpha*colour.
+/// min-max normalised to \[0, 1\] (constant map -> all 0), jet-coloured, blended: out = (1-alpha)*image + alpha*colour.
 ///
 /// Errors ([`Error::InvalidArgument`]): an empty image or saliency size, a saliency whose length is
 /// not `sh * sw`, a non-finite saliency value, or `alpha` outside [0, 1].

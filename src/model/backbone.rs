@@ -236,7 +236,7 @@ pub trait Backbone {
     }
 }
 
-/// A boxed model is a model, so `&model` works the same whether [`crate::model::load`] gave a
+/// A boxed model is a model, so `&model` works the same whether [`crate::model::load()`] gave a
 /// `Box<dyn Backbone>` or a family's own type was built.
 impl<T: Backbone + ?Sized> Backbone for Box<T> {
     fn spec(&self) -> &Spec {

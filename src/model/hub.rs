@@ -81,7 +81,7 @@ impl HubOptions {
 
 /// A model argument: an existing local path (directory or file) is used as is; otherwise a Hub id
 /// `owner/name` (optionally `owner/name@revision`) is looked up in the cache
-/// (models--owner--name/refs/<rev> -> snapshots/<hash>/), and downloaded (config.json, then
+/// (`models--owner--name/refs/<rev>` -> `snapshots/<hash>/`), and downloaded (config.json, then
 /// model.safetensors or else pytorch_model.bin, and preprocessor_config.json if present) when
 /// missing and not offline. Returns the local directory (or file) to load.
 pub fn resolve_model(arg: &str, opts: &HubOptions) -> Result<PathBuf> {

@@ -1,5 +1,5 @@
 //! Models: the [`Backbone`] seam every method talks to, the registry of model families behind
-//! [`load`], the checkpoint formats they read, and vitcx's CPU kernels.
+//! [`load()`], the checkpoint formats they read, and vitcx's CPU kernels.
 //!
 //! Dependencies inside point one way: `load` -> the families (`vit`) -> `checkpoint`, `config`,
 //! `weights`, `kernels` -> `backbone`. A family is one file (or folder) plus one line in

@@ -292,7 +292,7 @@ impl Block {
 }
 
 /// A Vision Transformer (ViT, DeiT, DeiT-distilled) loaded from a timm or Hugging Face
-/// checkpoint; see [`crate::model::load`].
+/// checkpoint; see [`crate::model::load()`].
 #[derive(Debug, Clone)]
 pub struct VisionTransformer {
     config: VitConfig,
