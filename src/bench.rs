@@ -1,7 +1,7 @@
 //! Benchmarks: how fast the model and a whole explanation run on this machine.
 //!
 //! The model is a ViT with seeded random weights built in memory (no download,
-//! [`crate::model::vit::random`]), so the benchmarked forward pass is exactly the one
+//! [`crate::model::families::vit::random`]), so the benchmarked forward pass is exactly the one
 //! `vitcx explain` runs. Times are wall-clock medians after a warm-up. Kept apart from the
 //! library's pipeline: nothing but the `bench` command depends on it.
 
@@ -14,8 +14,8 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::pearson;
 use crate::methods::vitcx::{Noise, VitCx, VitCxParams};
 use crate::methods::{NoProgress, Stage};
-use crate::model::vit::random::Arch;
-use crate::model::vit::VisionTransformer;
+use crate::model::families::vit::random::Arch;
+use crate::model::families::vit::VisionTransformer;
 use crate::model::{Backbone, Precision};
 use crate::target::argmax;
 
@@ -82,7 +82,12 @@ impl std::str::FromStr for Preset {
 /// A [`VisionTransformer`] of `preset` with seeded random weights, built in memory through the
 /// checkpoint loader's own config and weight checks (no file is read or written).
 pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTransformer> {
-    crate::model::vit::random::random_vit(&preset.arch(), preset.timm_name(), seed, device)
+    crate::model::families::vit::random::random_vit(
+        &preset.arch(),
+        preset.timm_name(),
+        seed,
+        device,
+    )
 }
 
 /// A fixed synthetic image `(3, H, W)` in normalised pixels for `mean`/`std`: smooth colour

@@ -21,8 +21,8 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::error::{Error, Result};
 use crate::eval::synth::{self, CLASSES};
-use crate::model::vit::random::{self, random_state_dict, timm_config_json, Arch};
-use crate::model::vit::VisionTransformer;
+use crate::model::families::vit::random::{self, random_state_dict, timm_config_json, Arch};
+use crate::model::families::vit::VisionTransformer;
 use crate::model::Backbone;
 use crate::target::argmax;
 

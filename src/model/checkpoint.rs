@@ -13,7 +13,7 @@ use super::backbone::Backbone;
 use super::config::Format;
 use crate::error::{Error, Result};
 
-/// A model family: one entry of the registry ([`super::load::FAMILIES`]).
+/// A model family: one entry of the registry ([`super::families::FAMILIES`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Family {
     /// Short name (`vit`).

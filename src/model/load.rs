@@ -1,8 +1,5 @@
-//! Loading: the registry of model families, a checkpoint on disk or in memory to a
-//! `Box<dyn Backbone>`, the bundled demo model, and the device a model runs on.
-//!
-//! A new family is one file under `src/model/` that defines a [`Family`] and one line in
-//! [`FAMILIES`]; nothing else (methods, commands) changes.
+//! Loading: a checkpoint on disk or in memory to a `Box<dyn Backbone>` through the registry of
+//! model families ([`super::families`]), the bundled demo model, and the device a model runs on.
 
 use std::path::Path;
 
@@ -11,20 +8,24 @@ use candle_core::Device;
 use super::backbone::Backbone;
 use super::checkpoint::{self, Checkpoint, Family};
 use super::config::Format;
+use super::families::FAMILIES;
 use crate::error::{Error, Result};
-
-/// Every family vitcx loads, asked in this order whether it reads a checkpoint.
-pub static FAMILIES: &[Family] = &[super::vit::FAMILY];
 
 /// Loads a checkpoint from a directory (`config.json` + `model.safetensors` or
 /// `pytorch_model.bin` [+ `preprocessor_config.json` for Hugging Face]) or from a weights file
 /// with `config.json` beside it. The family is detected from `config.json` before the tensors
 /// are read; every size the configuration states is checked against the tensors.
 pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
+    load_with(FAMILIES, path, device)
+}
+
+/// [`load`] with another list of families, asked in order: a program can add a family of its
+/// own (`&[my_family, vitcx::model::FAMILIES[0]]`) without changing vitcx.
+pub fn load_with(families: &[Family], path: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
     let files = checkpoint::locate(path)?;
     let config = checkpoint::read_json(&files.config)?;
     let format = Format::detect(&files.config, &config)?;
-    let family = family_for(format, &config, &files.config)?;
+    let family = family_for(families, format, &config, &files.config)?;
     let preprocessor = match &files.preprocessor {
         Some(p) if format == Format::HuggingFace => Some((p.clone(), checkpoint::read_json(p)?)),
         _ => None,
@@ -54,20 +55,21 @@ pub fn load_from_memory(
     let weights_path = Path::new(name).join("model.safetensors");
     let config = checkpoint::parse_json(&config_path, config)?;
     let format = Format::detect(&config_path, &config)?;
-    let family = family_for(format, &config, &config_path)?;
+    let family = family_for(FAMILIES, format, &config, &config_path)?;
     let tensors = checkpoint::read_tensors_from_buffer(&weights_path, safetensors, device)?;
     let ckpt = Checkpoint::from_parts(&config_path, config, None, &weights_path, tensors)?;
     (family.build)(ckpt, device)
 }
 
-/// The family that reads a checkpoint with this configuration, or an error naming what the
-/// configuration says and every supported family.
-pub fn family_for(
+/// The first of `families` that reads a checkpoint with this configuration, or an error naming
+/// what the configuration says and every family of the list.
+pub fn family_for<'f>(
+    families: &'f [Family],
     format: Format,
     config: &serde_json::Value,
     config_path: &Path,
-) -> Result<&'static Family> {
-    if let Some(f) = FAMILIES.iter().find(|f| (f.claims)(format, config)) {
+) -> Result<&'f Family> {
+    if let Some(f) = families.iter().find(|f| (f.claims)(format, config)) {
         return Ok(f);
     }
     let (key, value) = match format {
@@ -81,7 +83,7 @@ pub fn family_for(
                 .unwrap_or_else(|| v.to_string())
         })
         .unwrap_or_default();
-    let supported: Vec<String> = FAMILIES
+    let supported: Vec<String> = families
         .iter()
         .map(|f| format!("{} ({})", f.name, f.covers))
         .collect();
@@ -178,7 +180,7 @@ mod tests {
     fn unclaimed_configs_list_the_supported_families() {
         let p = Path::new("x/config.json");
         let cfg = serde_json::json!({"architecture": "resnet50"});
-        match family_for(Format::Timm, &cfg, p) {
+        match family_for(FAMILIES, Format::Timm, &cfg, p) {
             Err(Error::Unsupported(m)) => {
                 assert!(m.contains("architecture 'resnet50'"), "{m}");
                 assert!(m.contains("supported families: vit ("), "{m}");
@@ -187,7 +189,9 @@ mod tests {
         }
         let cfg = serde_json::json!({"model_type": "deit"});
         assert_eq!(
-            family_for(Format::HuggingFace, &cfg, p).unwrap().name,
+            family_for(FAMILIES, Format::HuggingFace, &cfg, p)
+                .unwrap()
+                .name,
             "vit"
         );
     }

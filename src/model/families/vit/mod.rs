@@ -109,7 +109,7 @@ impl Linear {
             Precision::Bf16 => self.product_bf16(&xs, false)?,
         };
         let ys = match &self.b {
-            Some(b) => super::kernels::gelu::bias_gelu(&ys, b)?,
+            Some(b) => crate::model::kernels::gelu::bias_gelu(&ys, b)?,
             None => ys.gelu_erf()?,
         };
         dims.push(self.wt.dim(1)?);
@@ -124,7 +124,7 @@ impl Linear {
         let xs = xs.reshape((rows, inp))?;
         let ys = match (precision, &self.b) {
             (Precision::Bf16, _) => self.product_bf16(&xs, true)?,
-            (Precision::F32, Some(b)) => super::kernels::linear::linear(&xs, &self.wt, b)?,
+            (Precision::F32, Some(b)) => crate::model::kernels::linear::linear(&xs, &self.wt, b)?,
             (Precision::F32, None) => xs.matmul(&self.wt)?,
         };
         dims.push(self.wt.dim(1)?);
@@ -132,7 +132,7 @@ impl Linear {
     }
 
     /// `xs (rows, in) @ wt` with bf16 products and f32 sums, plus the bias if `with_bias`. On the
-    /// CPU this is [`super::kernels::bf16`]'s kernel; elsewhere candle's bf16 matmul.
+    /// CPU this is [`crate::model::kernels::bf16`]'s kernel; elsewhere candle's bf16 matmul.
     fn product_bf16(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
         let bias = self.b.as_ref().filter(|_| with_bias);
         if !xs.device().is_cpu() {
@@ -168,7 +168,7 @@ impl Linear {
 }
 
 /// LayerNorm over the last dimension, two-pass (mean, then variance of the centred values) as
-/// PyTorch does, in one fused op ([`super::kernels::layer_norm`]).
+/// PyTorch does, in one fused op ([`crate::model::kernels::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -186,7 +186,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(super::kernels::layer_norm::layer_norm(
+        Ok(crate::model::kernels::layer_norm::layer_norm(
             xs,
             &self.weight,
             &self.bias,
@@ -214,10 +214,10 @@ impl Attention {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let qkv = self.qkv.forward(xs, precision)?;
         let (out, attn) = if keep {
-            let (out, attn) = super::kernels::attention::composed(&qkv, self.heads, self.scale)?;
+            let (out, attn) = crate::model::kernels::attention::composed(&qkv, self.heads, self.scale)?;
             (out, Some(attn))
         } else {
-            let out = super::kernels::attention::self_attention(&qkv, self.heads, self.scale)?;
+            let out = crate::model::kernels::attention::self_attention(&qkv, self.heads, self.scale)?;
             (out, None)
         };
         Ok((self.proj.forward(&out, precision)?, attn))
