@@ -275,6 +275,8 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     );
     run(&["--layer", "-5"], "layer -5 out of range");
     run(&["--threshold", "1.5"], "threshold 1.5 out of range");
+    run(&["--tap", "head"], "tap 'head' not in this model");
+    run(&["--tap", "blocks.9"], "tap 'blocks.9' not in this model");
     run(&["--batch", "0"], "batch size 0");
     run(&["--noise-std", "-1"], "noise std -1");
     run(
@@ -329,6 +331,48 @@ fn bad_arguments_exit_2_with_a_clear_message() {
 }
 
 #[test]
+fn explain_at_a_named_tap() {
+    // ViT-CX and Grad-CAM read the tap given by name; the report says which.
+    for method in ["vitcx", "gradcam"] {
+        let out = tempfile::tempdir().unwrap();
+        let o = vitcx(&[
+            "explain",
+            s(&data("vit_timm/image_224.png")),
+            "--model",
+            s(&data("vit_timm")),
+            "--method",
+            method,
+            "--tap",
+            "blocks.2",
+            "--noise-std",
+            "0",
+            "--no-overlay",
+            "--out",
+            s(out.path()),
+            "-q",
+        ]);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.path().join("image_224.json")).unwrap())
+                .unwrap();
+        assert_eq!(report["params"]["tap"], "blocks.2", "{method}");
+        assert_eq!(report["params"]["layer"], 2, "{method}");
+    }
+    // --tap and --layer name the same thing twice.
+    let o = vitcx(&[
+        "explain",
+        s(&data("vit_timm/image_224.png")),
+        "--model",
+        s(&data("vit_timm")),
+        "--tap",
+        "blocks.2",
+        "--layer",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
 fn predict_and_inspect() {
     let o = vitcx(&[
         "predict",
@@ -351,9 +395,26 @@ fn predict_and_inspect() {
     assert_eq!(v["spec"]["num_prefix_tokens"], 2);
     assert_eq!(v["spec"]["depth"], 3);
     assert_eq!(v["spec"]["grid"], serde_json::json!([14, 14]));
+    // Every tap by name, with its grid, width and prefix tokens in the JSON.
+    let taps = v["spec"]["taps"].as_array().unwrap();
+    assert_eq!(taps.len(), 6, "norm1 and output of 3 blocks");
+    assert_eq!(taps[4]["name"], "blocks.2.norm1");
+    assert_eq!(taps[4]["grid"], serde_json::json!([14, 14]));
+    assert_eq!(
+        taps[4]["prefix_tokens"],
+        serde_json::json!(["[CLS]", "[DIST]"])
+    );
     let o = vitcx(&["inspect", s(&data("vit_hf"))]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("token grid     14 x 14"), "{text}");
+    assert!(
+        text.contains("taps           8, each 14 x 14 x 192; --layer -1 reads blocks.3.norm1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("blocks.0.norm1, blocks.0, blocks.1.norm1"),
+        "{text}"
+    );
 }
 
 #[test]

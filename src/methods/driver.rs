@@ -308,7 +308,9 @@ impl<'a> Run<'a> {
             let end = (start + chunk).min(units);
             let count = end - start;
             let tf = Instant::now();
-            let mut kinds = vec![Vec::with_capacity(count * plane); per_unit];
+            let mut kinds: Vec<Vec<f32>> = (0..per_unit)
+                .map(|_| Vec::with_capacity(count * plane))
+                .collect();
             for u in start..end {
                 fill(u, &mut kinds)?;
             }
@@ -318,7 +320,10 @@ impl<'a> Run<'a> {
                     bad.len()
                 )));
             }
-            let data: Vec<f32> = kinds.concat();
+            let data: Vec<f32> = match kinds.len() {
+                1 => kinds.pop().unwrap_or_default(),
+                _ => kinds.concat(),
+            };
             fill_s += tf.elapsed().as_secs_f64();
             let px = Tensor::from_vec(data, (count * per_unit, 3, h, w), model.device())?;
             let probs = model.probs_at(&px, precision)?.to_vec2::<f32>()?;

@@ -66,17 +66,34 @@ pub fn run(a: InspectArgs, device: &Device) -> Result<ExitCode> {
         }
         line(&mut out, &k.replace('_', " "), detail(v))?;
     }
-    let first: Vec<&str> = spec.taps.iter().take(2).map(|t| t.name.as_str()).collect();
+    // Every tap by name (--tap NAME); the token layout once when all taps share it.
+    let shape = |t: &vitcx::model::TapInfo| format!("{} x {} x {}", t.grid.0, t.grid.1, t.dim);
+    let same = spec.taps.windows(2).all(|w| shape(&w[0]) == shape(&w[1]));
+    let names: Vec<String> = spec
+        .taps
+        .iter()
+        .map(|t| {
+            if same {
+                t.name.clone()
+            } else {
+                format!("{} ({})", t.name, shape(t))
+            }
+        })
+        .collect();
+    let layout = match spec.taps.first() {
+        Some(t) if same => format!(", each {}", shape(t)),
+        _ => String::new(),
+    };
     line(
         &mut out,
         "taps",
         format!(
-            "{} ({}, ...; --json lists all); --layer -1 reads {}",
+            "{}{layout}; --layer -1 reads {}",
             spec.taps.len(),
-            first.join(", "),
             spec.layer_taps.last().map(String::as_str).unwrap_or("-")
         ),
     )?;
+    line(&mut out, "", names.join(", "))?;
     let pre = &spec.preprocess;
     line(&mut out, "mean", format!("{:?}", pre.mean))?;
     line(&mut out, "std", format!("{:?}", pre.std))?;
