@@ -10,22 +10,44 @@ pub enum Error {
     /// A file could not be read or written; `source` is the operating system's error.
     #[error("{}: {source}", path.display())]
     Io {
+        /// The file.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: std::io::Error,
     },
     /// An image file exists but cannot be used (corrupt, truncated, too large, unknown format).
     #[error("image {}: {reason}", path.display())]
-    Image { path: PathBuf, reason: String },
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        reason: String,
+    },
     /// A checkpoint is missing a file, a tensor or a field, or they disagree.
     #[error("checkpoint {}: {reason}", path.display())]
-    Checkpoint { path: PathBuf, reason: String },
+    Checkpoint {
+        /// The checkpoint file or directory at fault.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        reason: String,
+    },
     /// A model id could not be resolved to local files (Hub cache, offline mode, download).
     #[error("model '{id}': {reason}")]
-    Hub { id: String, reason: String },
+    Hub {
+        /// The model argument as given (`owner/name[@revision]`).
+        id: String,
+        /// What is wrong, and what to do.
+        reason: String,
+    },
     /// A `.npy` file is malformed or holds an unsupported dtype.
     #[error("npy {}: {reason}", path.display())]
-    Npy { path: PathBuf, reason: String },
+    Npy {
+        /// The `.npy` file.
+        path: PathBuf,
+        /// What is wrong, and what was expected.
+        reason: String,
+    },
     /// A parameter is out of range (class id, layer, threshold, batch size, ...).
     #[error("{0}")]
     InvalidArgument(String),

@@ -31,6 +31,8 @@
 //! # Ok::<(), vitcx::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod error;
 pub mod eval;

@@ -10,15 +10,20 @@ use crate::error::{Error, Result};
 /// (`<f2` is read as `f32`; integers as `i64`).
 #[derive(Debug, Clone, PartialEq)]
 pub enum NpyData {
+    /// `<f4` (and `<f2`, widened).
     F32(Vec<f32>),
+    /// `<f8`.
     F64(Vec<f64>),
+    /// Signed integers (`<i8`, `<i4`), widened.
     I64(Vec<i64>),
 }
 
 /// An array read from a `.npy` file: its shape and flat, row-major data.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyArray {
+    /// The shape, C order.
     pub shape: Vec<usize>,
+    /// The values, row-major.
     pub data: NpyData,
 }
 
