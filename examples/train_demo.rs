@@ -100,7 +100,7 @@ fn main() -> anyhow::Result<()> {
         clutter_ramp: args.clutter_ramp,
         pool: args.pool,
         augment: !args.no_augment,
-        arch: vitcx::model::vit::random::Arch {
+        arch: vitcx::model::families::vit::random::Arch {
             heads: args.heads.unwrap_or(d.arch.heads),
             dim: args.dim.unwrap_or(d.arch.dim),
             mlp_dim: 2 * args.dim.unwrap_or(d.arch.dim),

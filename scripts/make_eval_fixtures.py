@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes tests/data/vit_timm/eval/: an independent PyTorch reference of vitcx's evaluation
-metrics (src/metrics.rs) on the golden `vit_timm` checkpoint, so that they can be checked number
+metrics (src/eval/metrics.rs) on the golden `vit_timm` checkpoint, so that they can be checked number
 for number: deletion and insertion curves with their AUC (Petsiuk et al., "RISE", BMVC 2018;
 eclique/RISE evaluation.py, CausalMetric), the pointing game (Zhang et al. 2016) and the
 energy-based pointing game (Wang et al., "Score-CAM", 2020).

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 COMMANDS = [
-    ["cargo", "test", "--release", "--quiet", "--test", "golden", "--test", "methods",
-     "--", "--nocapture", "--test-threads", "1"],
+    ["cargo", "test", "--release", "--quiet", "--test", "library",
+     "--", "--nocapture", "--test-threads", "1", "golden::", "methods::"],
     ["cargo", "test", "--release", "--quiet", "--lib", "golden_resize", "--", "--nocapture"],
 ]
 

@@ -1,9 +1,7 @@
 //! The gate: vitcx reproduces the ViT-CX reference implementation on the three golden cases
 //! (tests/data/<case>, copied from the reference outputs; see tests/data/README.md).
 
-mod common;
-
-use common::{fixture, input, manifest, max_abs_diff, model, pearson, range, CASES};
+use crate::common::{fixture, input, manifest, max_abs_diff, model, pearson, range, CASES};
 
 use vitcx::methods::vitcx::{mask::Masks, Noise, VitCx, VitCxParams};
 use vitcx::methods::NoProgress;
@@ -44,7 +42,7 @@ fn assert_saliency(case: &str, file: &str, saliency: &[f32]) {
     let d = max_abs_diff(saliency, &golden);
     let r = range(&golden);
     eprintln!("{case}: {file} max diff {d:e} (range {r:e})");
-    common::readme_cell("golden", case, file, format!("{d:.1e} (range {r:.1e})"));
+    crate::common::readme_cell("golden", case, file, format!("{d:.1e} (range {r:.1e})"));
     assert!(d <= 1e-5 * r, "{case}: {file} differs by {d} (range {r})");
 }
 
@@ -98,7 +96,7 @@ fn sigma0_reproduces_reference() {
             ("masks", format!("{dm:.1e}")),
             ("masks in the reference's order", in_order.to_string()),
         ] {
-            common::readme_cell("golden", case, column, v);
+            crate::common::readme_cell("golden", case, column, v);
         }
 
         let target = m["target"].as_u64().unwrap() as usize;
@@ -198,7 +196,7 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
         let r = pearson(&ex.saliency[0], &golden);
         let d = max_abs_diff(&ex.saliency[0], &golden) / range(&golden);
         eprintln!("{case}: bf16 perturbed passes: pearson {r:.6}, max diff {d:.2e} of the range");
-        common::readme_cell("bf16", case, "pearson", format!("{r:.6}"));
+        crate::common::readme_cell("bf16", case, "pearson", format!("{r:.6}"));
         assert!(r >= 0.99998, "{case}: bf16 pearson {r}");
         assert!(
             d > 0.0,
@@ -206,7 +204,7 @@ fn bf16_perturbed_passes_keep_the_golden_maps() {
         );
 
         let x = input(case, &model);
-        let px = common::batch_of_one(&x, (224, 224));
+        let px = crate::common::batch_of_one(&x, (224, 224));
         let top1 = |p| argmax(&model.probs_at(&px, p).unwrap().to_vec2::<f32>().unwrap()[0]);
         assert_eq!(
             top1(Precision::Bf16),

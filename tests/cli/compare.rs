@@ -1,9 +1,7 @@
 //! End-to-end tests of `vitcx compare` and of `vitcx explain --method`: the files written, the
 //! maps equal to the PyTorch references where those exist, and clear errors.
 
-mod common;
-
-use common::{data, max_abs_diff, s, vitcx};
+use crate::common::{data, max_abs_diff, s, vitcx};
 
 use vitcx::io::npy::read_npy;
 

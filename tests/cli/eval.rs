@@ -1,9 +1,7 @@
 //! End-to-end tests of `vitcx eval`: a tiny manifest with masks in, per-image CSV, summary JSON
 //! and curve plots out; a bad method exits 2 naming the supported ones.
 
-mod common;
-
-use common::{data, s, vitcx};
+use crate::common::{data, s, vitcx};
 use std::path::Path;
 use std::process::Output;
 

@@ -2,9 +2,7 @@
 //! odd head counts, 1000 classes, HF DeiT-distilled, a `pytorch_model.bin`, 7x7/10x10/6x6 grids.
 //! Fixtures: `tests/data/zoo/<case>`, made by `scripts/make_fixtures.py` (see scripts/README.md).
 
-mod common;
-
-use common::max_abs_diff;
+use crate::common::max_abs_diff;
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};

@@ -33,7 +33,7 @@ struct ToyConfig {
 
 const TOY: Family = Family {
     name: "patch_mean",
-    covers: "toy models of tests/families.rs (model_type patch_mean)",
+    covers: "toy models of tests/library/families.rs (model_type patch_mean)",
     claims: |format, config| format == Format::HuggingFace && config["model_type"] == "patch_mean",
     build: |mut ckpt, device| Ok(Box::new(PatchMean::build(&mut ckpt, device)?)),
 };

@@ -2,9 +2,7 @@
 //! `scripts/bench_pytorch.py` compares against, its times are consistent with the clock of the
 //! process that ran it, and bad arguments exit 2.
 
-mod common;
-
-use common::vitcx;
+use crate::common::vitcx;
 
 fn positive(v: &serde_json::Value, key: &str) -> f64 {
     let x = v[key]

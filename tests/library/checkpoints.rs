@@ -10,9 +10,7 @@ use vitcx::io::npy::read_npy;
 use vitcx::model::{load, Backbone, Format};
 use vitcx::Error;
 
-mod common;
-
-use common::{batch_of_one, case, crc32, manifest, max_abs_diff, reference_input};
+use crate::common::{batch_of_one, case, crc32, manifest, max_abs_diff, reference_input};
 
 /// A golden case's `input.npy` as a batch of one.
 fn input(name: &str) -> Tensor {

@@ -1,9 +1,7 @@
 //! End-to-end tests of the `vitcx` binary: files written, numbers right, errors exit 2 with a
 //! one-line message and leave no partial output.
 
-mod common;
-
-use common::{crc32, data, files_in, s, stderr, vitcx};
+use crate::common::{crc32, data, files_in, s, stderr, vitcx};
 use std::path::PathBuf;
 
 #[test]
@@ -210,9 +208,9 @@ fn bf16_perturbed_passes_through_the_cli() {
     let (c16, m16) = run("bf16");
     assert_eq!(c32, c16);
     assert_ne!(m32, m16, "bf16 changes the numbers");
-    let d = common::max_abs_diff(&m32, &m16);
-    let range = common::range(&m32);
-    let r = common::pearson(&m32, &m16);
+    let d = crate::common::max_abs_diff(&m32, &m16);
+    let range = crate::common::range(&m32);
+    let r = crate::common::pearson(&m32, &m16);
     eprintln!(
         "bf16 vs f32 through the CLI: pearson {r:.7}, max diff {:.2e} of the range",
         d / range

@@ -3,9 +3,7 @@
 //! rollout as vit-explain with rows renormalised, Grad-CAM by pytorch-grad-cam 1.5.7, RISE as
 //! its reference code with a stored set of grids and shifts), plus the methods' properties.
 
-mod common;
-
-use common::{case, max_abs_diff, model, reference_input as input};
+use crate::common::{case, max_abs_diff, model, reference_input as input};
 
 use candle_core::{Device, Tensor};
 use vitcx::io::npy::read_npy;
@@ -51,7 +49,7 @@ fn rollout_matches_the_reference() {
             assert_eq!(ex.classes, vec![class(name)], "{name}");
             let d = max_abs_diff(&ex.saliency[0], &reference(name, file));
             println!("{name} rollout r={ratio}: max |diff| {d:.2e}");
-            common::readme_cell("methods", &format!("rollout, discard {ratio}"), name, d);
+            crate::common::readme_cell("methods", &format!("rollout, discard {ratio}"), name, d);
             assert!(d < tol, "{name} r={ratio}: {d}");
         }
     }
@@ -80,7 +78,7 @@ fn rollout_matrix_is_row_stochastic_and_matches_the_reference() {
         }
         let ours: Vec<f32> = r.iter().map(|&v| v as f32).collect();
         let d = max_abs_diff(&ours, &reference(name, "rollout_matrix_r0.npy"));
-        common::readme_cell("methods", "rollout matrix, discard 0", name, d);
+        crate::common::readme_cell("methods", "rollout matrix, discard 0", name, d);
         assert!(d < 1e-6, "{name}: {d}");
     }
 }
@@ -109,8 +107,8 @@ fn gradcam_gradients_and_map_match_pytorch_grad_cam() {
         let scale = want_grads.iter().fold(0f32, |m, v| m.max(v.abs()));
         let dg = max_abs_diff(&grads, &want_grads) / scale;
         println!("{name} grad-cam: activations {da:.2e}, gradients {dg:.2e} (relative to max)");
-        common::readme_cell("methods", "Grad-CAM activations", name, da);
-        common::readme_cell("methods", "Grad-CAM gradients, of their maximum", name, dg);
+        crate::common::readme_cell("methods", "Grad-CAM activations", name, da);
+        crate::common::readme_cell("methods", "Grad-CAM gradients, of their maximum", name, dg);
         assert!(da < 5e-5, "{name} activations {da}");
         assert!(dg < 2e-5, "{name} gradients {dg}");
 
@@ -120,7 +118,7 @@ fn gradcam_gradients_and_map_match_pytorch_grad_cam() {
             .unwrap();
         let d = max_abs_diff(&ex.saliency[0], &reference(name, "gradcam.npy"));
         println!("{name} grad-cam map: max |diff| {d:.2e}");
-        common::readme_cell("methods", "Grad-CAM", name, d);
+        crate::common::readme_cell("methods", "Grad-CAM", name, d);
         assert!(d < 1e-5, "{name} map {d}");
         // The same class asked for explicitly gives the same map.
         let again = cam
@@ -186,7 +184,7 @@ fn rise_with_stored_masks_matches_the_reference() {
         assert_eq!(ex.count("n_masks"), Some(48));
         let d = max_abs_diff(&ex.saliency[0], &reference(name, "rise.npy"));
         println!("{name} rise: max |diff| {d:.2e}");
-        common::readme_cell("methods", "RISE, stored 48 masks", name, d);
+        crate::common::readme_cell("methods", "RISE, stored 48 masks", name, d);
         assert!(d < 1e-5, "{name}: {d}");
     }
 }

@@ -1,9 +1,7 @@
 //! End-to-end tests of `vitcx synth`: the files it writes, determinism, and errors (exit 2,
 //! one line).
 
-mod common;
-
-use common::{s, stderr, vitcx};
+use crate::common::{s, stderr, vitcx};
 
 #[test]
 fn synth_writes_images_masks_and_manifest() {
