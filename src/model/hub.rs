@@ -240,6 +240,8 @@ fn download(id: &HubId, opts: &HubOptions) -> std::result::Result<PathBuf, Strin
     let config = repo
         .get(CONFIG)
         .map_err(|e| format!("fetching {CONFIG}: {e}"))?;
+    // The next weights file is tried only when the Hub says this one does not exist; a failed
+    // download is an error, not a reason to fetch another format.
     let mut failures = Vec::new();
     let mut have_weights = false;
     for name in WEIGHTS {
@@ -248,7 +250,8 @@ fn download(id: &HubId, opts: &HubOptions) -> std::result::Result<PathBuf, Strin
                 have_weights = true;
                 break;
             }
-            Err(e) => failures.push(format!("{name}: {e}")),
+            Err(e) if is_not_found(&e) => failures.push(format!("{name}: {e}")),
+            Err(e) => return Err(format!("fetching {name}: {e}")),
         }
     }
     if !have_weights {
@@ -599,6 +602,21 @@ mod tests {
         assert!(matches!(err, Error::Hub { .. }), "{err:?}");
         assert!(
             msg.contains("preprocessor_config.json") && msg.contains("500"),
+            "{msg}"
+        );
+        // A failed weights download is an error too, not a reason to fetch the other format.
+        let files = HashMap::from([
+            (CONFIG, (200, b"{}".to_vec())),
+            ("model.safetensors", (503, vec![])),
+            ("pytorch_model.bin", (200, b"w".to_vec())),
+        ]);
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = online(tmp.path(), fake_hub(files));
+        let msg = resolve_model("google/vit-base-patch16-224", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("fetching model.safetensors") && msg.contains("503"),
             "{msg}"
         );
         // And a model with neither weights file says so.
