@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Writes tests/data/zoo/<case>/: small random-weight ViT/DeiT checkpoints saved exactly as timm and
-transformers save them, plus PyTorch's outputs for them, so vitcx's loader and forward pass can be
-checked against the reference libraries on more shapes than the golden cases.
+"""Writes tests/data/zoo/<case>/: small random-weight ViT-family checkpoints (ViT, DeiT, DeiT-3,
+DINOv2, CLIP, SigLIP) saved exactly as timm and transformers save them, plus PyTorch's outputs for
+them, so vitcx's loader and forward pass can be checked against the reference libraries on more
+shapes and architectures than the golden cases.
 
 Run by hand (never by CI), from the repository root:
 
@@ -38,13 +39,24 @@ def labels(n):
 def randomise(model, head_names, head_gain=3.0):
     """Re-draws every weight so that attention and MLPs matter (timm/HF inits are ~0.02 and would
     leave the blocks nearly an identity): Linear/Conv weights ~ N(0, 1/fan_in), LayerNorm weight
-    1 + N(0, 0.1), biases N(0, 0.1), class/distillation/position embeddings N(0, 0.5). Heads get
-    `head_gain` times that, so predictions are peaked as in a trained model."""
+    1 + N(0, 0.1) (also timm's per-head q_norm/k_norm), biases N(0, 0.1), class/distillation/
+    register tokens, position embeddings, the attention-pool latent (timm `attn_pool.latent`, HF
+    SigLIP `head.probe`) and mask tokens N(0, 0.5), LayerScale gammas (timm `ls1/ls2.gamma`, HF
+    Dinov2 `layer_scale1/2.lambda1`) 0.5 + N(0, 0.2). Heads get `head_gain` times that, so
+    predictions are peaked as in a trained model. The draws happen in `named_parameters` order, one
+    per parameter, so the original cases (which have none of the newer parameter kinds) get the
+    same weights as before these kinds were added."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             is_norm = ("norm" in name.lower()) and p.dim() == 1
-            if is_norm and leaf == "weight":
+            if leaf in ("gamma", "lambda1"):
+                # LayerScale: large enough that the residual branches matter.
+                p.copy_(0.5 + 0.2 * torch.randn_like(p))
+            elif leaf == "class_embedding" or name.endswith("position_embedding.weight"):
+                # HF CLIP's 1-d class token and CLIP/SigLIP's nn.Embedding position table.
+                p.copy_(0.5 * torch.randn_like(p))
+            elif is_norm and leaf == "weight":
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             elif leaf == "bias" or p.dim() == 1:
                 p.copy_(0.1 * torch.randn_like(p))
@@ -264,6 +276,277 @@ def hf_case(name, seed, kind, dim, heads, depth, n_labels, image_size, eps, mean
     return d
 
 
+# ---------------------------------------------------------------- newer families (timm)
+
+
+def prefix_token_names(has_cls, n_reg):
+    """Names of the prefix tokens in sequence order: "[CLS]" then "[REG0]", "[REG1]", ..."""
+    return (["[CLS]"] if has_cls else []) + [f"[REG{i}]" for i in range(n_reg)]
+
+
+def timm_arch_case(name, seed, arch, model_args, family, input_hw=None, mean=None, std=None,
+                   note=None):
+    """Like `timm_case` for the newer timm families (DeiT-3, DINOv2, CLIP, SigLIP, MAE-style,
+    qk-norm): `timm.create_model(arch, pretrained=False, **model_args)`, and config.json's
+    model_args are exactly those kwargs (the hidden defaults of the architecture function, e.g.
+    CLIP's LayerNorm eps 1e-5 or `act_layer='quick_gelu'`, are not written, as on the Hub).
+    pretrained_cfg takes mean/std/interpolation/crop_pct from timm's default cfg of `arch` (unless
+    `mean`/`std` are given) and `input_size` from the built model. `input_hw` feeds the reference
+    at another size than the model was built for (needs `dynamic_img_size=True`); meta's `grid`
+    is the grid actually used, `input_size` the size the model was built for. Before writing the
+    reference, the saved files are reloaded into a fresh model (strict) and must give the same
+    logits bit for bit."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, **model_args).eval()
+    randomise(model, ["head"])
+
+    d = fresh_dir(name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(d, "model.safetensors"))
+
+    bh, bw = (int(v) for v in model.patch_embed.img_size)
+    ph, pw = (int(v) for v in model.patch_embed.patch_size)
+    h, w = input_hw if input_hw is not None else (bh, bw)
+    dcfg = model.pretrained_cfg
+    mean = list(mean if mean is not None else dcfg["mean"])
+    std = list(std if std is not None else dcfg["std"])
+    n_cls = model.num_classes
+    config = {
+        "architecture": arch,
+        "num_classes": n_cls,
+        "num_features": model.num_features,
+        "global_pool": model.global_pool,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, bh, bw],
+            "mean": mean,
+            "std": std,
+            "interpolation": dcfg.get("interpolation", "bicubic"),
+            "crop_pct": dcfg.get("crop_pct", 0.9),
+            "num_classes": n_cls,
+        },
+        "label_names": labels(n_cls),
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+
+    x = make_input(h, w, mean, std)
+    logits, tokens = run_reference(model, model.blocks[-1].norm1, x)
+    if (h, w) != (bh, bw):
+        check_resample_formulas()
+
+    # Round trip: the files alone rebuild the same model.
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    again = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"]).eval()
+    again.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(x), torch.from_numpy(logits)), "timm reload differs"
+
+    n_reg = int(model.num_reg_tokens)
+    norm1 = model.blocks[0].norm1
+    meta = {
+        "family": family,
+        "format": "timm",
+        "num_prefix_tokens": int(model.num_prefix_tokens),
+        "prefix_tokens": prefix_token_names(model.has_class_token, n_reg),
+        "grid": [h // ph, w // pw],
+        "depth": len(model.blocks),
+        "heads": int(model.blocks[0].attn.num_heads),
+        "num_classes": int(n_cls),
+        "layer_norm_eps": float(norm1.eps),
+        "dim": int(model.embed_dim),
+        "patch_size": ph,
+        "image_size": [h, w],
+        "input_size": [bh, bw],
+        "global_pool": model.global_pool,
+    }
+    if note:
+        meta["note"] = note
+    write_reference(d, x, logits, tokens, meta)
+    return d
+
+
+def check_resample_formulas(seed=0):
+    """Checks, against torch, the two position-embedding resamplings the fixtures use, written out
+    so that a re-implementation can follow them (see scripts/README.md):
+    - timm `resample_abs_pos_embed` (bicubic, antialias=True, align_corners=None): separable
+      filter with PIL's cubic kernel (a = -0.5), support 2 * max(in/out, 1), weights normalised
+      to sum 1, taps outside the input dropped (no border clamping);
+    - HF Dinov2 (bicubic, align_corners=False, no antialias): Keys cubic with a = -0.75 at
+      src = (dst + 0.5) * in/out - 0.5, 4 taps floor(src)-1 .. floor(src)+2 clamped to the border."""
+    import torch.nn.functional as F
+
+    def cubic(x, a):
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        if x < 2:
+            return (((x - 5) * x + 8) * x - 4) * a
+        return 0.0
+
+    def aa_matrix(n_in, n_out):
+        scale = n_in / n_out
+        support = 2.0 * scale if scale >= 1.0 else 2.0
+        inv = 1.0 / scale if scale >= 1.0 else 1.0
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            center = scale * (i + 0.5)
+            lo = max(int(center - support + 0.5), 0)
+            hi = min(int(center + support + 0.5), n_in)
+            ws = [cubic((j - center + 0.5) * inv, -0.5) for j in range(lo, hi)]
+            tot = sum(ws)
+            for j, wj in zip(range(lo, hi), ws):
+                m[i, j] = wj / tot
+        return m
+
+    def keys_matrix(n_in, n_out):
+        scale = n_in / n_out
+        m = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = (i + 0.5) * scale - 0.5
+            f = math.floor(src)
+            t = src - f
+            for k in range(-1, 3):
+                j = min(max(f + k, 0), n_in - 1)
+                m[i, j] += cubic(t - k, -0.75)
+        return m
+
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for (ih, iw), (oh, ow) in [((8, 8), (9, 11)), ((8, 8), (6, 6)), ((9, 9), (5, 13))]:
+        pe = torch.randn(1, 5, ih, iw, generator=g)
+        for aa, mk in ((True, aa_matrix), (False, keys_matrix)):
+            ref = F.interpolate(pe, size=(oh, ow), mode="bicubic", align_corners=False,
+                                antialias=aa).numpy()
+            mine = np.einsum("oh,chw,pw->cop", mk(ih, oh), pe[0].double().numpy(), mk(iw, ow))
+            worst = max(worst, float(np.abs(mine - ref[0]).max()))
+    assert worst < 1e-5, worst
+    return worst
+
+
+# ---------------------------------------------------------------- newer families (transformers)
+
+
+def hf_arch_case(name, seed, kind, dim, heads, depth, n_labels, image_size, crop=None,
+                 n_reg=0, note=None):
+    """transformers models built from a small config with `Model(config)`: Dinov2 and
+    Dinov2WithRegisters (patch 14, BitImageProcessor: shortest-edge resize, center crop),
+    CLIPForImageClassification (CLIPImageProcessor) and SiglipForImageClassification
+    (SiglipImageProcessor: plain resize), saved with `save_pretrained` plus the processor's
+    `save_pretrained`. `image_size` is the config's (the position table), `crop` the processor's
+    output size when it differs (Dinov2 then interpolates the position embeddings at run time);
+    the reference input has the processor's output size. The saved folder is reloaded with
+    `from_pretrained` and must give the same logits bit for bit."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    id2label = {i: l for i, l in enumerate(labels(n_labels))}
+    label2id = {l: i for i, l in enumerate(labels(n_labels))}
+    crop = crop or image_size
+    if kind in ("dinov2", "dinov2_reg"):
+        patch, eps = 14, 1e-6
+        common = dict(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                      image_size=image_size, patch_size=patch, layer_norm_eps=eps,
+                      id2label=id2label, label2id=label2id)
+        if kind == "dinov2":
+            cls_ = tf.Dinov2ForImageClassification
+            config = tf.Dinov2Config(**common)
+            model = cls_(config).eval()
+            backbone = model.dinov2
+        else:
+            cls_ = tf.Dinov2WithRegistersForImageClassification
+            config = tf.Dinov2WithRegistersConfig(num_register_tokens=n_reg, **common)
+            model = cls_(config).eval()
+            backbone = model.dinov2_with_registers
+        layers, norm_name = backbone.encoder.layer, "norm1"
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        # As facebook/dinov2-*: resize the shortest edge to 8/7 of the crop, bicubic, crop.
+        processor = tf.BitImageProcessor(
+            size={"shortest_edge": crop * 8 // 7}, crop_size={"height": crop, "width": crop},
+            do_center_crop=True, resample=3, image_mean=mean, image_std=std)
+        prefix = prefix_token_names(True, n_reg)
+    elif kind == "clip":
+        patch = 16
+        vision = dict(hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=depth,
+                      num_attention_heads=heads, image_size=image_size, patch_size=patch)
+        # The text tower is not part of the *ForImageClassification model (only its config is).
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=1)
+        config = tf.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32,
+                               id2label=id2label, label2id=label2id)
+        cls_ = tf.CLIPForImageClassification
+        model = cls_(config).eval()
+        layers, norm_name = model.vision_model.encoder.layers, "layer_norm1"
+        eps = config.vision_config.layer_norm_eps
+        mean = [0.48145466, 0.4578275, 0.40821073]
+        std = [0.26862954, 0.26130258, 0.27577711]
+        # As openai/clip-vit-*: shortest edge to the crop size, bicubic, center crop.
+        processor = tf.CLIPImageProcessor(
+            size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
+            do_center_crop=True, resample=3, image_mean=mean, image_std=std)
+        prefix = ["[CLS]"]
+    elif kind == "siglip":
+        patch = 16
+        vision = dict(hidden_size=dim, intermediate_size=4 * dim, num_hidden_layers=depth,
+                      num_attention_heads=heads, image_size=image_size, patch_size=patch)
+        # The text tower is not part of the *ForImageClassification model (only its config is).
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=1)
+        config = tf.SiglipConfig(text_config=text, vision_config=vision,
+                                 id2label=id2label, label2id=label2id)
+        cls_ = tf.SiglipForImageClassification
+        model = cls_(config).eval()
+        layers, norm_name = model.vision_model.encoder.layers, "layer_norm1"
+        eps = config.vision_config.layer_norm_eps
+        mean, std = HALF, HALF
+        # As google/siglip-*: plain resize to (crop, crop), bicubic, no crop.
+        processor = tf.SiglipImageProcessor(
+            size={"height": crop, "width": crop}, resample=3, image_mean=mean, image_std=std)
+        prefix = []
+    else:
+        raise ValueError(kind)
+    randomise(model, ["classifier"])
+
+    d = fresh_dir(name)
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+
+    x = make_input(crop, crop, mean, std)
+    logits, tokens = run_reference(model, getattr(layers[-1], norm_name), x)
+    if crop != image_size:
+        check_resample_formulas()
+
+    again = cls_.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, torch.from_numpy(logits)), "HF reload differs"
+
+    g = crop // patch
+    meta = {
+        "family": kind,
+        "format": "hf",
+        "num_prefix_tokens": len(prefix),
+        "prefix_tokens": prefix,
+        "grid": [g, g],
+        "depth": depth,
+        "heads": heads,
+        "num_classes": n_labels,
+        "layer_norm_eps": eps,
+        "dim": dim,
+        "patch_size": patch,
+        "image_size": [crop, crop],
+        "input_size": [image_size, image_size],
+    }
+    if note:
+        meta["note"] = note
+    write_reference(d, x, logits, tokens, meta)
+    return d
+
+
 # ---------------------------------------------------------------- cases
 
 CASES = {
@@ -297,6 +580,72 @@ CASES = {
         dict(img_size=160, embed_dim=48, depth=2, num_heads=3, num_classes=4), HALF, HALF, "vit"),
     "hf_vit_img96_d48_h3_c4": lambda: hf_case(
         "hf_vit_img96_d48_h3_c4", 107, "vit", 48, 3, 2, 4, 96, 1e-12, HALF, HALF),
+    # ---- newer families (timm). model_args are exactly the kwargs passed to create_model; the
+    # architecture function's own defaults (layer scale, registers, no_embed_class, CLIP's eps
+    # 1e-5 and pre-norm, quick_gelu, SigLIP's class_token=False / global_pool) are not written.
+    # (g) DeiT-3: no_embed_class (pos_embed has no [CLS] row; added to the patches before the
+    # [CLS] is prepended) and LayerScale (ls1/ls2.gamma); 112 px (7x7) to keep the zoo small.
+    "timm_deit3_img112_d48_h3_c5": lambda: timm_arch_case(
+        "timm_deit3_img112_d48_h3_c5", 108, "deit3_small_patch16_224",
+        dict(img_size=112, embed_dim=48, depth=2, num_heads=3, num_classes=5), "deit3"),
+    # (h) DINOv2 with 4 registers: patch 14, 126 px (9x9), [CLS] + 4 [REG], no_embed_class,
+    # LayerScale.
+    "timm_dinov2_reg4_img126_d48_h3_c4": lambda: timm_arch_case(
+        "timm_dinov2_reg4_img126_d48_h3_c4", 109, "vit_small_patch14_reg4_dinov2",
+        dict(img_size=126, embed_dim=48, depth=2, num_heads=3, num_classes=4), "dinov2"),
+    # (i) DINOv2 built for 112 px (8x8 position table) with dynamic_img_size, run on a 126x154
+    # input (9x11 grid): timm resamples the position table (bicubic, antialias) at run time.
+    "timm_dinov2_dyn112_in126x154_d60_h5_c3": lambda: timm_arch_case(
+        "timm_dinov2_dyn112_in126x154_d60_h5_c3", 110, "vit_small_patch14_dinov2",
+        dict(img_size=112, dynamic_img_size=True, embed_dim=60, depth=2, num_heads=5,
+             num_classes=3), "dinov2", input_hw=(126, 154),
+        note="position table 8x8 resampled to 9x11 by timm resample_abs_pos_embed "
+             "(bicubic, antialias=True, align_corners=None); [CLS] keeps its own row"),
+    # (j) CLIP image tower with QuickGELU: pre-norm (norm_pre), LayerNorm eps 1e-5, patch
+    # embedding without bias, OpenAI CLIP mean/std; 224 px from the name (no img_size).
+    "timm_clip_quickgelu_d48_h3_c6": lambda: timm_arch_case(
+        "timm_clip_quickgelu_d48_h3_c6", 111, "vit_base_patch16_clip_quickgelu_224",
+        dict(embed_dim=48, depth=2, num_heads=3, num_classes=6), "clip"),
+    # (k) CLIP image tower with exact GELU at 128 px (8x8).
+    "timm_clip_img128_d48_h3_c4": lambda: timm_arch_case(
+        "timm_clip_img128_d48_h3_c4", 112, "vit_base_patch16_clip_224",
+        dict(img_size=128, embed_dim=48, depth=2, num_heads=3, num_classes=4), "clip"),
+    # (l) SigLIP: no class token (0 prefix tokens), global_pool 'map' (AttentionPoolLatent).
+    "timm_siglip_map_img96_d60_h5_c7": lambda: timm_arch_case(
+        "timm_siglip_map_img96_d60_h5_c7", 113, "vit_base_patch16_siglip_224",
+        dict(img_size=96, embed_dim=60, depth=2, num_heads=5, num_classes=7), "siglip"),
+    # (m) SigLIP GAP: no class token, mean of all tokens after the final norm, no fc_norm.
+    "timm_siglip_gap_img96_d48_h3_c8": lambda: timm_arch_case(
+        "timm_siglip_gap_img96_d48_h3_c8", 114, "vit_base_patch16_siglip_gap_224",
+        dict(img_size=96, embed_dim=48, depth=2, num_heads=3, num_classes=8), "siglip"),
+    # (n) MAE-style: global_pool 'avg' -> no final norm, mean of the patch tokens, fc_norm.
+    "timm_vit_gap_img112_d48_h3_c10": lambda: timm_arch_case(
+        "timm_vit_gap_img112_d48_h3_c10", 115, "vit_base_patch16_224",
+        dict(img_size=112, embed_dim=48, depth=2, num_heads=3, num_classes=10,
+             global_pool="avg"), "vit", mean=IMAGENET_MEAN, std=IMAGENET_STD),
+    # (o) qk_norm (per-head LayerNorm on q and k), no qkv bias, tanh-approximated GELU, depth 3.
+    "timm_vit_qknorm_img96_d60_h5_c9": lambda: timm_arch_case(
+        "timm_vit_qknorm_img96_d60_h5_c9", 116, "vit_small_patch16_224",
+        dict(img_size=96, embed_dim=60, depth=3, num_heads=5, num_classes=9, qk_norm=True,
+             qkv_bias=False, act_layer="gelu_tanh"), "vit"),
+    # ---- newer families (transformers)
+    # (p) Dinov2ForImageClassification: position table for 112 px (8x8), processor crops 84 px
+    # (6x6), so the model interpolates the table at run time; head on [CLS ; mean(patches)].
+    "hf_dinov2_img112_crop84_d48_h3_c5": lambda: hf_arch_case(
+        "hf_dinov2_img112_crop84_d48_h3_c5", 117, "dinov2", 48, 3, 2, 5, 112, crop=84,
+        note="position table 8x8 interpolated to 6x6 by HF Dinov2 (bicubic, align_corners=False, "
+             "no antialias); [CLS] keeps its own row"),
+    # (q) Dinov2WithRegisters: [CLS], 4 registers (no position embedding), then patches; 98 px.
+    "hf_dinov2_reg4_img98_d48_h3_c4": lambda: hf_arch_case(
+        "hf_dinov2_reg4_img98_d48_h3_c4", 118, "dinov2_reg", 48, 3, 2, 4, 98, n_reg=4),
+    # (r) CLIPForImageClassification: pre_layrnorm, quick_gelu, eps 1e-5, mean of the patch
+    # tokens of the last block's output (post_layernorm unused), 96 px.
+    "hf_clip_img96_d60_h3_c6": lambda: hf_arch_case(
+        "hf_clip_img96_d60_h3_c6", 119, "clip", 60, 3, 2, 6, 96),
+    # (s) SiglipForImageClassification: no [CLS], post_layernorm, mean of all tokens,
+    # gelu_pytorch_tanh, eps 1e-6 (vision head.* saved but unused), 96 px.
+    "hf_siglip_img96_d48_h3_c3": lambda: hf_arch_case(
+        "hf_siglip_img96_d48_h3_c3", 120, "siglip", 48, 3, 2, 3, 96),
 }
 
 

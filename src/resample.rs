@@ -5,7 +5,9 @@
 //!   (the reference's image resize);
 //! - [`torch_bilinear`] and [`TorchAxis`]: PyTorch's `interpolate(mode="bilinear",
 //!   align_corners=False)` in f32 (ViT-CX's masks, Grad-CAM, Rollout, the overlay);
-//! - [`skimage_linear_mirror`]: scikit-image's `resize(order=1, mode="reflect")` (RISE's masks).
+//! - [`skimage_linear_mirror`]: scikit-image's `resize(order=1, mode="reflect")` (RISE's masks);
+//! - [`torch_bicubic`]: PyTorch's `interpolate(mode="bicubic", align_corners=False)`, with or
+//!   without `antialias` (position embeddings resampled as timm and transformers do).
 //!
 //! All three put pixel centres at half-integer coordinates, `src = (dst + 0.5) * in / out - 0.5`;
 //! they differ in the arithmetic and at the borders.
@@ -234,6 +236,117 @@ pub fn skimage_linear_mirror(
         .collect()
 }
 
+/// PyTorch's `interpolate(mode="bicubic", align_corners=False)` of `planes` planes of
+/// `src` `(h, w)` to `dst`, f32, row-major `(planes, h, w)`.
+///
+/// Without `antialias`: Keys' cubic with a = -0.75 at `(dst + 0.5) * in / out - 0.5`, indices
+/// clamped at the borders (transformers' `interpolate_pos_encoding`). With `antialias`
+/// (timm's `resample_abs_pos_embed`): PyTorch's separable antialiased kernel, a = -0.5, its
+/// support widened by the scale when shrinking and its weights normalised, width first.
+pub fn torch_bicubic(
+    src: &[f32],
+    planes: usize,
+    (h, w): (usize, usize),
+    (oh, ow): (usize, usize),
+    antialias: bool,
+) -> Vec<f32> {
+    let taps_w = bicubic_taps(w, ow, antialias);
+    let taps_h = bicubic_taps(h, oh, antialias);
+    let mut mid = vec![0f32; planes * h * ow];
+    for p in 0..planes {
+        for y in 0..h {
+            let row = &src[(p * h + y) * w..][..w];
+            for (x, taps) in taps_w.iter().enumerate() {
+                mid[(p * h + y) * ow + x] = taps.iter().map(|&(i, k)| row[i] * k).sum();
+            }
+        }
+    }
+    let mut out = vec![0f32; planes * oh * ow];
+    for p in 0..planes {
+        for (y, taps) in taps_h.iter().enumerate() {
+            for x in 0..ow {
+                out[(p * oh + y) * ow + x] = taps
+                    .iter()
+                    .map(|&(i, k)| mid[(p * h + i) * ow + x] * k)
+                    .sum();
+            }
+        }
+    }
+    out
+}
+
+/// For each output index, the (input index, weight) pairs of PyTorch's bicubic rule.
+fn bicubic_taps(n_in: usize, n_out: usize, antialias: bool) -> Vec<Vec<(usize, f32)>> {
+    let scale = n_in as f64 / n_out as f64;
+    let scale_f = n_in as f32 / n_out as f32;
+    if !antialias {
+        let last = n_in as i64 - 1;
+        return (0..n_out)
+            .map(|o| {
+                // PyTorch computes the source coordinate and the cubic weights in f32.
+                let real = scale_f * (o as f32 + 0.5) - 0.5;
+                let base = real.floor();
+                let t = real - base;
+                let k = cubic_weights(t, -0.75);
+                (0..4)
+                    .map(|j| {
+                        let i = (base as i64 - 1 + j as i64).clamp(0, last) as usize;
+                        (i, k[j])
+                    })
+                    .collect()
+            })
+            .collect();
+    }
+    // PyTorch's `_compute_indices_min_size_weights_aa` (interp_size 4, a = -0.5).
+    let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    (0..n_out)
+        .map(|o| {
+            let center = scale * (o as f64 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(n_in as i64) as usize;
+            let ws: Vec<f64> = (xmin..xmax)
+                .map(|j| aa_cubic((j as f64 - center + 0.5) * invscale))
+                .collect();
+            let total: f64 = ws.iter().sum();
+            (xmin..xmax)
+                .zip(ws)
+                .map(|(j, k)| {
+                    (
+                        j,
+                        if total != 0.0 {
+                            (k / total) as f32
+                        } else {
+                            0.0
+                        },
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Keys' cubic convolution weights of the 4 neighbours at fraction `t` (PyTorch's
+/// `get_cubic_upsample_coefficients`).
+fn cubic_weights(t: f32, a: f32) -> [f32; 4] {
+    let c1 = |x: f32| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+    let c2 = |x: f32| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+    [c2(t + 1.0), c1(t), c1(1.0 - t), c2(2.0 - t)]
+}
+
+/// PyTorch's antialiasing bicubic filter (Keys, a = -0.5).
+fn aa_cubic(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,5 +396,50 @@ mod tests {
             assert!((got - want).abs() < 1e-12, "{w:?}");
         }
         assert_eq!(a[4].0, 1);
+    }
+
+    #[test]
+    fn bicubic_is_the_identity_at_the_same_size_and_keeps_constants() {
+        let src: Vec<f32> = (0..2 * 5 * 4).map(|i| (i as f32 * 0.37).sin()).collect();
+        for aa in [false, true] {
+            let same = torch_bicubic(&src, 2, (5, 4), (5, 4), aa);
+            assert!(
+                same.iter().zip(&src).all(|(a, b)| (a - b).abs() < 1e-6),
+                "aa {aa}"
+            );
+            let flat = vec![0.25f32; 6 * 6];
+            for to in [(9, 3), (2, 11)] {
+                let out = torch_bicubic(&flat, 1, (6, 6), to, aa);
+                assert!(
+                    out.iter().all(|v| (v - 0.25).abs() < 1e-6),
+                    "aa {aa} {to:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bicubic_matches_torch_on_a_ramp() {
+        // torch.nn.functional.interpolate(torch.arange(4.).view(1, 1, 1, 4), size=(1, 6),
+        // mode="bicubic", align_corners=False[, antialias=True]) (PyTorch 2.15).
+        let close = |got: &[f32], want: &[f32]| {
+            got.len() == want.len() && got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5)
+        };
+        let src = [0.0f32, 1.0, 2.0, 3.0];
+        let plain = torch_bicubic(&src, 1, (1, 4), (1, 6), false);
+        let want = [
+            -0.0868056, 0.40625, 1.2129627, 1.7870371, 2.59375, 3.0868058,
+        ];
+        assert!(close(&plain, &want), "{plain:?}");
+        let aa = torch_bicubic(&src, 1, (1, 4), (1, 6), true);
+        let want = [
+            -0.0657893, 0.4117647, 1.1666667, 1.8333333, 2.5882354, 3.0657897,
+        ];
+        assert!(close(&aa, &want), "{aa:?}");
+        // Shrinking with antialias widens the kernel: squares 0..7 to 3 samples.
+        let sq: Vec<f32> = (0..8).map(|i| (i * i) as f32).collect();
+        let aa = torch_bicubic(&sq, 1, (1, 8), (1, 3), true);
+        let want = [1.0357937, 12.718559, 37.485275];
+        assert!(close(&aa, &want), "{aa:?}");
     }
 }

@@ -65,6 +65,12 @@ pub struct Preprocess {
     /// The centre-crop fraction of the checkpoint's own eval transform (timm `crop_pct`), when
     /// stated; reported, not applied (the explanation covers the whole picture).
     pub crop_pct: Option<f64>,
+    /// The shortest edge the checkpoint's own processor resizes to before cropping (Hugging Face
+    /// `size.shortest_edge`), when it says so; used by `--resize processor`.
+    pub resize_shortest: Option<usize>,
+    /// The centre crop of the checkpoint's own processor (Hugging Face `crop_size` when
+    /// `do_center_crop`), when it says so; used by `--resize processor`.
+    pub crop: Option<(usize, usize)>,
 }
 
 /// A size as configuration files spell it: an integer (square), `[H, W]`, `[C, H, W]`,

@@ -8,8 +8,18 @@ use std::process::{Command, Output};
 use vitcx::io::npy::read_npy;
 use vitcx::model::Backbone;
 
-/// The three golden cases of the reference implementation.
-pub const CASES: [&str; 3] = ["vit_timm", "deit_distilled_timm", "vit_hf"];
+/// The golden cases of the reference implementation: three copied from the project's golden set,
+/// five made by `scripts/make_golden.py` (DeiT III, DINOv2 registers, CLIP, SigLIP, HF DINOv2).
+pub const CASES: [&str; 8] = [
+    "vit_timm",
+    "deit_distilled_timm",
+    "vit_hf",
+    "deit3_timm",
+    "reg4_dinov2_timm",
+    "clip_timm",
+    "siglip_timm",
+    "dinov2_hf",
+];
 
 /// `tests/data/<rel>`.
 pub fn data(rel: &str) -> PathBuf {

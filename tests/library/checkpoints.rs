@@ -356,23 +356,76 @@ fn config_disagrees_with_tensors() {
 
 #[test]
 fn unsupported_variants() {
+    let unsupported = |dir: &std::path::Path| match load(dir, &Device::Cpu) {
+        Err(Error::Unsupported(m)) => m,
+        other => panic!("unexpected {other:?}"),
+    };
+    // A timm option vitcx does not implement is named.
+    let dir = copy_case("vit_timm");
+    edit_config(dir.path(), |v| {
+        v["model_args"]["mlp_layer"] = "SwiGLU".into()
+    });
+    let m = unsupported(dir.path());
+    assert!(m.contains("model_args.mlp_layer"), "{m}");
+    let dir = copy_case("vit_timm");
+    edit_config(dir.path(), |v| v["model_args"]["act_layer"] = "silu".into());
+    let m = unsupported(dir.path());
+    assert!(m.contains("act_layer = 'silu'"), "{m}");
+    // An architecture whose blocks differ where the tensors cannot show it.
+    let dir = copy_case("vit_timm");
+    edit_config(dir.path(), |v| {
+        v["architecture"] = "vit_base_patch16_rpn_224".into()
+    });
+    let m = unsupported(dir.path());
+    assert!(m.contains("ResPostBlock"), "{m}");
+    // Hugging Face: a gated MLP.
+    let dir = copy_case("vit_hf");
+    edit_config(dir.path(), |v| {
+        v["model_type"] = "dinov2".into();
+        v["use_swiglu_ffn"] = true.into();
+    });
+    let m = unsupported(dir.path());
+    assert!(m.contains("use_swiglu_ffn"), "{m}");
+
+    // A stated fc_norm the weights contradict; without it the tensors decide (avg pooling
+    // after the final norm, as timm's SigLIP `*_gap_*` architectures set in code).
+    let dir = copy_case("vit_timm");
+    edit_config(dir.path(), |v| {
+        v["model_args"]["global_pool"] = "avg".into();
+        v["model_args"]["fc_norm"] = true.into();
+    });
+    let r = checkpoint_reason(load(dir.path(), &Device::Cpu));
+    assert!(
+        r.contains("'fc_norm'") && r.contains("'norm.weight'"),
+        "{r}"
+    );
     let dir = copy_case("vit_timm");
     edit_config(dir.path(), |v| {
         v["model_args"]["global_pool"] = "avg".into()
     });
-    match load(dir.path(), &Device::Cpu) {
-        Err(Error::Unsupported(m)) => assert!(m.contains("global_pool 'avg'"), "{m}"),
-        other => panic!("unexpected {other:?}"),
-    }
+    let m = load(dir.path(), &Device::Cpu).unwrap();
+    assert_eq!(m.spec().details["pool"], "avg");
+    assert_eq!(m.spec().details["norms"], "blocks -> norm");
+
+    // Register tokens the position embedding does not fit.
     let dir = copy_case("vit_timm");
     edit_tensors(dir.path(), |t| {
         let z = Tensor::zeros((1, 4, 192), candle_core::DType::F32, &Device::Cpu).unwrap();
         t.insert("reg_token".into(), z);
     });
-    match load(dir.path(), &Device::Cpu) {
-        Err(Error::Unsupported(m)) => assert!(m.contains("reg_token"), "{m}"),
-        other => panic!("unexpected {other:?}"),
-    }
+    let r = checkpoint_reason(load(dir.path(), &Device::Cpu));
+    assert!(
+        r.contains("'pos_embed' has 197 tokens") && r.contains("5 prefix"),
+        "{r}"
+    );
+    // A stated option the weights contradict.
+    let dir = copy_case("vit_timm");
+    edit_config(dir.path(), |v| v["model_args"]["init_values"] = 1e-5.into());
+    let r = checkpoint_reason(load(dir.path(), &Device::Cpu));
+    assert!(
+        r.contains("init_values") && r.contains("'blocks.0.ls1.gamma'"),
+        "{r}"
+    );
 }
 
 #[test]

@@ -69,6 +69,8 @@ impl PatchMean {
                 input_size: size,
                 interpolation: None,
                 crop_pct: None,
+                resize_shortest: None,
+                crop: None,
             },
             depth: 1,
             layer_taps: vec![tap.name.clone()],

@@ -1,5 +1,6 @@
-//! The gate: vitcx reproduces the ViT-CX reference implementation on the three golden cases
-//! (tests/data/<case>, copied from the reference outputs; see tests/data/README.md).
+//! The gate: vitcx reproduces the ViT-CX reference implementation on the eight golden cases
+//! (tests/data/<case>: three copied from the reference outputs, five made by running the
+//! reference by hand with `scripts/make_golden.py`; see tests/data/README.md).
 
 use crate::common::{fixture, input, manifest, max_abs_diff, model, pearson, range, CASES};
 
