@@ -184,6 +184,95 @@ pub fn model_input(
     (resized, input)
 }
 
+/// How an image is brought to the model's input size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resize {
+    /// The whole image stretched to the input size, bilinear as OpenCV (the reference's way;
+    /// the explanation covers the whole picture).
+    #[default]
+    Stretch,
+    /// As the checkpoint's own processor says: the shortest edge to `shortest_edge`, then a
+    /// centre `crop` (timm `crop_pct`, Hugging Face `size.shortest_edge` + `crop_size`), or a
+    /// stretch where it says neither; bicubic with the image crate's Catmull-Rom filter (PIL's
+    /// kernel, not its rounding).
+    Processor {
+        /// Shortest edge after the resize.
+        shortest_edge: Option<usize>,
+        /// Centre crop `(H, W)`.
+        crop: Option<(usize, usize)>,
+    },
+}
+
+impl Resize {
+    /// How the report names it.
+    pub fn describe(self) -> String {
+        match self {
+            Resize::Stretch => {
+                "stretch: bilinear, half-pixel centres, no antialiasing, whole image stretched"
+                    .into()
+            }
+            Resize::Processor {
+                shortest_edge: Some(e),
+                crop: Some((h, w)),
+            } => format!("processor: shortest edge {e} bicubic, centre crop {h}x{w}"),
+            Resize::Processor {
+                shortest_edge: Some(e),
+                crop: None,
+            } => format!("processor: shortest edge {e} bicubic"),
+            Resize::Processor { .. } => "processor: bicubic, whole image stretched".into(),
+        }
+    }
+}
+
+/// What the model sees of an image under `resize`, at `size` `(H, W)`: the resized (and
+/// cropped) image maps are drawn over, and its normalised `(3, H, W)` input.
+pub fn model_input_with(
+    img: &RgbImage,
+    size: (usize, usize),
+    mean: [f32; 3],
+    std: [f32; 3],
+    resize: Resize,
+) -> (RgbImage, Vec<f32>) {
+    let Resize::Processor {
+        shortest_edge,
+        crop,
+    } = resize
+    else {
+        return model_input(img, size, mean, std);
+    };
+    use image::imageops::{self, FilterType};
+    let (h, w) = size;
+    let bicubic = |im: &RgbImage, w: u32, h: u32| {
+        imageops::resize(im, w.max(1), h.max(1), FilterType::CatmullRom)
+    };
+    let (iw, ih) = (img.width().max(1), img.height().max(1));
+    let mut out = match shortest_edge {
+        Some(e) => {
+            let e = e as u32;
+            // Shortest edge to `e`, the other scaled and truncated (torchvision and transformers).
+            let (nw, nh) = if iw <= ih {
+                (e, (u64::from(e) * u64::from(ih) / u64::from(iw)) as u32)
+            } else {
+                ((u64::from(e) * u64::from(iw) / u64::from(ih)) as u32, e)
+            };
+            bicubic(img, nw, nh)
+        }
+        None => bicubic(img, w as u32, h as u32),
+    };
+    if let Some((ch, cw)) = crop {
+        let (ch, cw) = (ch as u32, cw as u32);
+        if out.width() >= cw && out.height() >= ch {
+            let (x, y) = ((out.width() - cw) / 2, (out.height() - ch) / 2);
+            out = imageops::crop_imm(&out, x, y, cw, ch).to_image();
+        }
+    }
+    if (out.height() as usize, out.width() as usize) != (h, w) {
+        out = resize_bilinear(&out, (h, w));
+    }
+    let input = to_input(&out, mean, std);
+    (out, input)
+}
+
 /// Scales to [0, 1] and normalises per channel: (v / 255 - mean) / std, as f32, laid out (3, H, W).
 ///
 /// `mean` and `std` come from the checkpoint's configuration; a zero `std` gives infinities,
@@ -464,5 +553,25 @@ mod tests {
         let img = RgbImage::from_fn(2, 1, |x, _| image::Rgb([255 * x as u8, 0, 51]));
         let v = to_input(&img, [0.5, 0.0, 0.0], [0.5, 1.0, 2.0]);
         assert_eq!(v, vec![-1.0, 1.0, 0.0, 0.0, 0.1, 0.1]);
+    }
+
+    #[test]
+    fn processor_resize_crops_the_centre_of_the_shortest_edge() {
+        // 40 x 20 (W x H): left half black, right half white; shortest edge 10, crop 10 x 10
+        // keeps the middle, half black and half white; a stretch keeps the whole width.
+        let img = RgbImage::from_fn(40, 20, |x, _| {
+            image::Rgb(if x < 20 { [0; 3] } else { [255; 3] })
+        });
+        let resize = Resize::Processor {
+            shortest_edge: Some(10),
+            crop: Some((10, 10)),
+        };
+        let (out, x) = model_input_with(&img, (10, 10), [0.0; 3], [1.0; 3], resize);
+        assert_eq!((out.width(), out.height()), (10, 10));
+        assert_eq!(x.len(), 300);
+        assert!(out.get_pixel(0, 5).0[0] < 40 && out.get_pixel(9, 5).0[0] > 215);
+        assert!(resize.describe().contains("centre crop 10x10"));
+        let (stretched, _) = model_input_with(&img, (10, 10), [0.0; 3], [1.0; 3], Resize::Stretch);
+        assert_eq!(stretched, resize_bilinear(&img, (10, 10)));
     }
 }

@@ -50,7 +50,7 @@ pub static METHODS: &[MethodEntry] = &[
     MethodEntry {
         name: "rollout",
         title: "Rollout",
-        new: |p, _| Ok(Box::new(Rollout::new(&p.rollout)?)),
+        new: |p, m| Ok(Box::new(Rollout::for_model(&p.rollout, m)?)),
     },
     MethodEntry {
         name: "rise",

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use super::driver::{Clean, CleanPass, Explanation, Maps, Method, Run, Stage};
 use crate::error::{Error, Result};
+use crate::model::Backbone;
 use crate::resample::torch_bilinear;
 
 /// Attention Rollout settings.
@@ -50,6 +51,27 @@ impl Rollout {
         Ok(Self {
             params: params.clone(),
         })
+    }
+
+    /// Rollout for `model`, refused for a model without a \[CLS\] token: rollout reads where
+    /// the \[CLS\] token's attention flows, and a model that pools its patch tokens (SigLIP,
+    /// average-pooled ViTs without a class token) has no such row. Averaging the patch tokens'
+    /// rows instead is sometimes done, but it is a different method with no reference to check
+    /// it against, so vitcx says so rather than return it under this name.
+    pub fn for_model(params: &RolloutParams, model: &dyn Backbone) -> Result<Self> {
+        let spec = model.spec();
+        let cls = spec
+            .layer_taps
+            .last()
+            .and_then(|t| spec.tap(t).ok())
+            .is_some_and(|t| t.prefix_tokens.first().is_some_and(|p| p == "[CLS]"));
+        if !cls {
+            return Err(Error::Unsupported(format!(
+                "Attention Rollout follows the [CLS] token's attention, and {} has no class token; use vitcx, rise or gradcam",
+                spec.architecture
+            )));
+        }
+        Self::new(params)
     }
 
     /// The settings.

@@ -10,6 +10,11 @@ fn explain_sigma0_matches_reference_through_the_cli() {
         ("vit_timm", 13, 2, 3),
         ("deit_distilled_timm", 15, 0, 2),
         ("vit_hf", 8, 5, 3),
+        ("deit3_timm", 8, 1, 2),
+        ("reg4_dinov2_timm", 6, 2, 2),
+        ("clip_timm", 6, 1, 2),
+        ("siglip_timm", 6, 9, 2),
+        ("dinov2_hf", 5, 5, 2),
     ] {
         let out = tempfile::tempdir().unwrap();
         let o = vitcx(&[
@@ -413,6 +418,77 @@ fn predict_and_inspect() {
         text.contains("blocks.0.norm1, blocks.0, blocks.1.norm1"),
         "{text}"
     );
+}
+
+#[test]
+fn inspect_shows_registers_and_rollout_needs_a_class_token() {
+    let o = vitcx(&["inspect", s(&data("reg4_dinov2_timm"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    for needle in [
+        "family         Dinov2 (vit_small_patch14_reg4_dinov2)",
+        "token grid     16 x 16",
+        "prefix tokens  5 ([CLS], [REG0], [REG1], [REG2], [REG3])",
+        "pos embed      patches only (not the prefix tokens), 16 x 16",
+        "layer scale    true",
+        "kernels        fused: attention, LayerNorm, linear, bias+GELU",
+    ] {
+        assert!(text.contains(needle), "'{needle}' not in:\n{text}");
+    }
+    let o = vitcx(&["inspect", s(&data("clip_timm"))]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("activation     quick_gelu"), "{text}");
+    assert!(
+        text.contains("norms          norm_pre -> blocks -> norm"),
+        "{text}"
+    );
+    assert!(text.contains("composed: the MLP's quick_gelu"), "{text}");
+
+    // --resize processor: DINOv2's processor resizes the shortest edge to 256 and crops 224;
+    // the report says so and the overlay is the crop.
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "explain",
+        s(&data("images/white_stork1.JPEG")),
+        "--model",
+        s(&data("dinov2_hf")),
+        "--resize",
+        "processor",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("white_stork1.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        report["params"]["resize"],
+        "processor: shortest edge 256 bicubic, centre crop 224x224"
+    );
+    let png = image::open(out.path().join("white_stork1.png")).unwrap();
+    assert_eq!(png.width(), 224, "the overlay is the crop the model saw");
+
+    let out = tempfile::tempdir().unwrap();
+    let o = vitcx(&[
+        "explain",
+        s(&data("siglip_timm/image_224.png")),
+        "--model",
+        s(&data("siglip_timm")),
+        "--method",
+        "rollout",
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("has no class token") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(files_in(out.path()).is_empty(), "nothing written");
 }
 
 #[test]

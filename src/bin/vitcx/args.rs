@@ -62,6 +62,10 @@ pub struct ExplainArgs {
     pub vitcx: VitCxArgs,
     #[command(flatten)]
     pub other: MethodArgs,
+    /// How images reach the model's input size: `stretch` (the reference's bilinear stretch of
+    /// the whole image) or `processor` (the checkpoint's own resize and centre crop).
+    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
+    pub resize: ResizeArg,
     /// Do not write the PNG overlay.
     #[arg(long)]
     pub no_overlay: bool,
@@ -82,6 +86,9 @@ pub struct PredictArgs {
     /// How many classes to print.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// How images reach the model's input size (see `explain --help`).
+    #[arg(long, value_enum, default_value_t = ResizeArg::Stretch)]
+    pub resize: ResizeArg,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -334,6 +341,28 @@ impl VitCxArgs {
             seed: self.seed,
             batch: self.batch,
             precision: self.precision,
+        }
+    }
+}
+
+/// `--resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResizeArg {
+    /// The whole image stretched, bilinear, as the reference.
+    Stretch,
+    /// The checkpoint's own processor: shortest edge, centre crop, bicubic.
+    Processor,
+}
+
+impl ResizeArg {
+    /// The library's [`vitcx::image::Resize`] for a model's preprocessing.
+    pub fn resize(self, pre: &vitcx::model::Preprocess) -> vitcx::image::Resize {
+        match self {
+            ResizeArg::Stretch => vitcx::image::Resize::Stretch,
+            ResizeArg::Processor => vitcx::image::Resize::Processor {
+                shortest_edge: pre.resize_shortest,
+                crop: pre.crop,
+            },
         }
     }
 }

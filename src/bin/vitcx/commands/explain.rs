@@ -120,7 +120,16 @@ fn explain_one(
     let t = Instant::now();
     let img = vitcx::image::load_rgb(path)?;
     let pre = &spec.preprocess;
-    let (_, x) = vitcx::image::model_input(&img, spec.input_size, pre.mean, pre.std);
+    let original = (img.width(), img.height());
+    let resize = a.resize.resize(pre);
+    let (seen, x) =
+        vitcx::image::model_input_with(&img, spec.input_size, pre.mean, pre.std, resize);
+    // A crop explains only what the model saw: draw over that.
+    let img = if matches!(resize, vitcx::image::Resize::Stretch) {
+        img
+    } else {
+        seen
+    };
     let load_s = t.elapsed().as_secs_f64();
 
     let ex = method.explain(model, &x, classes, 0, bars)?;
@@ -159,7 +168,7 @@ fn explain_one(
         spec,
         method,
         path,
-        (img.width(), img.height()),
+        original,
         &ex,
         &files,
         png.as_deref(),
@@ -216,7 +225,7 @@ fn report(
     if let Some(p) = params.as_object_mut() {
         p.insert(
             "resize".into(),
-            json!("bilinear, half-pixel centres, no antialiasing, whole image stretched"),
+            json!(a.resize.resize(&spec.preprocess).describe()),
         );
         p.insert("mean".into(), json!(spec.preprocess.mean));
         p.insert("std".into(), json!(spec.preprocess.std));

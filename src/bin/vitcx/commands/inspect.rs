@@ -97,6 +97,17 @@ pub fn run(a: InspectArgs, device: &Device) -> Result<ExitCode> {
     let pre = &spec.preprocess;
     line(&mut out, "mean", format!("{:?}", pre.mean))?;
     line(&mut out, "std", format!("{:?}", pre.std))?;
+    let (h, w) = pre.input_size;
+    let own = match (pre.resize_shortest, pre.crop) {
+        (Some(e), Some((ch, cw))) => format!("; the checkpoint's own: shortest edge {e}, centre crop {ch} x {cw} (--resize processor)"),
+        (Some(e), None) => format!("; the checkpoint's own: shortest edge {e} (--resize processor)"),
+        _ => String::new(),
+    };
+    line(
+        &mut out,
+        "resize",
+        format!("stretched to {h} x {w} as the reference{own}"),
+    )?;
     if let Some(i) = &pre.interpolation {
         line(
             &mut out,
@@ -144,6 +155,7 @@ fn detail(v: &serde_json::Value) -> String {
                 f.to_string()
             }
         }
+        serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
 }

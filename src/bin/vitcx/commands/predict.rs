@@ -26,7 +26,8 @@ pub fn run(a: PredictArgs, device: &Device) -> Result<ExitCode> {
             }
         };
         let pre = &spec.preprocess;
-        let (_, x) = vitcx::image::model_input(&img, (h, w), pre.mean, pre.std);
+        let resize = a.resize.resize(pre);
+        let (_, x) = vitcx::image::model_input_with(&img, (h, w), pre.mean, pre.std, resize);
         let px = candle_core::Tensor::from_vec(x, (1, 3, h, w), model.device())?;
         let probs = model.probs(&px)?.flatten_all()?.to_vec1::<f32>()?;
         let top = vitcx::target::top_k(&probs, a.top_k);

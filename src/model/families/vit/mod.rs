@@ -819,7 +819,7 @@ fn spec(cfg: &VitConfig, grid: (usize, usize)) -> Spec {
         "patch": cfg.patch,
         "grid": grid,
         "num_prefix_tokens": cfg.num_prefix_tokens(),
-        "position_embedding": position_embedding(cfg),
+        "pos_embed": position_embedding(cfg),
         "pool": cfg.pool.name(),
         "norms": norms(cfg),
         "layer_scale": cfg.layer_scale,
@@ -863,8 +863,11 @@ fn position_embedding(cfg: &VitConfig) -> String {
         Resample::Plain => "bicubic",
     };
     let (gh, gw) = cfg.pos_grid;
-    let sizes = if cfg.dynamic { "any input size" } else { "fixed input size" };
-    format!("{covers}, {gh} x {gw}; {sizes}, resampled {rule}")
+    if cfg.dynamic {
+        format!("{covers}, {gh} x {gw}; any input size, resampled {rule}")
+    } else {
+        format!("{covers}, {gh} x {gw}; fixed input size")
+    }
 }
 
 /// The LayerNorms outside the blocks, in order.
