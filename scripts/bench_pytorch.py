@@ -6,6 +6,8 @@ Run by hand (CI never runs it). Needs torch and timm:
     python3 -m venv /tmp/fixenv && /tmp/fixenv/bin/pip install torch timm
     /tmp/fixenv/bin/python scripts/bench_pytorch.py                      # ViT-B/16, batch 1/8/32, f32 + bf16
     /tmp/fixenv/bin/python scripts/bench_pytorch.py --preset tiny --batch 1 --repeats 1
+    /tmp/fixenv/bin/python scripts/bench_pytorch.py --arch vit_base_patch14_reg4_dinov2 --batch 8 \\
+        --dtypes f32 --vitcx target/release/vitcx --vitcx-args --precision f32
     /tmp/fixenv/bin/python scripts/bench_pytorch.py --threads 2 \\
         --vitcx target/release/vitcx                                     # then runs `vitcx bench --json`
 
@@ -98,8 +100,22 @@ def per_batch(d):
     return next(iter(d.values())) if len(d) == 1 else {str(k): v for k, v in d.items()}
 
 
-def time_forward(torch, model, batch, repeats, warmup, bf16):
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+def arch_flops(model):
+    """The same count for any timm VisionTransformer (blocks, patch embedding and head; an
+    attention pool is left out, as vitcx leaves it out), and its input side."""
+    dim, depth = model.embed_dim, len(model.blocks)
+    mlp = model.blocks[0].mlp.fc1.out_features
+    patch = model.patch_embed.patch_size[0]
+    image = model.patch_embed.img_size[0]
+    grid = (image // patch) ** 2
+    t = model.num_prefix_tokens + grid
+    embed = grid * 3 * patch * patch * dim
+    block = t * dim * 3 * dim + 2 * t * t * dim + t * dim * dim + 2 * t * dim * mlp
+    return 2.0 * (embed + depth * block + dim * model.num_classes), image
+
+
+def time_forward(torch, model, batch, repeats, warmup, bf16, image=224):
+    x = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0))
     runs = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(warmup + repeats):
@@ -115,17 +131,22 @@ def bench_pytorch(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    name, dim, depth, heads, mlp, patch, image, classes = PRESETS[args.preset]
-    flops = flops_per_image(dim, depth, mlp, patch, image, classes)
     torch.manual_seed(args.seed)
-    model = timm.create_model(name, pretrained=False).eval()
+    if args.arch:
+        name = args.arch
+        model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
+        flops, image = arch_flops(model)
+    else:
+        name, dim, depth, heads, mlp, patch, image, classes = PRESETS[args.preset]
+        flops = flops_per_image(dim, depth, mlp, patch, image, classes)
+        model = timm.create_model(name, pretrained=False).eval()
     print(f"pytorch: {name} ({flops / 1e9:.2f} GFLOP per image), {args.threads} threads", file=sys.stderr)
     res = {}
     for dtype in args.dtypes:
         bf16 = dtype == "bf16"
         s, g, r = {}, {}, {}
         for b in args.batch:
-            runs = time_forward(torch, model, b, args.repeats, args.warmup, bf16)
+            runs = time_forward(torch, model, b, args.repeats, args.warmup, bf16, image)
             s[b] = statistics.median(runs) / b
             g[b] = flops / s[b] / 1e9
             r[str(b)] = runs
@@ -135,7 +156,7 @@ def bench_pytorch(args):
         "tool": "pytorch",
         "version": f"torch {torch.__version__}, timm {timm.__version__}",
         "model": name,
-        "preset": args.preset,
+        "preset": args.arch or args.preset,
         "gflop_per_image": flops / 1e9,
         "seed": args.seed,
         "repeats": args.repeats,
@@ -168,7 +189,8 @@ def as_map(v, batches):
 
 
 def run_vitcx(args):
-    cmd = [args.vitcx, "bench", "--json", "--preset", args.preset, "--repeats", str(args.repeats)]
+    which = ["--arch", args.arch] if args.arch else ["--preset", args.preset]
+    cmd = [args.vitcx, "bench", "--json", *which, "--repeats", str(args.repeats)]
     if len(args.batch) == 1:
         cmd += ["--batch", str(args.batch[0])]
     elif sorted(args.batch) != [1, 8, 32]:
@@ -182,6 +204,8 @@ def run_vitcx(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="base")
+    ap.add_argument("--arch", help="a timm architecture instead of --preset, built with random "
+                    "weights and 1000 classes (vitcx bench --arch takes the same name)")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)

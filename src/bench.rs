@@ -14,12 +14,13 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::pearson;
 use crate::methods::vitcx::{Noise, VitCx, VitCxParams};
 use crate::methods::{NoProgress, Stage};
-use crate::model::families::vit::random::Arch;
+use crate::model::families::vit::random::{Arch, ArchOptions};
 use crate::model::families::vit::VisionTransformer;
 use crate::model::{Backbone, Precision};
 use crate::target::argmax;
 
-/// Named benchmark architectures.
+/// Named benchmark architectures: the two ViT sizes, and each plain-block family at its base
+/// size as timm builds it (`--arch NAME`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Preset {
@@ -27,32 +28,91 @@ pub enum Preset {
     Tiny,
     /// ViT-B/16: dim 768, depth 12, 12 heads, MLP 3072 (the model the speed goal is about).
     Base,
+    /// DeiT III-B/16: LayerScale, position embedding on the patches only.
+    Deit3,
+    /// DINOv2 ViT-B/14 at 518 px (37x37 grid), LayerScale.
+    Dinov2,
+    /// DINOv2 ViT-B/14 with 4 registers at 518 px.
+    Dinov2Reg4,
+    /// CLIP ViT-B/16: pre-norm, no patch bias, LayerNorm eps 1e-5.
+    Clip,
+    /// CLIP ViT-B/16 with QuickGELU (OpenAI weights).
+    ClipQuickgelu,
+    /// SigLIP ViT-B/16: no class token, attention pooling.
+    Siglip,
+    /// ViT-B/16 with average pooling and `fc_norm` (MAE / BEiT-style fine-tunes).
+    Avg,
 }
 
+/// Every preset, in the order `--help` and tables list them.
+pub const PRESETS: [Preset; 9] = [
+    Preset::Tiny,
+    Preset::Base,
+    Preset::Deit3,
+    Preset::Dinov2,
+    Preset::Dinov2Reg4,
+    Preset::Clip,
+    Preset::ClipQuickgelu,
+    Preset::Siglip,
+    Preset::Avg,
+];
+
 impl Preset {
-    /// The preset's sizes (patch 16, 224 px, 1000 classes, eps 1e-6 for both).
+    /// The preset's sizes and options (1000 classes).
     pub fn arch(self) -> Arch {
         let (dim, heads) = match self {
             Preset::Tiny => (192, 3),
-            Preset::Base => (768, 12),
+            _ => (768, 12),
         };
+        let (patch, image_size) = match self {
+            Preset::Dinov2 | Preset::Dinov2Reg4 => (14, 518),
+            _ => (16, 224),
+        };
+        let mut options = ArchOptions::default();
+        match self {
+            Preset::Tiny | Preset::Base => {}
+            Preset::Deit3 => {
+                options.layer_scale = true;
+                options.no_embed_class = true;
+            }
+            Preset::Dinov2 => options.layer_scale = true,
+            Preset::Dinov2Reg4 => {
+                options.layer_scale = true;
+                options.reg_tokens = 4;
+                options.no_embed_class = true;
+            }
+            Preset::Clip | Preset::ClipQuickgelu => options.pre_norm = true,
+            Preset::Siglip => {
+                options.class_token = false;
+                options.pool = "map";
+            }
+            Preset::Avg => options.pool = "avg",
+        }
         Arch {
             dim,
             depth: 12,
             heads,
             mlp_dim: 4 * dim,
-            patch: 16,
-            image_size: 224,
+            patch,
+            image_size,
             num_classes: 1000,
-            layer_norm_eps: 1e-6,
+            layer_norm_eps: if options.pre_norm { 1e-5 } else { 1e-6 },
+            options,
         }
     }
 
-    /// The preset's name as written on the command line.
+    /// The preset's short name (`tiny`, `base`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Preset::Tiny => "tiny",
             Preset::Base => "base",
+            Preset::Deit3 => "deit3",
+            Preset::Dinov2 => "dinov2",
+            Preset::Dinov2Reg4 => "dinov2_reg4",
+            Preset::Clip => "clip",
+            Preset::ClipQuickgelu => "clip_quickgelu",
+            Preset::Siglip => "siglip",
+            Preset::Avg => "avg",
         }
     }
 
@@ -61,6 +121,13 @@ impl Preset {
         match self {
             Preset::Tiny => "vit_tiny_patch16_224",
             Preset::Base => "vit_base_patch16_224",
+            Preset::Deit3 => "deit3_base_patch16_224",
+            Preset::Dinov2 => "vit_base_patch14_dinov2",
+            Preset::Dinov2Reg4 => "vit_base_patch14_reg4_dinov2",
+            Preset::Clip => "vit_base_patch16_clip_224",
+            Preset::ClipQuickgelu => "vit_base_patch16_clip_quickgelu_224",
+            Preset::Siglip => "vit_base_patch16_siglip_224",
+            Preset::Avg => "vit_base_patch16_224.mae",
         }
     }
 }
@@ -68,14 +135,19 @@ impl Preset {
 impl std::str::FromStr for Preset {
     type Err = Error;
 
+    /// A short name (`base`) or the timm architecture (`vit_base_patch16_clip_224`).
     fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "tiny" => Ok(Preset::Tiny),
-            "base" => Ok(Preset::Base),
-            _ => Err(Error::invalid(format!(
-                "preset '{s}' unknown; expected 'tiny' or 'base'"
-            ))),
-        }
+        PRESETS
+            .iter()
+            .copied()
+            .find(|p| p.name() == s || p.timm_name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = PRESETS.iter().map(|p| p.timm_name()).collect();
+                Error::invalid(format!(
+                    "architecture '{s}' unknown; expected tiny, base or one of {}",
+                    names.join(", ")
+                ))
+            })
     }
 }
 
@@ -559,7 +631,7 @@ mod tests {
         assert_eq!("tiny".parse::<Preset>().unwrap(), Preset::Tiny);
         assert_eq!("base".parse::<Preset>().unwrap(), Preset::Base);
         let e = "huge".parse::<Preset>().unwrap_err().to_string();
-        assert!(e.contains("preset 'huge' unknown"), "{e}");
+        assert!(e.contains("architecture 'huge' unknown"), "{e}");
     }
 
     #[test]
@@ -588,5 +660,45 @@ mod tests {
         );
         assert!(e.explain_s_per_mask > 0.0 && e.perturbed_forward_s_per_image > 0.0);
         assert!(e.projected_full_s >= e.total_s * 0.999);
+    }
+
+    #[test]
+    fn every_preset_reads_back_as_its_family() {
+        for preset in PRESETS {
+            // The preset's options on a small model, through the loader with the timm name.
+            let mut arch = preset.arch();
+            arch.dim = 32;
+            arch.heads = 2;
+            arch.depth = 1;
+            arch.mlp_dim = 64;
+            arch.num_classes = 5;
+            arch.image_size = 4 * arch.patch;
+            let m = crate::model::families::vit::random::random_vit(
+                &arch,
+                preset.timm_name(),
+                1,
+                &Device::Cpu,
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", preset.name()));
+            let spec = m.spec();
+            let tap = spec.tap("blocks.0.norm1").unwrap();
+            assert_eq!(
+                tap.prefix_tokens.len(),
+                arch.prefix_tokens(),
+                "{}",
+                preset.name()
+            );
+            assert_eq!(tap.grid, (4, 4));
+            assert_eq!(spec.details["pool"], arch.options.pool, "{}", preset.name());
+            assert_eq!(spec.details["layer_scale"], arch.options.layer_scale);
+            let act = if preset == Preset::ClipQuickgelu {
+                "quick_gelu"
+            } else {
+                "gelu"
+            };
+            assert_eq!(spec.details["activation"], act, "{}", preset.name());
+            assert_eq!(spec.details["layer_norm_eps"], arch.layer_norm_eps);
+            assert_eq!(preset.timm_name().parse::<Preset>().unwrap(), preset);
+        }
     }
 }

@@ -81,7 +81,8 @@ impl Score {
         let onehot = Tensor::from_vec(onehot, (b, c), logits.device())?;
         let scores = match self {
             Score::Logit => logits.clone(),
-            Score::Probability => candle_nn::ops::softmax_last_dim(logits)?,
+            // The differentiable softmax (candle's softmax_last_dim has no backward pass).
+            Score::Probability => candle_nn::ops::softmax(logits, candle_core::D::Minus1)?,
         };
         Ok((scores * onehot)?.sum_all()?)
     }
@@ -178,5 +179,34 @@ mod tests {
         assert!((p.to_scalar::<f32>().unwrap() - want).abs() < 1e-6);
         assert!(Score::Logit.of(&logits, &[0]).is_err());
         assert!(Score::Logit.of(&logits, &[0, 3]).is_err());
+    }
+
+    #[test]
+    fn the_probability_score_has_the_softmax_gradient() {
+        let dev = candle_core::Device::Cpu;
+        let z = candle_core::Var::from_vec(vec![1.0f32, 2.0, 0.5], (1, 3), &dev).unwrap();
+        let g = Score::Probability
+            .of(z.as_tensor(), &[1])
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g = g
+            .get(z.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let e: Vec<f64> = [1.0f64, 2.0, 0.5].iter().map(|v| v.exp()).collect();
+        let p: Vec<f64> = e.iter().map(|v| v / e.iter().sum::<f64>()).collect();
+        // d p1 / d z_j = p1 (delta_1j - p_j)
+        for j in 0..3 {
+            let want = p[1] * (f64::from(u8::from(j == 1)) - p[j]);
+            assert!(
+                (f64::from(g[j]) - want).abs() < 1e-6,
+                "{j}: {} vs {want}",
+                g[j]
+            );
+        }
     }
 }

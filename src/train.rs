@@ -57,6 +57,7 @@ pub fn demo_arch() -> Arch {
         image_size: 224,
         num_classes: CLASSES.len(),
         layer_norm_eps: 1e-6,
+        options: Default::default(),
     }
 }
 
@@ -549,6 +550,7 @@ mod tests {
                 image_size: 32,
                 num_classes: CLASSES.len(),
                 layer_norm_eps: 1e-6,
+                options: Default::default(),
             },
             seed: 3,
             steps: 40,

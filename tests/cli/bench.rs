@@ -100,7 +100,10 @@ fn bench_tiny_json() {
 #[test]
 fn bench_bad_arguments_exit_2() {
     for (args, want) in [
-        (&["bench", "--preset", "huge"][..], "preset 'huge' unknown"),
+        (
+            &["bench", "--preset", "huge"][..],
+            "architecture 'huge' unknown",
+        ),
         (&["bench", "--batch", "0"][..], "batch 0 out of range"),
         (
             &["bench", "--precision", "fp8"][..],

@@ -431,7 +431,7 @@ fn inspect_shows_registers_and_rollout_needs_a_class_token() {
         "prefix tokens  5 ([CLS], [REG0], [REG1], [REG2], [REG3])",
         "pos embed      patches only (not the prefix tokens), 16 x 16",
         "layer scale    true",
-        "kernels        fused: attention, LayerNorm, linear, bias+GELU",
+        "kernels        fused: attention, LayerNorm, linear, bias+gelu; composed: LayerScale",
     ] {
         assert!(text.contains(needle), "'{needle}' not in:\n{text}");
     }
@@ -442,7 +442,7 @@ fn inspect_shows_registers_and_rollout_needs_a_class_token() {
         text.contains("norms          norm_pre -> blocks -> norm"),
         "{text}"
     );
-    assert!(text.contains("composed: the MLP's quick_gelu"), "{text}");
+    assert!(text.contains("bias+quick_gelu"), "{text}");
 
     // --resize processor: DINOv2's processor resizes the shortest edge to 256 and crops 224;
     // the report says so and the overlay is the crop.

@@ -14,7 +14,21 @@ use vitcx::methods::{Method, NoProgress};
 use vitcx::model::Backbone;
 use vitcx::target::{Score, Targets};
 
-const CASES: [&str; 3] = ["vit_timm", "vit_hf", "deit_distilled_timm"];
+const CASES: [&str; 8] = [
+    "vit_timm",
+    "vit_hf",
+    "deit_distilled_timm",
+    "deit3_timm",
+    "reg4_dinov2_timm",
+    "clip_timm",
+    "siglip_timm",
+    "dinov2_hf",
+];
+
+/// The cases with a [CLS] token, which Attention Rollout follows (SigLIP has none).
+fn with_class_token() -> impl Iterator<Item = &'static str> {
+    CASES.into_iter().filter(|&c| c != "siglip_timm")
+}
 
 fn reference(name: &str, file: &str) -> Vec<f32> {
     read_npy(case(name).join("methods").join(file))
@@ -32,7 +46,7 @@ fn class(name: &str) -> usize {
 fn rollout_matches_the_reference() {
     // Discarding 90% cuts through values 1e-5 apart (relative), so f32 rounding can move an
     // entry across the cut: the map is checked to 5e-3 there, to 1e-5 without discarding.
-    for name in CASES {
+    for name in with_class_token() {
         let m = model(name);
         let x = input(name);
         for (ratio, file, tol) in [
@@ -57,12 +71,12 @@ fn rollout_matches_the_reference() {
 
 #[test]
 fn rollout_matrix_is_row_stochastic_and_matches_the_reference() {
-    for name in CASES {
+    for name in with_class_token() {
         let m = model(name);
         let px = Tensor::from_vec(input(name), (1, 3, 224, 224), &Device::Cpu).unwrap();
         let att = m.attention(&px).unwrap();
         assert_eq!(att.maps.len(), m.spec().depth);
-        let t = att.prefix_tokens + 196;
+        let t = att.prefix_tokens + att.grid.0 * att.grid.1;
         let mut layers: Vec<Vec<f64>> = att
             .maps
             .iter()
@@ -81,6 +95,16 @@ fn rollout_matrix_is_row_stochastic_and_matches_the_reference() {
         crate::common::readme_cell("methods", "rollout matrix, discard 0", name, d);
         assert!(d < 1e-6, "{name}: {d}");
     }
+}
+
+#[test]
+fn rollout_is_refused_without_a_class_token() {
+    let m = model("siglip_timm");
+    let e = Rollout::for_model(&RolloutParams::default(), &m)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("has no class token"), "{e}");
+    assert!(Rollout::for_model(&RolloutParams::default(), &model("reg4_dinov2_timm")).is_ok());
 }
 
 #[test]

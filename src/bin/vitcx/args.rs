@@ -269,6 +269,12 @@ pub struct BenchArgs {
     /// Model size: base (ViT-B/16, 35.1 GFLOP per image) or tiny (ViT-Ti/16, for quick runs).
     #[arg(long, default_value = "base")]
     pub preset: String,
+    /// A plain-block family at its base size, by timm name: deit3_base_patch16_224,
+    /// vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, vit_base_patch16_clip_224,
+    /// vit_base_patch16_clip_quickgelu_224, vit_base_patch16_siglip_224,
+    /// vit_base_patch16_224.mae (avg pooling); overrides --preset.
+    #[arg(long)]
+    pub arch: Option<String>,
     /// Forward batch size to time; default 1, 8 and 32.
     #[arg(long)]
     pub batch: Option<usize>,

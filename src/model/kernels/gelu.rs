@@ -10,7 +10,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::vecmath::{erf, exp_nonpositive, gelu};
+use super::vecmath::{erf, exp_nonpositive, gelu, gelu_tanh, quick_gelu};
 
 /// `GELU(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`.
 pub(crate) fn bias_gelu(xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
@@ -18,6 +18,147 @@ pub(crate) fn bias_gelu(xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tenso
         xs.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
     } else {
         xs.broadcast_add(bias)?.gelu_erf()
+    }
+}
+
+/// An MLP activation other than exact GELU, fused with the bias by [`bias_act`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// GELU with the tanh approximation (SigLIP 2, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+/// `act(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`, in one pass on the CPU; the backward
+/// pass is composed from candle ops (only Grad-CAM differentiates through it).
+pub(crate) fn bias_act(xs: &Tensor, bias: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    if xs.device().is_cpu() && xs.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        xs.contiguous()?
+            .apply_op2(&bias.contiguous()?, BiasAct(act))
+    } else {
+        composed_act(&xs.broadcast_add(bias)?, act)
+    }
+}
+
+/// The activation from candle ops (off the CPU).
+fn composed_act(z: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::QuickGelu => z * candle_nn::ops::sigmoid(&(z * 1.702)?)?,
+        Activation::GeluTanh => z.gelu(),
+    }
+}
+
+struct BiasAct(Activation);
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "vitcx-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = super::f32_slice(s1, l1, "vitcx bias-act", "input")?;
+        let bias = super::f32_slice(s2, l2, "vitcx bias-act", "bias")?;
+        let n = l1.shape().dims().last().copied().unwrap_or(1);
+        if bias.len() != n || n == 0 {
+            candle_core::bail!(
+                "vitcx bias-act: bias has {} values for rows of {n}",
+                bias.len()
+            )
+        }
+        let mut dst = vec![0f32; src.len()];
+        let rows_per_task = (8192 / n).max(1);
+        let act = self.0;
+        src.par_chunks(n * rows_per_task)
+            .zip(dst.par_chunks_mut(n * rows_per_task))
+            .for_each(|(s, d)| bias_act_rows(s, bias, d, act));
+        Ok((CpuStorage::F32(dst), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        xs: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let z = xs.broadcast_add(bias)?;
+        let d = match self.0 {
+            Activation::QuickGelu => {
+                // s + 1.702 z s (1 - s), s = sigmoid(1.702 z)
+                let s = candle_nn::ops::sigmoid(&(&z * 1.702)?)?;
+                let one_minus = s.affine(-1.0, 1.0)?;
+                (&s + ((&z * 1.702)? * (&s * one_minus)?)?)?
+            }
+            Activation::GeluTanh => {
+                // 0.5 (1 + t) + 0.5 z (1 - t^2) c (1 + 3 * 0.044715 z^2)
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let z2 = z.sqr()?;
+                let t = ((&z + (&z * &z2)? * 0.044715)? * c)?.tanh()?;
+                let dt =
+                    (t.sqr()?.affine(-1.0, 1.0)? * (z2 * (3.0 * 0.044715 * c))?.affine(1.0, c)?)?;
+                ((t.affine(0.5, 0.5))? + (&z * dt)? * 0.5)?
+            }
+        };
+        let gx = (grad_res * d)?;
+        let gb = super::sum_leading(&gx)?.reshape(bias.shape())?;
+        Ok((Some(gx), Some(gb)))
+    }
+}
+
+/// `dst = act(src + bias)` row by row, on the best instruction set.
+fn bias_act_rows(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F, checked just above.
+            unsafe { bias_act_avx512(src, bias, dst, act) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            unsafe { bias_act_avx2(src, bias, dst, act) };
+            return;
+        }
+    }
+    bias_act_generic(src, bias, dst, act);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn bias_act_avx512(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation) {
+    bias_act_generic(src, bias, dst, act)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn bias_act_avx2(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation) {
+    bias_act_generic(src, bias, dst, act)
+}
+
+#[inline(always)]
+fn bias_act_generic(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation) {
+    let n = bias.len();
+    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
+        match act {
+            Activation::QuickGelu => {
+                for ((o, &x), &b) in d.iter_mut().zip(s).zip(bias) {
+                    *o = quick_gelu(x + b);
+                }
+            }
+            Activation::GeluTanh => {
+                for ((o, &x), &b) in d.iter_mut().zip(s).zip(bias) {
+                    *o = gelu_tanh(x + b);
+                }
+            }
+        }
     }
 }
 
@@ -292,5 +433,42 @@ mod tests {
         // The sums are added in block order: the same inputs give the same bits.
         let again = xs.apply_op3_no_bwd(&b, &g, &BiasGeluGrad).unwrap();
         assert_eq!(crate::model::kernels::max_abs_diff(&both, &again), 0.0);
+    }
+
+    #[test]
+    fn bias_act_matches_the_composed_ops_and_their_gradients() {
+        let dev = Device::Cpu;
+        let xs = Tensor::from_vec(seq(6 * 40, 0.37), (6, 40), &dev).unwrap();
+        let b = Tensor::from_vec(seq(40, 0.11), 40, &dev).unwrap();
+        for act in [Activation::QuickGelu, Activation::GeluTanh] {
+            let ours = bias_act(&xs, &b, act).unwrap();
+            let theirs = composed_act(&xs.broadcast_add(&b).unwrap(), act).unwrap();
+            let d = (ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 2e-6, "{act:?}");
+            // Gradients: the custom op's bwd against candle's autograd of the composed ops.
+            let (vx, vb) = (
+                Var::from_tensor(&xs).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let g1 = bias_act(vx.as_tensor(), vb.as_tensor(), act)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let z = vx.as_tensor().broadcast_add(vb.as_tensor()).unwrap();
+            let g2 = composed_act(&z, act)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&vx, &vb] {
+                let a = g1.get(v.as_tensor()).unwrap();
+                let c = g2.get(v.as_tensor()).unwrap();
+                let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "{act:?} gradient");
+            }
+        }
     }
 }

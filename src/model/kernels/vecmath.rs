@@ -72,6 +72,36 @@ pub(crate) fn gelu(x: f32) -> f32 {
     x * 0.5 * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// `sigmoid(x) = 1 / (1 + exp(-x))`, from `exp` of a non-positive argument on both sides so
+/// that neither overflows.
+#[inline(always)]
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    let e = exp_nonpositive(-x.abs());
+    let s = 1.0 / (1.0 + e);
+    if x >= 0.0 {
+        s
+    } else {
+        e * s
+    }
+}
+
+/// QuickGELU (OpenAI CLIP): `x * sigmoid(1.702 x)`.
+#[inline(always)]
+pub(crate) fn quick_gelu(x: f32) -> f32 {
+    x * sigmoid(1.702 * x)
+}
+
+/// GELU with the tanh approximation, `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, with
+/// `tanh(y) = sign(y) (1 - e) / (1 + e)`, `e = exp(-2|y|)`.
+#[inline(always)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    const C: f32 = 0.797_884_6; // sqrt(2 / pi)
+    let y = C * (x + 0.044_715 * x * x * x);
+    let e = exp_nonpositive(-2.0 * y.abs());
+    let t = ((1.0 - e) / (1.0 + e)).copysign(y);
+    0.5 * x * (1.0 + t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +173,29 @@ mod tests {
             term *= -x * x / n;
         }
         2.0 / std::f64::consts::PI.sqrt() * sum
+    }
+
+    #[test]
+    fn sigmoid_quick_gelu_and_tanh_gelu_match_f64() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let xd = f64::from(x);
+            let s = 1.0 / (1.0 + (-xd).exp());
+            assert!((f64::from(sigmoid(x)) - s).abs() < 2e-7, "sigmoid({x})");
+            let q = xd / (1.0 + (-1.702 * xd).exp());
+            assert!(
+                (f64::from(quick_gelu(x)) - q).abs() < 2e-7 * (1.0 + xd.abs()),
+                "quick_gelu({x})"
+            );
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let t = 0.5 * xd * (1.0 + (c * (xd + 0.044715 * xd.powi(3))).tanh());
+            assert!(
+                (f64::from(gelu_tanh(x)) - t).abs() < 2e-7 * (1.0 + xd.abs()),
+                "gelu_tanh({x})"
+            );
+        }
+        assert!(sigmoid(f32::NAN).is_nan() && gelu_tanh(f32::NAN).is_nan());
+        assert_eq!(sigmoid(-200.0), 0.0);
+        assert_eq!(gelu_tanh(200.0), 200.0);
     }
 }

@@ -21,7 +21,7 @@ use crate::args::BenchArgs;
 const DEFAULT_BATCHES: [usize; 3] = [1, 8, 32];
 
 pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
-    let preset: Preset = a.preset.parse()?;
+    let preset: Preset = a.arch.as_deref().unwrap_or(&a.preset).parse()?;
     let batches = match a.batch {
         Some(0) => bail!("batch 0 out of range; expected at least 1"),
         Some(b) => vec![b],

@@ -110,16 +110,28 @@ impl Linear {
         Self::new(w, name, out, inp, bias)
     }
 
-    /// `act(self(xs))`: exact GELU fused with the bias; the other activations after it.
+    /// `act(self(xs))`, the bias and the activation in one pass.
     fn forward_act(&self, xs: &Tensor, act: Act, precision: Precision) -> Result<Tensor> {
-        match act {
-            Act::Gelu => self.forward_gelu(xs, precision),
-            Act::QuickGelu => {
-                let ys = self.forward(xs, precision)?;
-                Ok((&ys * candle_nn::ops::sigmoid(&(&ys * 1.702)?)?)?)
-            }
-            Act::GeluTanh => Ok(self.forward(xs, precision)?.gelu()?),
-        }
+        use crate::model::kernels::gelu::{bias_act, Activation};
+        let act = match act {
+            Act::Gelu => return self.forward_gelu(xs, precision),
+            Act::QuickGelu => Activation::QuickGelu,
+            Act::GeluTanh => Activation::GeluTanh,
+        };
+        let mut dims = xs.dims().to_vec();
+        let inp = dims.pop().unwrap_or(1);
+        let rows = xs.elem_count() / inp.max(1);
+        let xs = xs.reshape((rows, inp))?;
+        let ys = match precision {
+            Precision::F32 => xs.matmul(&self.wt)?,
+            Precision::Bf16 => self.product_bf16(&xs, false)?,
+        };
+        let ys = match &self.b {
+            Some(b) => bias_act(&ys, b, act)?,
+            None => bias_act(&ys, &Tensor::zeros(ys.dim(1)?, DType::F32, ys.device())?, act)?,
+        };
+        dims.push(self.wt.dim(1)?);
+        Ok(ys.reshape(dims)?)
     }
 
     /// `GELU(self(xs))`, the bias and the activation in one pass.
@@ -413,7 +425,9 @@ impl AttnPool {
         let k = kv.get(0)?.contiguous()?;
         let v = kv.get(1)?.contiguous()?;
         let att = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // The differentiable softmax: Grad-CAM takes gradients through the pool
+        // (candle's softmax_last_dim has no backward pass and would treat it as constant).
+        let att = candle_nn::ops::softmax(&att, candle_core::D::Minus1)?;
         let x = att.matmul(&v)?.transpose(1, 2)?.reshape((b, 1, d))?;
         let x = self.proj.forward(&x, Precision::F32)?;
         let x = (&x + self.mlp.forward(&self.norm.forward(&x)?, Precision::F32)?)?;
@@ -889,16 +903,20 @@ fn norms(cfg: &VitConfig) -> String {
 /// Which parts run on vitcx's fused CPU kernels, and which fall back to composed ops.
 fn kernels(cfg: &VitConfig) -> String {
     let mut composed = Vec::new();
-    if cfg.act != Act::Gelu {
-        composed.push(format!("the MLP's {} (bias fused, activation composed)", cfg.act.name()));
+    if cfg.layer_scale {
+        composed.push("LayerScale (one multiply per branch)".to_string());
+    }
+    if cfg.qk_norm {
+        composed.push("qk-norm (the LayerNorm kernel on q and k, then a copy)".to_string());
     }
     if cfg.pool == Pool::Map {
         composed.push("the attention pool (once per image)".to_string());
     }
+    let fused = format!("attention, LayerNorm, linear, bias+{}", cfg.act.name());
     if composed.is_empty() {
-        "fused: attention, LayerNorm, linear, bias+GELU".to_string()
+        format!("fused: {fused}")
     } else {
-        format!("fused: attention, LayerNorm, linear; composed: {}", composed.join(", "))
+        format!("fused: {fused}; composed: {}", composed.join(", "))
     }
 }
 

@@ -37,20 +37,58 @@ pub struct Arch {
     pub num_classes: usize,
     /// LayerNorm epsilon.
     pub layer_norm_eps: f64,
+    /// The options of timm's VisionTransformer beyond the 2020 ViT.
+    pub options: ArchOptions,
+}
+
+/// Options of a plain-block ViT beyond the 2020 ViT, as the random state dict holds them (the
+/// loader reads them back from the tensors and the architecture name, as from any checkpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ArchOptions {
+    /// A \[CLS\] token.
+    pub class_token: bool,
+    /// Register tokens after the \[CLS\].
+    pub reg_tokens: usize,
+    /// The position embedding covers the patches only.
+    pub no_embed_class: bool,
+    /// LayerScale on both residual branches.
+    pub layer_scale: bool,
+    /// A LayerNorm after the embedding, and no patch bias (CLIP).
+    pub pre_norm: bool,
+    /// `token`, `avg` (with `fc_norm`) or `map`.
+    pub pool: &'static str,
+}
+
+impl Default for ArchOptions {
+    fn default() -> Self {
+        ArchOptions {
+            class_token: true,
+            reg_tokens: 0,
+            no_embed_class: false,
+            layer_scale: false,
+            pre_norm: false,
+            pool: "token",
+        }
+    }
 }
 
 impl Arch {
-    /// Tokens per image: \[CLS\] + the patch grid.
+    /// Tokens per image: the prefix tokens (\[CLS\], registers) + the patch grid.
     pub fn tokens(&self) -> usize {
-        1 + (self.image_size / self.patch).pow(2)
+        self.prefix_tokens() + (self.image_size / self.patch).pow(2)
+    }
+
+    /// \[CLS\] and registers.
+    pub fn prefix_tokens(&self) -> usize {
+        usize::from(self.options.class_token) + self.options.reg_tokens
     }
 
     /// Multiply-adds of one forward pass for one image: patch embedding, per block the qkv,
-    /// attention (`QK^T` and `AV`), output projection and the two MLP matmuls, and the head.
-    /// ViT-B/16 at 224 px: 17.56 G.
+    /// attention (`QK^T` and `AV`), output projection and the two MLP matmuls, and the head
+    /// (not the attention pool of `map` pooling, which is small). ViT-B/16 at 224 px: 17.56 G.
     pub fn macs_per_image(&self) -> f64 {
         let (t, d, m) = (self.tokens() as f64, self.dim as f64, self.mlp_dim as f64);
-        let patches = t - 1.0;
+        let patches = t - self.prefix_tokens() as f64;
         let embed = patches * (3 * self.patch * self.patch) as f64 * d;
         let block = t * d * 3.0 * d // qkv
             + 2.0 * t * t * d // QK^T and AV over all heads
@@ -87,12 +125,27 @@ pub fn random_state_dict(
 ) -> Result<HashMap<String, Tensor>> {
     let (d, m, p) = (arch.dim, arch.mlp_dim, arch.patch);
     // (name, shape, kind): kind 'n' normal, 'z' zeros, 'o' ones.
-    let mut plan: Vec<(String, Vec<usize>, char)> = vec![
-        ("cls_token".into(), vec![1, 1, d], 'n'),
-        ("pos_embed".into(), vec![1, arch.tokens(), d], 'n'),
+    let o = &arch.options;
+    let grid = (arch.image_size / p).pow(2);
+    let pos_tokens = grid + if o.no_embed_class { 0 } else { arch.prefix_tokens() };
+    // (name, shape, kind): kind 'n' normal, 'z' zeros, 'o' ones.
+    let mut plan: Vec<(String, Vec<usize>, char)> = Vec::new();
+    if o.class_token {
+        plan.push(("cls_token".into(), vec![1, 1, d], 'n'));
+    }
+    if o.reg_tokens > 0 {
+        plan.push(("reg_token".into(), vec![1, o.reg_tokens, d], 'n'));
+    }
+    plan.extend([
+        ("pos_embed".into(), vec![1, pos_tokens, d], 'n'),
         ("patch_embed.proj.weight".into(), vec![d, 3, p, p], 'n'),
-        ("patch_embed.proj.bias".into(), vec![d], 'z'),
-    ];
+    ]);
+    if o.pre_norm {
+        plan.push(("norm_pre.weight".into(), vec![d], 'o'));
+        plan.push(("norm_pre.bias".into(), vec![d], 'z'));
+    } else {
+        plan.push(("patch_embed.proj.bias".into(), vec![d], 'z'));
+    }
     for i in 0..arch.depth {
         let b = |s: &str| format!("blocks.{i}.{s}");
         plan.extend([
@@ -109,10 +162,36 @@ pub fn random_state_dict(
             (b("mlp.fc2.weight"), vec![d, m], 'n'),
             (b("mlp.fc2.bias"), vec![d], 'z'),
         ]);
+        if o.layer_scale {
+            plan.push((b("ls1.gamma"), vec![d], 'o'));
+            plan.push((b("ls2.gamma"), vec![d], 'o'));
+        }
+    }
+    let norm = if o.pool == "avg" { "fc_norm" } else { "norm" };
+    plan.extend([
+        (format!("{norm}.weight"), vec![d], 'o'),
+        (format!("{norm}.bias"), vec![d], 'z'),
+    ]);
+    if o.pool == "map" {
+        for (name, shape, kind) in [
+            ("latent", vec![1, 1, d], 'n'),
+            ("q.weight", vec![d, d], 'n'),
+            ("q.bias", vec![d], 'z'),
+            ("kv.weight", vec![2 * d, d], 'n'),
+            ("kv.bias", vec![2 * d], 'z'),
+            ("proj.weight", vec![d, d], 'n'),
+            ("proj.bias", vec![d], 'z'),
+            ("norm.weight", vec![d], 'o'),
+            ("norm.bias", vec![d], 'z'),
+            ("mlp.fc1.weight", vec![m, d], 'n'),
+            ("mlp.fc1.bias", vec![m], 'z'),
+            ("mlp.fc2.weight", vec![d, m], 'n'),
+            ("mlp.fc2.bias", vec![d], 'z'),
+        ] {
+            plan.push((format!("attn_pool.{name}"), shape, kind));
+        }
     }
     plan.extend([
-        ("norm.weight".into(), vec![d], 'o'),
-        ("norm.bias".into(), vec![d], 'z'),
         ("head.weight".into(), vec![arch.num_classes, d], 'n'),
         ("head.bias".into(), vec![arch.num_classes], 'z'),
     ]);
@@ -136,7 +215,7 @@ pub fn timm_config_json(arch: &Arch, architecture: &str) -> serde_json::Value {
         "architecture": architecture,
         "num_classes": arch.num_classes,
         "num_features": arch.dim,
-        "global_pool": "token",
+        "global_pool": arch.options.pool,
         "model_args": {
             "embed_dim": arch.dim,
             "depth": arch.depth,
