@@ -43,6 +43,10 @@ pub struct Checkpoint {
     pub weights_path: PathBuf,
     /// Every tensor of the weights file.
     pub tensors: HashMap<String, Tensor>,
+    /// An input size `(H, W)` the caller asks for instead of the checkpoint's own
+    /// ([`super::load::load_at`], `--input-size`): a family that can resample its position
+    /// embedding honours it, as timm's `create_model(..., img_size=...)` does; others refuse it.
+    pub input_size: Option<(usize, usize)>,
 }
 
 impl Checkpoint {
@@ -62,6 +66,7 @@ impl Checkpoint {
             preprocessor,
             weights_path: weights_path.to_path_buf(),
             tensors,
+            input_size: None,
         })
     }
 

@@ -19,9 +19,33 @@ pub fn load(path: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
     load_with(FAMILIES, path, device)
 }
 
+/// [`load`], the model built for the input size `(H, W)` instead of the checkpoint's own, its
+/// position embedding resampled as timm's `create_model(..., img_size=...)` (or transformers'
+/// `interpolate_pos_encoding`) does; `None` is [`load`].
+pub fn load_at(
+    path: &Path,
+    device: &Device,
+    input_size: Option<(usize, usize)>,
+) -> Result<Box<dyn Backbone>> {
+    read_checkpoint(FAMILIES, path, device).and_then(|(family, mut ckpt)| {
+        ckpt.input_size = input_size;
+        (family.build)(ckpt, device)
+    })
+}
+
 /// [`load`] with another list of families, asked in order: a program can add a family of its
 /// own (`&[my_family, vitcx::model::FAMILIES[0]]`) without changing vitcx.
 pub fn load_with(families: &[Family], path: &Path, device: &Device) -> Result<Box<dyn Backbone>> {
+    let (family, ckpt) = read_checkpoint(families, path, device)?;
+    (family.build)(ckpt, device)
+}
+
+/// The family that reads the checkpoint at `path`, and the checkpoint.
+fn read_checkpoint<'f>(
+    families: &'f [Family],
+    path: &Path,
+    device: &Device,
+) -> Result<(&'f Family, Checkpoint)> {
     let files = checkpoint::locate(path)?;
     let config = checkpoint::read_json(&files.config)?;
     let format = Format::detect(&files.config, &config)?;
@@ -38,8 +62,9 @@ pub fn load_with(families: &[Family], path: &Path, device: &Device) -> Result<Bo
         preprocessor,
         weights_path: files.weights,
         tensors,
+        input_size: None,
     };
-    (family.build)(ckpt, device)
+    Ok((family, ckpt))
 }
 
 /// Loads a timm or Hugging Face checkpoint held in memory: `config.json` text and a

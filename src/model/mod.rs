@@ -21,5 +21,6 @@ pub use checkpoint::{Checkpoint, Family};
 pub use config::{Format, Preprocess};
 pub use families::FAMILIES;
 pub use load::{
-    demo, demo_held_out_accuracy, device, family_for, load, load_from_memory, load_with, DEMO_NAME,
+    demo, demo_held_out_accuracy, device, family_for, load, load_at, load_from_memory, load_with,
+    DEMO_NAME,
 };

@@ -443,6 +443,12 @@ fn inspect_shows_registers_and_rollout_needs_a_class_token() {
         "{text}"
     );
     assert!(text.contains("bias+quick_gelu"), "{text}");
+    // Built for another size: the grid follows, and the note says how.
+    let o = vitcx(&["inspect", s(&data("clip_timm")), "--input-size", "448"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("token grid     28 x 28"), "{text}");
+    assert!(text.contains("resampled from 14x14 to 28x28"), "{text}");
 
     // --resize processor: DINOv2's processor resizes the shortest edge to 256 and crops 224;
     // the report says so and the overlay is the crop.

@@ -95,3 +95,37 @@ fn every_zoo_case_matches_pytorch() {
         eprintln!("{name}: ok");
     }
 }
+
+/// `load_at`: the model built for another input size (as timm's `create_model(img_size=...)`)
+/// gives, at that size, what the dynamic-size model gives at run time, which PyTorch checked.
+#[test]
+fn a_model_built_for_another_size_matches_pytorch_at_that_size() {
+    let dir = zoo().join("timm_dinov2_dyn112_in126x154_d60_h5_c3");
+    let model = vitcx::model::load_at(&dir, &Device::Cpu, Some((126, 154))).unwrap();
+    let spec = model.spec();
+    assert_eq!(spec.input_size, (126, 154));
+    assert_eq!(spec.taps[0].grid, (9, 11));
+    assert!(
+        spec.notes
+            .iter()
+            .any(|n| n.contains("resampled from 8x8 to 9x11")),
+        "{:?}",
+        spec.notes
+    );
+    let input = read_npy(dir.join("reference/input.npy")).unwrap();
+    let px = Tensor::from_vec(input.to_f32(), input.shape.clone(), &Device::Cpu).unwrap();
+    let logits = model.forward(&px, None).unwrap().logits;
+    let logits = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = read_npy(dir.join("reference/logits.npy")).unwrap().to_f32();
+    let d = max_abs_diff(&logits, &want);
+    assert!(d < 1e-4, "logits differ by {d}");
+
+    // A size that is not a multiple of the patch is refused in one line.
+    let e = vitcx::model::load_at(&dir, &Device::Cpu, Some((100, 100)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not a positive multiple of the patch size 14"),
+        "{e}"
+    );
+}

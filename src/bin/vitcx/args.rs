@@ -45,6 +45,10 @@ pub struct ExplainArgs {
     /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
     pub model: Option<String>,
+    /// Build the model for another input size, `N` or `HxW` (a multiple of the patch), its
+    /// position embedding resampled as timm's `create_model(..., img_size=...)` does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub input_size: Option<(usize, usize)>,
     /// Output directory.
     #[arg(long, short, default_value = "vitcx-out")]
     pub out: PathBuf,
@@ -83,6 +87,10 @@ pub struct PredictArgs {
     /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
     pub model: Option<String>,
+    /// Build the model for another input size, `N` or `HxW` (a multiple of the patch), its
+    /// position embedding resampled as timm's `create_model(..., img_size=...)` does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub input_size: Option<(usize, usize)>,
     /// How many classes to print.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
@@ -99,6 +107,10 @@ pub struct InspectArgs {
     /// Checkpoint: a local directory or file, a Hugging Face Hub id, or `demo` (the bundled shapes
     /// model, also used when this is left out).
     pub model: Option<String>,
+    /// Build the model for another input size, `N` or `HxW` (a multiple of the patch), its
+    /// position embedding resampled as timm's `create_model(..., img_size=...)` does.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub input_size: Option<(usize, usize)>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -370,5 +382,19 @@ impl ResizeArg {
                 crop: pre.crop,
             },
         }
+    }
+}
+
+/// `--input-size`: `N` (square) or `HxW`, each at least 1.
+fn parse_size(v: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |t: &str| match t.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!(
+            "'{v}' is not a size; expected N or HxW with positive integers"
+        )),
+    };
+    match v.split_once(['x', 'X']) {
+        Some((h, w)) => Ok((parse(h)?, parse(w)?)),
+        None => parse(v).map(|n| (n, n)),
     }
 }

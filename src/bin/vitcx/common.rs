@@ -15,8 +15,22 @@ pub fn model_name(arg: &Option<String>) -> &str {
 /// No `--model` means the bundled demo model, announced in one line on stderr; `--model demo`
 /// asks for it explicitly (unless a local `demo` path exists, which wins).
 pub fn load_model(arg: Option<&str>, device: &Device) -> Result<Box<dyn Backbone>> {
+    load_model_at(arg, device, None)
+}
+
+/// [`load_model`] built for `input_size` (`--input-size`) when given.
+pub fn load_model_at(
+    arg: Option<&str>,
+    device: &Device,
+    input_size: Option<(usize, usize)>,
+) -> Result<Box<dyn Backbone>> {
     let demo = vitcx::model::DEMO_NAME;
     if arg.is_none() || (arg == Some(demo) && !std::path::Path::new(demo).exists()) {
+        if input_size.is_some() {
+            anyhow::bail!(
+                "--input-size needs --model: the bundled demo model runs at its own 224 x 224"
+            );
+        }
         let model = vitcx::model::demo(device).context("cannot load the bundled demo model")?;
         if arg.is_none() {
             let acc = vitcx::model::demo_held_out_accuracy()
@@ -32,8 +46,8 @@ pub fn load_model(arg: Option<&str>, device: &Device) -> Result<Box<dyn Backbone
     let arg = arg.unwrap_or(demo);
     let opts = vitcx::model::hub::HubOptions::from_env();
     let path = vitcx::model::hub::resolve_model(arg, &opts)?;
-    let model =
-        vitcx::model::load(&path, device).with_context(|| format!("cannot load model '{arg}'"))?;
+    let model = vitcx::model::load_at(&path, device, input_size)
+        .with_context(|| format!("cannot load model '{arg}'"))?;
     Ok(model)
 }
 

@@ -12,12 +12,12 @@ use vitcx::target::{class_id, top_k, Targets};
 use vitcx::{Explainer, Explanation};
 
 use crate::args::ExplainArgs;
-use crate::common::{load_model, model_name};
+use crate::common::{load_model_at, model_name};
 use crate::progress::Bars;
 
 pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let entry = vitcx::methods::entry(&a.method).context("--method")?;
-    let model = load_model(a.model.as_deref(), device)?;
+    let model = load_model_at(a.model.as_deref(), device, a.input_size)?;
     let model = model.as_ref();
     let params = crate::args::method_params(&a.vitcx, &a.other);
     let method = Explainer::new(entry, &params, model)?;

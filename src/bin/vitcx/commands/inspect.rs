@@ -8,10 +8,10 @@ use anyhow::Result;
 use candle_core::Device;
 
 use crate::args::InspectArgs;
-use crate::common::{load_model, model_name};
+use crate::common::{load_model_at, model_name};
 
 pub fn run(a: InspectArgs, device: &Device) -> Result<ExitCode> {
-    let model = load_model(a.model.as_deref(), device)?;
+    let model = load_model_at(a.model.as_deref(), device, a.input_size)?;
     let spec = model.spec();
     let mut out = std::io::stdout().lock();
     if a.json {

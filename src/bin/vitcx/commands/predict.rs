@@ -7,10 +7,10 @@ use anyhow::Result;
 use candle_core::Device;
 
 use crate::args::PredictArgs;
-use crate::common::load_model;
+use crate::common::load_model_at;
 
 pub fn run(a: PredictArgs, device: &Device) -> Result<ExitCode> {
-    let model = load_model(a.model.as_deref(), device)?;
+    let model = load_model_at(a.model.as_deref(), device, a.input_size)?;
     let spec = model.spec().clone();
     let (h, w) = spec.input_size;
     let mut out = std::io::stdout().lock();

@@ -409,10 +409,41 @@ fn check_flag(
 
 /// The configuration of `ckpt`, checked against its tensors `w` (timm names).
 pub(crate) fn read(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
-    match ckpt.format {
-        Format::Timm => timm(ckpt, w),
-        Format::HuggingFace => hf(ckpt, w),
+    let mut cfg = match ckpt.format {
+        Format::Timm => timm(ckpt, w)?,
+        Format::HuggingFace => hf(ckpt, w)?,
+    };
+    if let Some(size) = ckpt.input_size {
+        at_size(&mut cfg, w, size)?;
     }
+    Ok(cfg)
+}
+
+/// The model built for another input size, as timm's `create_model(..., img_size=size)` builds
+/// it from a checkpoint (the position embedding resampled once, at load) and transformers'
+/// `interpolate_pos_encoding` runs it. The checkpoint's own resize and crop keep their ratio.
+fn at_size(cfg: &mut VitConfig, w: &Weights, size: (usize, usize)) -> Result<()> {
+    let grid = grid_of(w, size, cfg.patch)?;
+    if size == cfg.input_size {
+        return Ok(());
+    }
+    let rule = match cfg.resample {
+        Resample::Antialiased => "bicubic, antialiased",
+        Resample::Plain => "bicubic",
+    };
+    let (gh, gw) = cfg.pos_grid;
+    cfg.notes.push(format!(
+        "input size {}x{} asked for instead of {}x{}; position embedding resampled from {gh}x{gw} to {}x{} ({rule})",
+        size.0, size.1, cfg.input_size.0, cfg.input_size.1, grid.0, grid.1
+    ));
+    let pre = &mut cfg.preprocess;
+    if let (Some(e), Some((ch, _))) = (pre.resize_shortest, pre.crop) {
+        pre.resize_shortest = Some((e as f64 * size.0 as f64 / ch as f64).floor() as usize);
+        pre.crop = Some(size);
+    }
+    pre.input_size = size;
+    cfg.input_size = size;
+    Ok(())
 }
 
 /// Standard head count for a timm architecture name's size word.
