@@ -12,26 +12,20 @@ use rayon::prelude::*;
 
 use super::vecmath::{erf, exp_nonpositive, gelu, gelu_tanh, quick_gelu};
 
-/// `GELU(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`.
-pub(crate) fn bias_gelu(xs: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    if xs.device().is_cpu() && xs.dtype() == DType::F32 && bias.dtype() == DType::F32 {
-        xs.contiguous()?.apply_op2(&bias.contiguous()?, BiasGelu)
-    } else {
-        xs.broadcast_add(bias)?.gelu_erf()
-    }
-}
-
-/// An MLP activation other than exact GELU, fused with the bias by [`bias_act`].
+/// An MLP activation, fused with the bias by [`bias_act`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Activation {
+    /// Exact (erf) GELU.
+    Gelu,
     /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
     QuickGelu,
     /// GELU with the tanh approximation (SigLIP 2, `gelu_pytorch_tanh`).
     GeluTanh,
 }
 
-/// `act(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`, in one pass on the CPU; the backward
-/// pass is composed from candle ops (only Grad-CAM differentiates through it).
+/// `act(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`, in one pass on the CPU. The backward
+/// pass of GELU is one fused sweep too (training, Grad-CAM); the others' are composed from
+/// candle ops (only Grad-CAM differentiates through them).
 pub(crate) fn bias_act(xs: &Tensor, bias: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     if xs.device().is_cpu() && xs.dtype() == DType::F32 && bias.dtype() == DType::F32 {
         xs.contiguous()?
@@ -44,6 +38,7 @@ pub(crate) fn bias_act(xs: &Tensor, bias: &Tensor, act: Activation) -> candle_co
 /// The activation from candle ops (off the CPU).
 fn composed_act(z: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     match act {
+        Activation::Gelu => z.gelu_erf(),
         Activation::QuickGelu => z * candle_nn::ops::sigmoid(&(z * 1.702)?)?,
         Activation::GeluTanh => z.gelu(),
     }
@@ -88,8 +83,12 @@ impl CustomOp2 for BiasAct {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        if self.0 == Activation::Gelu {
+            return gelu_bwd(xs, bias, grad_res);
+        }
         let z = xs.broadcast_add(bias)?;
         let d = match self.0 {
+            Activation::Gelu => unreachable!("handled above"),
             Activation::QuickGelu => {
                 // s + 1.702 z s (1 - s), s = sigmoid(1.702 z)
                 let s = candle_nn::ops::sigmoid(&(&z * 1.702)?)?;
@@ -148,6 +147,11 @@ fn bias_act_generic(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation)
     let n = bias.len();
     for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
         match act {
+            Activation::Gelu => {
+                for ((o, &x), &b) in d.iter_mut().zip(s).zip(bias) {
+                    *o = gelu(x + b);
+                }
+            }
             Activation::QuickGelu => {
                 for ((o, &x), &b) in d.iter_mut().zip(s).zip(bias) {
                     *o = quick_gelu(x + b);
@@ -162,61 +166,28 @@ fn bias_act_generic(src: &[f32], bias: &[f32], dst: &mut [f32], act: Activation)
     }
 }
 
-struct BiasGelu;
-
-impl CustomOp2 for BiasGelu {
-    fn name(&self) -> &'static str {
-        "vitcx-bias-gelu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let src = super::f32_slice(s1, l1, "vitcx bias-gelu", "input")?;
-        let bias = super::f32_slice(s2, l2, "vitcx bias-gelu", "bias")?;
-        let n = l1.shape().dims().last().copied().unwrap_or(1);
-        if bias.len() != n || n == 0 {
-            candle_core::bail!(
-                "vitcx bias-gelu: bias has {} values for rows of {n}",
-                bias.len()
-            )
-        }
-        let mut dst = vec![0f32; src.len()];
-        let rows_per_task = (8192 / n).max(1);
-        src.par_chunks(n * rows_per_task)
-            .zip(dst.par_chunks_mut(n * rows_per_task))
-            .for_each(|(s, d)| bias_gelu_rows(s, bias, d));
-        Ok((CpuStorage::F32(dst), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        xs: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (gx, gb) = if xs.device().is_cpu() && grad_res.dtype() == DType::F32 {
-            let n = bias.elem_count();
-            let rows = xs.elem_count() / n.max(1);
-            let both = xs.contiguous()?.apply_op3_no_bwd(
-                &bias.contiguous()?,
-                &grad_res.contiguous()?,
-                &BiasGeluGrad,
-            )?;
-            (
-                both.narrow(0, 0, rows)?.reshape(xs.shape())?,
-                both.get(rows)?.reshape(bias.shape())?,
-            )
-        } else {
-            composed_grad(xs, bias, grad_res)?
-        };
-        Ok((Some(gx), Some(gb)))
-    }
+/// The backward pass of `GELU(xs + bias)`: one fused sweep on the CPU ([`BiasGeluGrad`]).
+fn gelu_bwd(
+    xs: &Tensor,
+    bias: &Tensor,
+    grad_res: &Tensor,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let (gx, gb) = if xs.device().is_cpu() && grad_res.dtype() == DType::F32 {
+        let n = bias.elem_count();
+        let rows = xs.elem_count() / n.max(1);
+        let both = xs.contiguous()?.apply_op3_no_bwd(
+            &bias.contiguous()?,
+            &grad_res.contiguous()?,
+            &BiasGeluGrad,
+        )?;
+        (
+            both.narrow(0, 0, rows)?.reshape(xs.shape())?,
+            both.get(rows)?.reshape(bias.shape())?,
+        )
+    } else {
+        composed_grad(xs, bias, grad_res)?
+    };
+    Ok((Some(gx), Some(gb)))
 }
 
 /// `d/dz GELU(z) = Phi(z) + z phi(z)` from candle ops: the gradients with respect to `xs` and
@@ -330,47 +301,6 @@ fn bias_gelu_grad_generic(src: &[f32], bias: &[f32], g: &[f32], gx: &mut [f32], 
     }
 }
 
-/// `dst = GELU(src + bias)` row by row (`bias.len()` per row), on the best instruction set.
-fn bias_gelu_rows(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F, checked just above.
-            unsafe { bias_gelu_avx512(src, bias, dst) };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            unsafe { bias_gelu_avx2(src, bias, dst) };
-            return;
-        }
-    }
-    bias_gelu_generic(src, bias, dst);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn bias_gelu_avx512(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-    bias_gelu_generic(src, bias, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn bias_gelu_avx2(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-    bias_gelu_generic(src, bias, dst)
-}
-
-#[inline(always)]
-fn bias_gelu_generic(src: &[f32], bias: &[f32], dst: &mut [f32]) {
-    let n = bias.len();
-    for (s, d) in src.chunks_exact(n).zip(dst.chunks_exact_mut(n)) {
-        for ((o, &x), &b) in d.iter_mut().zip(s).zip(bias) {
-            *o = gelu(x + b);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +314,7 @@ mod tests {
     fn matches_candle_add_then_gelu_erf() {
         let xs = Tensor::from_vec(seq(3 * 5 * 37, 0.37), (3, 5, 37), &Device::Cpu).unwrap();
         let b = Tensor::from_vec(seq(37, 1.1), 37, &Device::Cpu).unwrap();
-        let ours = bias_gelu(&xs, &b).unwrap();
+        let ours = bias_act(&xs, &b, Activation::Gelu).unwrap();
         let theirs = xs.broadcast_add(&b).unwrap().gelu_erf().unwrap();
         let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
@@ -392,8 +322,8 @@ mod tests {
         let src = xs.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let bias = b.to_vec1::<f32>().unwrap();
         let (mut a, mut g) = (vec![0f32; src.len()], vec![0f32; src.len()]);
-        bias_gelu_rows(&src, &bias, &mut a);
-        bias_gelu_generic(&src, &bias, &mut g);
+        bias_act_rows(&src, &bias, &mut a, Activation::Gelu);
+        bias_act_generic(&src, &bias, &mut g, Activation::Gelu);
         assert_eq!(a, g);
     }
 
@@ -403,7 +333,7 @@ mod tests {
         let b = Var::from_vec(seq(9, 1.3), 9, &Device::Cpu).unwrap();
         let w = Tensor::from_vec(seq(4 * 9, 2.1), (4, 9), &Device::Cpu).unwrap();
         let loss = |y: Tensor| (y * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let g1 = loss(bias_gelu(x.as_tensor(), b.as_tensor()).unwrap());
+        let g1 = loss(bias_act(x.as_tensor(), b.as_tensor(), Activation::Gelu).unwrap());
         let g2 = loss(
             x.as_tensor()
                 .broadcast_add(b.as_tensor())

@@ -114,7 +114,7 @@ impl Linear {
     fn forward_act(&self, xs: &Tensor, act: Act, precision: Precision) -> Result<Tensor> {
         use crate::model::kernels::gelu::{bias_act, Activation};
         let act = match act {
-            Act::Gelu => return self.forward_gelu(xs, precision),
+            Act::Gelu => Activation::Gelu,
             Act::QuickGelu => Activation::QuickGelu,
             Act::GeluTanh => Activation::GeluTanh,
         };
@@ -126,28 +126,15 @@ impl Linear {
             Precision::F32 => xs.matmul(&self.wt)?,
             Precision::Bf16 => self.product_bf16(&xs, false)?,
         };
-        let ys = match &self.b {
-            Some(b) => bias_act(&ys, b, act)?,
-            None => bias_act(&ys, &Tensor::zeros(ys.dim(1)?, DType::F32, ys.device())?, act)?,
+        let zeros;
+        let bias = match &self.b {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(ys.dim(1)?, DType::F32, ys.device())?;
+                &zeros
+            }
         };
-        dims.push(self.wt.dim(1)?);
-        Ok(ys.reshape(dims)?)
-    }
-
-    /// `GELU(self(xs))`, the bias and the activation in one pass.
-    fn forward_gelu(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
-        let mut dims = xs.dims().to_vec();
-        let inp = dims.pop().unwrap_or(1);
-        let rows = xs.elem_count() / inp.max(1);
-        let xs = xs.reshape((rows, inp))?;
-        let ys = match precision {
-            Precision::F32 => xs.matmul(&self.wt)?,
-            Precision::Bf16 => self.product_bf16(&xs, false)?,
-        };
-        let ys = match &self.b {
-            Some(b) => crate::model::kernels::gelu::bias_gelu(&ys, b)?,
-            None => ys.gelu_erf()?,
-        };
+        let ys = bias_act(&ys, bias, act)?;
         dims.push(self.wt.dim(1)?);
         Ok(ys.reshape(dims)?)
     }
