@@ -39,6 +39,9 @@ fn decode_err(path: &Path, err: ImageError) -> Error {
     }
 }
 
+/// The largest image file read, in bytes (a 100-megapixel PNG is far smaller).
+pub const MAX_IMAGE_BYTES: u64 = 256 << 20;
+
 /// Decodes an image file to RGB8 (grey, alpha, 16-bit converted), checking dimensions from the header BEFORE decoding.
 ///
 /// The format is recognised from the file's content (PNG, JPEG, BMP, WebP), not its name.
@@ -47,7 +50,7 @@ fn decode_err(path: &Path, err: ImageError) -> Error {
 /// [`Error::Io`]; anything wrong with the content (unknown format, corrupt or truncated data,
 /// zero size, more than [`MAX_PIXELS`] pixels) is [`Error::Image`].
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::read_bounded(path, MAX_IMAGE_BYTES)?;
     let mut reader = ImageReader::new(std::io::Cursor::new(bytes.as_slice()))
         .with_guessed_format()
         .map_err(|e| Error::io(path, e))?;

@@ -125,9 +125,7 @@ impl CurveParams {
         if self.step == 0 {
             return Err(Error::invalid("curve step 0; expected at least 1 pixel"));
         }
-        if self.batch == 0 {
-            return Err(Error::invalid("curve batch 0; expected at least 1 image"));
-        }
+        crate::methods::driver::check_batch(self.batch, "curve batch")?;
         Ok(())
     }
 }
@@ -306,16 +304,22 @@ fn t975(df: usize) -> f64 {
         + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / (384.0 * v.powi(3))
 }
 
+/// The widest blur kernel of a curve baseline (RISE's is 11; wider than twice a 224 px image
+/// only costs time).
+pub const MAX_BLUR_KERNEL: usize = 449;
+/// The largest blur sigma of a curve baseline (RISE's is 5).
+pub const MAX_BLUR_SIGMA: f32 = 1000.0;
+
 /// A normalised 1-D Gaussian of `kernel` taps (odd) and standard deviation `sigma`; sums to 1.
 pub fn gaussian_kernel(kernel: usize, sigma: f32) -> Result<Vec<f32>> {
-    if kernel == 0 || kernel.is_multiple_of(2) {
+    if kernel == 0 || kernel.is_multiple_of(2) || kernel > MAX_BLUR_KERNEL {
         return Err(Error::invalid(format!(
-            "blur kernel {kernel}; expected an odd size of at least 1"
+            "blur kernel {kernel}; expected an odd size from 1 to {MAX_BLUR_KERNEL}"
         )));
     }
-    if !(sigma.is_finite() && sigma > 0.0) {
+    if !(sigma.is_finite() && sigma > 0.0 && sigma <= MAX_BLUR_SIGMA) {
         return Err(Error::invalid(format!(
-            "blur sigma {sigma}; expected a positive finite value"
+            "blur sigma {sigma}; expected a value above 0 and at most {MAX_BLUR_SIGMA}"
         )));
     }
     let r = (kernel / 2) as f64;

@@ -106,6 +106,9 @@ pub struct ManifestEntry {
     pub mask: Option<String>,
 }
 
+/// The most samples one `synth` run writes (about 30 GB of PNG).
+pub const MAX_COUNT: usize = 1_000_000;
+
 /// Writes `count` samples of [`DEFAULT_SIZE`] to `dir` (created if missing): `NNNNN.png`,
 /// `NNNNN.mask.png` and `manifest.jsonl` (one [`ManifestEntry`] as JSON per line, paths relative
 /// to the manifest), with background `clutter` as in [`sample_with_clutter`] (1 for the
@@ -121,10 +124,10 @@ pub fn write_dataset(
     clutter: f32,
     progress: &mut dyn FnMut(usize),
 ) -> Result<()> {
-    if count == 0 {
-        return Err(Error::invalid(
-            "count 0 out of range; expected at least 1 sample",
-        ));
+    if count == 0 || count > MAX_COUNT {
+        return Err(Error::invalid(format!(
+            "count {count} out of range; expected 1 to {MAX_COUNT} samples"
+        )));
     }
     if !(0.0..=1.0).contains(&clutter) {
         return Err(Error::invalid(format!(

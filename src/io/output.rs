@@ -1,5 +1,6 @@
 //! Writing results: `.npy` maps, JSON reports and PNG images, each written atomically
-//! (temporary file, then rename) so that a failure never leaves a partial file behind.
+//! (temporary file, then rename) so that a failure never leaves a partial file behind, and the
+//! files of one result as a set ([`OutputSet`]): all or none.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -8,8 +9,85 @@ use image::{GrayImage, ImageEncoder, RgbImage};
 
 use crate::error::{Error, Result};
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Files of one result (an image's maps, overlay and report) written as a set: each is staged
+/// to a temporary file beside its final name, and all are renamed only once every one is
+/// written. Dropped before [`OutputSet::commit`] (an error, a failed write on a full disk), it
+/// removes what it staged, so a result is either complete or absent.
+#[derive(Debug, Default)]
+pub struct OutputSet {
+    /// (temporary, final) paths, in the order staged.
+    staged: Vec<(PathBuf, PathBuf)>,
+}
+
+impl OutputSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Stages `bytes` for `path`.
+    pub fn add(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
+        let tmp = temporary(path)?;
+        // Pushed first, so that a failed write is removed by Drop too.
+        self.staged.push((tmp.clone(), path.to_path_buf()));
+        write_file(&tmp, path, bytes)
+    }
+
+    /// Stages a float32 `.npy` file; non-finite values are refused (NaN is never a result).
+    pub fn add_npy(&mut self, path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+        if let Some((i, v)) = data.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::invalid(format!(
+                "{}: value {v} at index {i}; a result must be finite, so nothing was written",
+                path.display()
+            )));
+        }
+        self.add(path, &npy_bytes(shape, data)?)
+    }
+
+    /// Stages pretty-printed JSON.
+    pub fn add_json(&mut self, path: &Path, value: &serde_json::Value) -> Result<()> {
+        self.add(path, &json_bytes(value)?)
+    }
+
+    /// Stages an RGB image as PNG.
+    pub fn add_png(&mut self, path: &Path, img: &RgbImage) -> Result<()> {
+        let bytes = encode_png(
+            img.as_raw(),
+            img.dimensions(),
+            image::ExtendedColorType::Rgb8,
+        )?;
+        self.add(path, &bytes)
+    }
+
+    /// Renames every staged file to its final name. If one rename fails, the files already
+    /// renamed are removed again, with the rest.
+    pub fn commit(mut self) -> Result<()> {
+        let staged = std::mem::take(&mut self.staged);
+        for (k, (tmp, path)) in staged.iter().enumerate() {
+            if let Err(e) = std::fs::rename(tmp, path) {
+                for (_, done) in &staged[..k] {
+                    let _ = std::fs::remove_file(done);
+                }
+                for (left, _) in &staged[k..] {
+                    let _ = std::fs::remove_file(left);
+                }
+                return Err(Error::io(path, e));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutputSet {
+    fn drop(&mut self) {
+        for (tmp, _) in &self.staged {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+/// The temporary name beside `path`: `.<name>.<pid>.tmp`.
+fn temporary(path: &Path) -> Result<PathBuf> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -17,26 +95,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.file_name().ok_or_else(|| {
         Error::invalid(format!("output path '{}' has no file name", path.display()))
     })?;
-    let tmp = dir.join(format!(
+    Ok(dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
         std::process::id()
-    ));
-    // Errors name the file asked for, not the temporary one.
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-        f.sync_all().map_err(|e| Error::io(path, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    )))
 }
 
-/// Writes a float32 `.npy` file atomically.
-pub fn write_npy_atomic(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+/// Writes and syncs `bytes` to `tmp`; errors name `path`, the file asked for.
+fn write_file(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(tmp).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn npy_bytes(shape: &[usize], data: &[f32]) -> Result<Vec<u8>> {
     let count: usize = shape.iter().product();
     if count != data.len() {
         return Err(Error::invalid(format!(
@@ -44,15 +117,31 @@ pub fn write_npy_atomic(path: &Path, shape: &[usize], data: &[f32]) -> Result<()
             data.len()
         )));
     }
-    write_atomic(path, &crate::io::npy::encode_npy_f32(shape, data))
+    Ok(crate::io::npy::encode_npy_f32(shape, data))
+}
+
+fn json_bytes(value: &serde_json::Value) -> Result<Vec<u8>> {
+    let mut text = serde_json::to_string_pretty(value)
+        .map_err(|e| Error::invalid(format!("cannot encode json: {e}")))?;
+    text.push('\n');
+    Ok(text.into_bytes())
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut set = OutputSet::new();
+    set.add(path, bytes)?;
+    set.commit()
+}
+
+/// Writes a float32 `.npy` file atomically.
+pub fn write_npy_atomic(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    write_atomic(path, &npy_bytes(shape, data)?)
 }
 
 /// Writes pretty-printed JSON atomically.
 pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut text = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::invalid(format!("cannot encode json: {e}")))?;
-    text.push('\n');
-    write_atomic(path, text.as_bytes())
+    write_atomic(path, &json_bytes(value)?)
 }
 
 /// Writes an RGB image as a PNG atomically.
@@ -141,5 +230,36 @@ mod tests {
         assert!(matches!(err, Error::Io { .. }), "{err}");
         assert!(!p.exists());
         assert!(save_png(&RgbImage::new(0, 0), &dir.path().join("e.png")).is_err());
+    }
+
+    #[test]
+    fn an_output_set_is_all_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.npy"), dir.path().join("b.json"));
+        // A NaN in the second file: the first one, already staged, is removed too.
+        let mut set = OutputSet::new();
+        set.add_json(&a, &serde_json::json!({"x": 1})).unwrap();
+        let e = set
+            .add_npy(&b, &[2], &[1.0, f32::NAN])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("NaN") && e.contains("nothing was written"),
+            "{e}"
+        );
+        drop(set);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // All written: both appear, no temporary is left.
+        let mut set = OutputSet::new();
+        set.add_json(&a, &serde_json::json!({"x": 1})).unwrap();
+        set.add_npy(&b, &[2], &[1.0, 2.0]).unwrap();
+        assert!(!a.exists(), "nothing visible before the commit");
+        set.commit().unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.npy", "b.json"]);
     }
 }

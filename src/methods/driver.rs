@@ -430,9 +430,30 @@ pub fn check_input(x: &[f32], (h, w): (usize, usize)) -> Result<()> {
     Ok(())
 }
 
-/// Softmax probabilities `(C)` of one image from its logits `(1, C)`.
+/// The most images one batched forward pass may hold (`--batch` of every method and of the
+/// curves): beyond it a batch of ViT-B/16 needs gigabytes and gains nothing.
+pub const MAX_BATCH: usize = 1024;
+
+/// Fails unless `1 <= batch <= MAX_BATCH`; `what` names the flag's meaning.
+pub fn check_batch(batch: usize, what: &str) -> Result<()> {
+    if batch == 0 || batch > MAX_BATCH {
+        return Err(Error::invalid(format!(
+            "{what} {batch} out of range; expected 1 to {MAX_BATCH}"
+        )));
+    }
+    Ok(())
+}
+
+/// Softmax probabilities `(C)` of one image from its logits `(1, C)`; non-finite logits are an
+/// error (an explanation of NaN is not an answer).
 pub fn probs_of(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(candle_nn::ops::softmax_last_dim(logits)?
+    let p = candle_nn::ops::softmax_last_dim(logits)?
         .flatten_all()?
-        .to_vec1::<f32>()?)
+        .to_vec1::<f32>()?;
+    if p.iter().any(|v| !v.is_finite()) {
+        return Err(Error::invalid(
+            "the model's output for this image is not finite (NaN or infinite logits)",
+        ));
+    }
+    Ok(p)
 }

@@ -24,6 +24,11 @@ use crate::model::{Backbone, Precision};
 use crate::resample::skimage_linear_mirror;
 use crate::target::Targets;
 
+/// The most RISE masks (the paper uses 4,000 to 8,000).
+pub const MAX_MASKS: usize = 100_000;
+/// The finest RISE grid per side (the paper uses 7; a cell of one pixel at 224 px is 224).
+pub const MAX_CELLS: usize = 224;
+
 /// RISE settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RiseParams {
@@ -79,11 +84,17 @@ pub struct Rise {
 impl Rise {
     /// RISE with `params`, validated here.
     pub fn new(params: &RiseParams) -> Result<Self> {
-        if params.masks == 0 {
-            return Err(Error::invalid("RISE needs at least 1 mask; got 0"));
+        if params.masks == 0 || params.masks > MAX_MASKS {
+            return Err(Error::invalid(format!(
+                "RISE masks {} out of range; expected 1 to {MAX_MASKS}",
+                params.masks
+            )));
         }
-        if params.cells == 0 {
-            return Err(Error::invalid("RISE grid of 0 cells; expected at least 1"));
+        if params.cells == 0 || params.cells > MAX_CELLS {
+            return Err(Error::invalid(format!(
+                "RISE grid of {} cells out of range; expected 1 to {MAX_CELLS}",
+                params.cells
+            )));
         }
         if !(params.p1 > 0.0 && params.p1 <= 1.0) {
             return Err(Error::invalid(format!(
@@ -91,11 +102,7 @@ impl Rise {
                 params.p1
             )));
         }
-        if params.batch == 0 {
-            return Err(Error::invalid(
-                "batch size 0 out of range; expected at least 1",
-            ));
-        }
+        crate::methods::driver::check_batch(params.batch, "batch size")?;
         Ok(Self {
             params: params.clone(),
             source: MaskSource::Seeded(params.seed),

@@ -157,7 +157,8 @@ pub(crate) fn locate(path: &Path) -> Result<CheckpointFiles> {
 
 /// Reads a JSON file.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    // Configuration files are small; a FIFO or a huge file is refused before it is read.
+    let text = crate::io::read_bounded(path, 64 << 20)?;
     parse_json(path, &text)
 }
 
@@ -238,11 +239,35 @@ fn to_f32(
 ) -> Result<HashMap<String, Tensor>> {
     let out: HashMap<String, Tensor> = raw
         .into_iter()
+        // Integer buffers that are not weights (Hugging Face's saved `position_ids`, BatchNorm
+        // counters) are dropped; any other integer tensor is refused below.
+        .filter(|(k, t)| {
+            !(t.dtype().is_int()
+                && (k.ends_with("position_ids") || k.ends_with("num_batches_tracked")))
+        })
         .map(|(k, t)| {
-            let t = t.to_dtype(DType::F32).map_err(|e| Error::Checkpoint {
+            let err = |reason: String| Error::Checkpoint {
                 path: path.to_path_buf(),
-                reason: format!("tensor '{k}': {}", crate::error::without_backtrace(e)),
-            })?;
+                reason: format!("tensor '{k}': {reason}"),
+            };
+            if t.dtype().is_int() {
+                return Err(err(format!(
+                    "holds integers ({:?}); weights must be floating point",
+                    t.dtype()
+                )));
+            }
+            let t = t
+                .to_dtype(DType::F32)
+                .map_err(|e| err(crate::error::without_backtrace(e).to_string()))?;
+            // 0 * x is NaN exactly where x is NaN or infinite: one sum tells.
+            let finite = t
+                .affine(0.0, 0.0)
+                .and_then(|d| d.sum_all())
+                .and_then(|s| s.to_scalar::<f32>())
+                .map_err(|e| err(crate::error::without_backtrace(e).to_string()))?;
+            if !finite.is_finite() {
+                return Err(err("holds NaN or infinite values".into()));
+            }
             Ok((k, t))
         })
         .collect::<Result<_>>()?;

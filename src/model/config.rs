@@ -73,6 +73,27 @@ pub struct Preprocess {
     pub crop: Option<(usize, usize)>,
 }
 
+impl Preprocess {
+    /// Fails unless every mean is finite and every std positive and finite (a std of 0 would
+    /// turn every input into infinities, and the explanation into NaN).
+    pub fn check(&self, config_path: &Path) -> Result<()> {
+        let bad = |what: &str, v: &[f32; 3]| Error::Checkpoint {
+            path: config_path.to_path_buf(),
+            reason: format!(
+                "{what} {v:?}: every value must be finite{}",
+                if what == "std" { " and above 0" } else { "" }
+            ),
+        };
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            return Err(bad("mean", &self.mean));
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            return Err(bad("std", &self.std));
+        }
+        Ok(())
+    }
+}
+
 /// A size as configuration files spell it: an integer (square), `[H, W]`, `[C, H, W]`,
 /// `{"height", "width"}` or `{"shortest_edge"}` (Hugging Face image processors).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -116,7 +116,7 @@ fn bad_method_settings_exit_2_before_any_output() {
         ),
         (
             vec!["explain", s(&img), "--method", "rise", "--masks", "0"],
-            "RISE needs at least 1 mask",
+            "RISE masks 0 out of range; expected 1 to 100000",
         ),
         (
             vec!["explain", s(&img), "--method", "rise", "--rise-p1", "2"],

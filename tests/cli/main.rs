@@ -8,4 +8,5 @@ mod bench;
 mod commands;
 mod compare;
 mod eval;
+mod hostile;
 mod synth;

@@ -718,3 +718,72 @@ fn timm_deit_is_a_plain_vit_and_hf_deit_without_teacher_keeps_dist_token() {
     // Its mean/std come from preprocessor_config.json, not the DeiT default.
     assert_eq!(m.spec().preprocess.mean, [0.5; 3]);
 }
+
+/// Weights that cannot give a finite answer are refused at load, naming the tensor; so are
+/// integer weights, 0 classes and a preprocessing that divides by 0.
+#[test]
+fn unusable_weights_and_preprocessing_are_refused_at_load() {
+    let dev = Device::Cpu;
+    for (name, value) in [
+        ("head.weight", f32::NAN),
+        ("patch_embed.proj.weight", f32::INFINITY),
+    ] {
+        let dir = copy_case("vit_timm");
+        edit_tensors(dir.path(), |t| {
+            let w = t[name].clone();
+            let bad = w
+                .ones_like()
+                .unwrap()
+                .affine(0.0, f64::from(value))
+                .unwrap();
+            let mask = Tensor::zeros(w.dims(), candle_core::DType::F32, &dev).unwrap();
+            // One bad value among good ones.
+            let first = bad.flatten_all().unwrap().narrow(0, 0, 1).unwrap();
+            let rest = mask.flatten_all().unwrap();
+            let rest = rest.narrow(0, 1, rest.dim(0).unwrap() - 1).unwrap();
+            let v = Tensor::cat(&[&first, &rest], 0)
+                .unwrap()
+                .reshape(w.dims())
+                .unwrap();
+            t.insert(name.into(), v);
+        });
+        let r = checkpoint_reason(load(dir.path(), &dev));
+        assert!(r.contains(name) && r.contains("NaN or infinite"), "{r}");
+    }
+    let dir = copy_case("vit_timm");
+    edit_tensors(dir.path(), |t| {
+        let w = t["head.bias"].to_dtype(candle_core::DType::I64).unwrap();
+        t.insert("head.bias".into(), w);
+    });
+    let r = checkpoint_reason(load(dir.path(), &dev));
+    assert!(r.contains("head.bias") && r.contains("integers"), "{r}");
+
+    let dir = copy_case("vit_timm");
+    edit_tensors(dir.path(), |t| {
+        t.insert(
+            "head.weight".into(),
+            Tensor::zeros((0, 192), candle_core::DType::F32, &dev).unwrap(),
+        );
+        t.insert(
+            "head.bias".into(),
+            Tensor::zeros(0, candle_core::DType::F32, &dev).unwrap(),
+        );
+    });
+    edit_config(dir.path(), |v| {
+        v["num_classes"] = 0.into();
+        v["model_args"]["num_classes"] = 0.into();
+        v["pretrained_cfg"]["num_classes"] = 0.into();
+        v.as_object_mut().unwrap().remove("label_names");
+    });
+    let r = checkpoint_reason(load(dir.path(), &dev));
+    assert!(r.contains("0 classes"), "{r}");
+
+    for (field, value) in [("std", 0.0), ("mean", f64::MAX)] {
+        let dir = copy_case("vit_timm");
+        edit_config(dir.path(), |v| {
+            v["pretrained_cfg"][field] = serde_json::json!([value, 0.5, 0.5])
+        });
+        let r = checkpoint_reason(load(dir.path(), &dev));
+        assert!(r.contains(field) && r.contains("must be finite"), "{r}");
+    }
+}

@@ -41,3 +41,30 @@ pub fn expand(args: &[String]) -> Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+/// Fails when the output folder `out` is, or contains, the folder of an input image: results
+/// written there could overwrite an input (`a.jpg`'s overlay is `a.png`) or be read as inputs by
+/// the next run.
+pub fn refuse_out_holding_inputs(out: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
+    // `out` may not exist yet: then no input can be inside it.
+    let Ok(out) = out.canonicalize() else {
+        return Ok(());
+    };
+    for img in images {
+        let Some(dir) = img
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+        else {
+            continue;
+        };
+        if dir.starts_with(&out) {
+            anyhow::bail!(
+                "--out {} holds the input {}; choose an output folder apart from the images",
+                out.display(),
+                img.display()
+            );
+        }
+    }
+    Ok(())
+}

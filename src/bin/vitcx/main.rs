@@ -12,6 +12,7 @@ mod progress;
 use std::process::ExitCode;
 
 use anyhow::Result;
+use clap::error::ErrorKind;
 use clap::Parser;
 
 use args::{Cli, Command};
@@ -22,7 +23,10 @@ use args::{Cli, Command};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -45,5 +49,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(a) => commands::eval::run(a, &device),
         Command::Compare(a) => commands::compare::run(a, &device),
         Command::Bench(a) => commands::bench::run(a, &device),
+    }
+}
+
+/// A command-line error as one `vitcx:` line and exit code 2; `--help`, `--version` and a bare
+/// `vitcx` print clap's own text as they are.
+fn usage_error(e: clap::Error) -> ExitCode {
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    eprintln!("vitcx: {}", clap_line(&e.render().to_string()));
+    ExitCode::from(2)
+}
+
+/// clap's message (`error: ...`, a `tip:`, the usage) folded into one line: the error, its tip,
+/// and where to look.
+fn clap_line(text: &str) -> String {
+    // clap writes paragraphs: the error (maybe over several lines), a tip, the usage, a pointer.
+    let paragraphs: Vec<String> = text
+        .split("\n\n")
+        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|p| !p.is_empty())
+        .collect();
+    let first = paragraphs
+        .first()
+        .map(|p| p.trim_start_matches("error: ").to_string())
+        .unwrap_or_else(|| "invalid arguments".into());
+    let mut out = first;
+    for p in &paragraphs[1..] {
+        if let Some(tip) = p.strip_prefix("tip: ") {
+            out.push_str(&format!(" ({tip})"));
+        }
+    }
+    out.push_str("; see --help");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clap_errors_fold_into_one_line() {
+        let text = "error: unexpected argument '-1' found\n\n  tip: to pass '-1' as a value, use '-- -1'\n\nUsage: vitcx explain [OPTIONS] <IMAGES>...\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            clap_line(text),
+            "unexpected argument '-1' found (to pass '-1' as a value, use '-- -1'); see --help"
+        );
+        let e =
+            Cli::try_parse_from(["vitcx", "explain", "x.png", "--precision", "f64"]).unwrap_err();
+        let line = clap_line(&e.render().to_string());
+        assert!(!line.contains('\n') && line.contains("f64"), "{line}");
+        let e = Cli::try_parse_from(["vitcx", "explain"]).unwrap_err();
+        let line = clap_line(&e.render().to_string());
+        assert!(line.contains("not provided: <IMAGES>"), "{line}");
     }
 }

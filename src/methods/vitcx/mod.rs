@@ -31,6 +31,9 @@ pub const SIMILARITY: Stage = Stage("similarity");
 /// Agglomerative clustering and merging (§3.2-3.3).
 pub const CLUSTERING: Stage = Stage("clustering");
 
+/// The largest `--noise-std` (normalised pixel units).
+pub const MAX_NOISE_STD: f32 = 10.0;
+
 /// ViT-CX parameters. Build with [`VitCxParams::default`] and the setters, then [`VitCxParams::check`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct VitCxParams {
@@ -94,17 +97,15 @@ impl VitCxParams {
                 self.threshold
             )));
         }
-        if !self.noise_std.is_finite() || self.noise_std < 0.0 {
+        // In normalised pixel units, where an image spans about 5: beyond 10 the noise is the
+        // image, and far beyond it the scores overflow to NaN.
+        if !self.noise_std.is_finite() || !(0.0..=MAX_NOISE_STD).contains(&self.noise_std) {
             return Err(Error::invalid(format!(
-                "noise std {} out of range; expected a finite value >= 0",
+                "noise std {} out of range; expected 0 to {MAX_NOISE_STD}",
                 self.noise_std
             )));
         }
-        if self.batch == 0 {
-            return Err(Error::invalid(
-                "batch size 0 out of range; expected at least 1",
-            ));
-        }
+        crate::methods::driver::check_batch(self.batch, "batch size")?;
         Ok(CheckedParams {
             layer: tap.layer,
             tap: tap.name.clone(),

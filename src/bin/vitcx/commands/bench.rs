@@ -23,13 +23,16 @@ const DEFAULT_BATCHES: [usize; 3] = [1, 8, 32];
 pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let preset: Preset = a.arch.as_deref().unwrap_or(&a.preset).parse()?;
     let batches = match a.batch {
-        Some(0) => bail!("batch 0 out of range; expected at least 1"),
-        Some(b) => vec![b],
+        Some(b) => {
+            vitcx::methods::driver::check_batch(b, "batch")?;
+            vec![b]
+        }
         None => DEFAULT_BATCHES.to_vec(),
     };
-    if a.repeats == 0 {
-        bail!("repeats 0 out of range; expected at least 1");
+    if a.repeats == 0 || a.repeats > 1000 {
+        bail!("repeats {} out of range; expected 1 to 1000", a.repeats);
     }
+    vitcx::methods::driver::check_batch(a.explain_batch, "explain batch")?;
     let max_masks = match a.explain_masks.as_str() {
         "all" => None,
         s => match s.parse::<usize>() {

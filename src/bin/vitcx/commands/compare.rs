@@ -32,6 +32,7 @@ pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let size = spec.input_size;
     let (resized, x) =
         vitcx::image::model_input(&img, size, spec.preprocess.mean, spec.preprocess.std);
+    crate::inputs::refuse_out_holding_inputs(&a.out, std::slice::from_ref(&a.image))?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
     let stem = a

@@ -31,6 +31,7 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             Precision::bf16_kernel()
         );
     }
+    crate::inputs::refuse_out_holding_inputs(&a.out, &images)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
 
@@ -134,9 +135,10 @@ fn explain_one(
 
     let ex = method.explain(model, &x, classes, 0, bars)?;
 
-    // Everything is computed: now write, each file atomically.
+    // Everything is computed: now write the image's files as one set (all or none).
     let t = Instant::now();
     let (h, w) = ex.size;
+    let mut set = vitcx::io::output::OutputSet::new();
     let mut files = Vec::new();
     for (k, &c) in ex.classes.iter().enumerate() {
         let name = if ex.classes.len() == 1 {
@@ -144,7 +146,7 @@ fn explain_one(
         } else {
             format!("{stem}.{c}.saliency.npy")
         };
-        vitcx::io::output::write_npy_atomic(&a.out.join(&name), &[h, w], &ex.saliency[k])?;
+        set.add_npy(&a.out.join(&name), &[h, w], &ex.saliency[k])?;
         files.push(name);
     }
     let png = if a.no_overlay {
@@ -159,7 +161,7 @@ fn explain_one(
         ];
         let picture = vitcx::io::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
-        vitcx::io::output::save_png(&picture, &a.out.join(&name))?;
+        set.add_png(&a.out.join(&name), &picture)?;
         Some(name)
     };
     let write_s = t.elapsed().as_secs_f64();
@@ -176,7 +178,8 @@ fn explain_one(
         write_s,
         started.elapsed().as_secs_f64(),
     );
-    vitcx::io::output::write_json_atomic(&a.out.join(format!("{stem}.json")), &report)?;
+    set.add_json(&a.out.join(format!("{stem}.json")), &report)?;
+    set.commit()?;
     let c = ex.classes[0];
     Ok(format!(
         "{}: class {c} ({}) p={:.3}, {} -> {}",

@@ -416,6 +416,11 @@ pub(crate) fn read(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
     if let Some(size) = ckpt.input_size {
         at_size(&mut cfg, w, size)?;
     }
+    let path = match (&ckpt.preprocessor, cfg.format) {
+        (Some((p, _)), Format::HuggingFace) => p.as_path(),
+        _ => ckpt.config_path.as_path(),
+    };
+    cfg.preprocess.check(path)?;
     Ok(cfg)
 }
 

@@ -1,0 +1,148 @@
+//! Hostile and odd inputs through the binary: each gets one `vitcx:` line, exit code 2, no
+//! panic, and leaves nothing behind in `--out`.
+
+use crate::common::{data, files_in, s, stderr, vitcx};
+
+/// Runs `args`, expecting exit 2 and one `vitcx:` line containing `needle`.
+fn refused(args: &[&str], needle: &str) -> String {
+    let o = vitcx(args);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("vitcx: ") && err.contains(needle),
+        "{args:?}: expected one line with '{needle}', got:\n{err}"
+    );
+    err
+}
+
+#[test]
+fn command_line_errors_are_one_line() {
+    let img = data("vit_timm/image_224.png");
+    for (args, needle) in [
+        (
+            &["explain", s(&img), "--class", "-1"][..],
+            "unexpected argument '-1'",
+        ),
+        (&["explain", s(&img), "--precision", "f64"][..], "f64"),
+        (&["synth", "--count", "-1"][..], "'-1'"),
+        (&["explain"][..], "<IMAGES>"),
+        (&["explain", s(&img), "--seed", "-1"][..], "'-1'"),
+    ] {
+        refused(args, needle);
+    }
+    // --help keeps clap's own text.
+    let o = vitcx(&["explain", "--help"]);
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Usage:"));
+}
+
+#[test]
+fn sizes_beyond_their_limits_are_refused_with_the_limit() {
+    let out = tempfile::tempdir().unwrap();
+    let img = data("vit_timm/image_224.png");
+    let model = data("vit_timm");
+    let base = [
+        "explain",
+        s(&img),
+        "--model",
+        s(&model),
+        "--out",
+        s(out.path()),
+        "--quiet",
+    ];
+    for (extra, needle) in [
+        (&["--noise-std", "1e38"][..], "expected 0 to 10"),
+        (
+            &["--method", "rise", "--rise-cells", "100000"][..],
+            "expected 1 to 224",
+        ),
+        (
+            &["--method", "rise", "--batch", "1000000"][..],
+            "expected 1 to 1024",
+        ),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        refused(&args, needle);
+        assert!(files_in(out.path()).is_empty(), "{extra:?} wrote files");
+    }
+    refused(
+        &[
+            "compare",
+            s(&img),
+            "--model",
+            s(&model),
+            "--blur-kernel",
+            "100001",
+            "--out",
+            s(out.path()),
+        ],
+        "from 1 to 449",
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_fifo_or_a_device_is_refused_without_reading_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("f.png");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    if made.map(|s| s.success()).unwrap_or(false) {
+        refused(
+            &["predict", s(&fifo), "--model", s(&data("vit_timm"))],
+            "not a regular file",
+        );
+    }
+    refused(
+        &["predict", "/dev/zero", "--model", s(&data("vit_timm"))],
+        "not a regular file",
+    );
+}
+
+#[test]
+fn out_holding_an_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.png");
+    std::fs::copy(data("vit_timm/image_224.png"), &a).unwrap();
+    let before = std::fs::read(&a).unwrap();
+    refused(
+        &[
+            "explain",
+            s(&a),
+            "--model",
+            s(&data("vit_timm")),
+            "--out",
+            s(dir.path()),
+            "--quiet",
+        ],
+        "holds the input",
+    );
+    assert_eq!(std::fs::read(&a).unwrap(), before);
+    assert_eq!(files_in(dir.path()), vec!["a.png"]);
+}
+
+#[test]
+fn a_checkpoint_with_nan_weights_is_refused_before_any_output() {
+    let model = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(data(&format!("vit_timm/{f}")), model.path().join(f)).unwrap();
+    }
+    let p = model.path().join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&p, &candle_core::Device::Cpu).unwrap();
+    let nan = t["head.bias"].affine(0.0, f64::NAN).unwrap();
+    t.insert("head.bias".into(), nan);
+    candle_core::safetensors::save(&t, &p).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    refused(
+        &[
+            "explain",
+            s(&data("vit_timm/image_224.png")),
+            "--model",
+            s(model.path()),
+            "--out",
+            s(out.path()),
+            "--no-overlay",
+        ],
+        "'head.bias': holds NaN or infinite values",
+    );
+    assert!(files_in(out.path()).is_empty());
+}
