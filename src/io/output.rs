@@ -9,6 +9,27 @@ use image::{GrayImage, ImageEncoder, RgbImage};
 
 use crate::error::{Error, Result};
 
+/// Every temporary file staged by an [`OutputSet`] and not yet renamed or removed, so that a
+/// signal handler can remove them ([`discard_staged`]). A commit holds the lock while it renames,
+/// so a signal lands before or after a whole set, never inside one.
+static STAGED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn staged() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    STAGED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes every staged temporary file of every [`OutputSet`] and keeps any set from being
+/// committed afterwards (for a SIGINT/SIGTERM handler, which then exits): what is on disk is
+/// the sets committed before, complete.
+pub fn discard_staged() {
+    let mut reg = staged();
+    for p in reg.drain(..) {
+        let _ = std::fs::remove_file(p);
+    }
+    // Held until the process exits: no rename can start after this.
+    std::mem::forget(reg);
+}
+
 /// Files of one result (an image's maps, overlay and report) written as a set: each is staged
 /// to a temporary file beside its final name, and all are renamed only once every one is
 /// written. Dropped before [`OutputSet::commit`] (an error, a failed write on a full disk), it
@@ -28,7 +49,8 @@ impl OutputSet {
     /// Stages `bytes` for `path`.
     pub fn add(&mut self, path: &Path, bytes: &[u8]) -> Result<()> {
         let tmp = temporary(path)?;
-        // Pushed first, so that a failed write is removed by Drop too.
+        // Registered first, so that a failed write is removed by Drop, or by a signal handler.
+        staged().push(tmp.clone());
         self.staged.push((tmp.clone(), path.to_path_buf()));
         write_file(&tmp, path, bytes)
     }
@@ -62,27 +84,38 @@ impl OutputSet {
     /// Renames every staged file to its final name. If one rename fails, the files already
     /// renamed are removed again, with the rest.
     pub fn commit(mut self) -> Result<()> {
+        // Held while renaming: a signal handler waits for the whole set.
+        let mut reg = staged();
         let staged = std::mem::take(&mut self.staged);
-        for (k, (tmp, path)) in staged.iter().enumerate() {
-            if let Err(e) = std::fs::rename(tmp, path) {
-                for (_, done) in &staged[..k] {
-                    let _ = std::fs::remove_file(done);
+        let result = (|| {
+            for (k, (tmp, path)) in staged.iter().enumerate() {
+                if let Err(e) = std::fs::rename(tmp, path) {
+                    for (_, done) in &staged[..k] {
+                        let _ = std::fs::remove_file(done);
+                    }
+                    for (left, _) in &staged[k..] {
+                        let _ = std::fs::remove_file(left);
+                    }
+                    return Err(Error::io(path, e));
                 }
-                for (left, _) in &staged[k..] {
-                    let _ = std::fs::remove_file(left);
-                }
-                return Err(Error::io(path, e));
             }
-        }
-        Ok(())
+            Ok(())
+        })();
+        reg.retain(|p| !staged.iter().any(|(t, _)| t == p));
+        result
     }
 }
 
 impl Drop for OutputSet {
     fn drop(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let mut reg = staged();
         for (tmp, _) in &self.staged {
             let _ = std::fs::remove_file(tmp);
         }
+        reg.retain(|p| !self.staged.iter().any(|(t, _)| t == p));
     }
 }
 

@@ -146,3 +146,81 @@ fn a_checkpoint_with_nan_weights_is_refused_before_any_output() {
     );
     assert!(files_in(out.path()).is_empty());
 }
+
+/// SIGINT in the middle of a batch: exit 130 within a second, every image's files complete or
+/// absent, no temporary file left.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_batch_leaves_only_complete_sets() {
+    use std::time::{Duration, Instant};
+    let inputs = tempfile::tempdir().unwrap();
+    for i in 0..8 {
+        std::fs::copy(
+            data("vit_timm/image_224.png"),
+            inputs.path().join(format!("img{i}.png")),
+        )
+        .unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vitcx"))
+        .args([
+            "explain",
+            s(inputs.path()),
+            "--model",
+            s(&data("vit_timm")),
+            "--out",
+            s(out.path()),
+            "--quiet",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first image's report, then interrupt during a later image.
+    let start = Instant::now();
+    while !files_in(out.path()).iter().any(|f| f.ends_with(".json")) {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no image finished"
+        );
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("finished before the signal: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(150));
+    let sent = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(10), "did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    let finished: Vec<String> = files_in(out.path());
+    if status.code() == Some(0) {
+        return; // the batch ended before the signal arrived: nothing to check
+    }
+    assert_eq!(status.code(), Some(130), "exit code");
+    assert!(took < Duration::from_secs(1), "took {took:?} to stop");
+    assert!(
+        finished.iter().all(|f| !f.ends_with(".tmp")),
+        "{finished:?}"
+    );
+    for i in 0..8 {
+        let set: Vec<&String> = finished
+            .iter()
+            .filter(|f| f.starts_with(&format!("img{i}.")))
+            .collect();
+        assert!(set.is_empty() || set.len() == 3, "img{i}: {set:?}");
+    }
+    assert!(
+        finished.len() < 24,
+        "the signal came after the batch: {finished:?}"
+    );
+}

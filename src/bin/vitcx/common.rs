@@ -57,8 +57,14 @@ pub fn load_model_at(
 pub fn one_line(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
-        let text = cause
-            .to_string()
+        let full = cause.to_string();
+        // A library error that carries a captured stack trace (with RUST_BACKTRACE set) prints
+        // it after the message: the user sees the message only.
+        let text = ["\nstack backtrace:", "\n   0: "]
+            .iter()
+            .filter_map(|m| full.find(m))
+            .min()
+            .map_or(full.as_str(), |i| &full[..i])
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
@@ -95,5 +101,7 @@ mod tests {
         );
         let err = anyhow::anyhow!("corrupt jpeg:\n  bad marker");
         assert_eq!(one_line(&err), "corrupt jpeg: bad marker");
+        let err = anyhow::anyhow!("unsupported storage\n   0: candle::pickle::read\n   1: main");
+        assert_eq!(one_line(&err), "unsupported storage");
     }
 }

@@ -27,6 +27,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    on_signal_clean_up();
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -51,6 +52,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(a) => commands::bench::run(a, &device),
     }
 }
+
+/// On SIGINT or SIGTERM: remove the files of the image being written (every set committed
+/// before stays complete), say so in one line, and exit with 128 + the signal (130, 143) at once.
+#[cfg(unix)]
+fn on_signal_clean_up() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            vitcx::io::output::discard_staged();
+            eprintln!(
+                "vitcx: interrupted; files of the image in progress removed, earlier ones complete"
+            );
+            std::process::exit(128 + sig);
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn on_signal_clean_up() {}
 
 /// A command-line error as one `vitcx:` line and exit code 2; `--help`, `--version` and a bare
 /// `vitcx` print clap's own text as they are.
