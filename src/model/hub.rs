@@ -38,7 +38,13 @@ pub struct HubOptions {
     pub endpoint: Option<String>,
     /// The access token for gated and private models.
     pub token: Option<String>,
+    /// How long the Hub may take to start answering a request (`VITCX_HUB_TIMEOUT` seconds,
+    /// default 30): a server that accepts and never answers is an error, not a hang.
+    pub timeout: std::time::Duration,
 }
+
+/// The default [`HubOptions::timeout`].
+pub const HUB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl HubOptions {
     /// Options from the process environment, with the same precedence as `huggingface_hub`.
@@ -75,6 +81,10 @@ impl HubOptions {
             offline,
             endpoint: var("HF_ENDPOINT"),
             token: var("HF_TOKEN"),
+            timeout: var("VITCX_HUB_TIMEOUT")
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map_or(HUB_TIMEOUT, std::time::Duration::from_secs_f64),
         }
     }
 }
@@ -237,6 +247,8 @@ fn download(id: &HubId, opts: &HubOptions) -> std::result::Result<PathBuf, Strin
     }
     let api = builder.build().map_err(|e| e.to_string())?;
     let repo = api.repo(id.hf_repo());
+    // hf-hub's HTTP client has no timeouts: ask first, with ours, whether the Hub answers.
+    probe(&repo.url(CONFIG), opts)?;
     let config = repo
         .get(CONFIG)
         .map_err(|e| format!("fetching {CONFIG}: {e}"))?;
@@ -273,6 +285,29 @@ fn download(id: &HubId, opts: &HubOptions) -> std::result::Result<PathBuf, Strin
         .ok_or_else(|| format!("downloaded {} has no parent directory", config.display()))
 }
 
+/// One ranged GET of `url` with connect and read timeouts of `opts.timeout`: any HTTP answer
+/// (even an error status, which the download then reports) passes; silence or no connection is
+/// an error naming the address.
+fn probe(url: &str, opts: &HubOptions) -> std::result::Result<(), String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(opts.timeout)
+        .timeout_read(opts.timeout)
+        .try_proxy_from_env(true)
+        .build();
+    let mut req = agent.get(url).set("Range", "bytes=0-0");
+    if let Some(token) = &opts.token {
+        req = req.set("Authorization", &format!("Bearer {token}"));
+    }
+    match req.call() {
+        Ok(_) | Err(ureq::Error::Status(..)) => Ok(()),
+        Err(ureq::Error::Transport(t)) => Err(format!(
+            "no answer from {url} within {:.0} s ({}); set VITCX_HUB_TIMEOUT to wait longer",
+            opts.timeout.as_secs_f64(),
+            t.kind()
+        )),
+    }
+}
+
 /// Whether the Hub answered "no such file" (HTTP 404).
 fn is_not_found(e: &hf_hub::api::sync::ApiError) -> bool {
     matches!(
@@ -307,6 +342,7 @@ mod tests {
             offline: true,
             endpoint: None,
             token: None,
+            timeout: HUB_TIMEOUT,
         }
     }
 
@@ -337,6 +373,7 @@ mod tests {
             offline: false,
             endpoint: None,
             token: None,
+            timeout: HUB_TIMEOUT,
         };
         assert_eq!(
             resolve_model("google/vit-base-patch16-224", &opts).unwrap(),
@@ -564,6 +601,7 @@ mod tests {
             offline: false,
             endpoint: Some(endpoint),
             token: None,
+            timeout: HUB_TIMEOUT,
         }
     }
 
@@ -627,5 +665,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("no weights found"), "{msg}");
+    }
+
+    #[test]
+    fn a_hub_that_never_answers_times_out() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        // Accept and hold every connection without a byte in reply.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let mut opts = online(tmp.path(), addr);
+        opts.timeout = std::time::Duration::from_millis(500);
+        let t = std::time::Instant::now();
+        let e = resolve_model("google/vit-base-patch16-224", &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            e.contains("no answer from") && e.contains("config.json"),
+            "{e}"
+        );
     }
 }
