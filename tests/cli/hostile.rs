@@ -224,3 +224,49 @@ fn an_interrupted_batch_leaves_only_complete_sets() {
         "the signal came after the batch: {finished:?}"
     );
 }
+
+/// A pattern matching nothing is that entry's failure: the other images still run; folders are
+/// read with their subfolders only with `--recursive`.
+#[test]
+fn bad_entries_fail_one_by_one_and_recursive_reads_subfolders() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    std::fs::copy(data("vit_timm/image_224.png"), sub.join("a.png")).unwrap();
+    let model = data("vit_timm");
+    let pattern = dir.path().join("nothing*.png");
+    let o = vitcx(&[
+        "predict",
+        s(&pattern),
+        s(&sub.join("a.png")),
+        "--model",
+        s(&model),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert!(
+        err.contains("matches no file") && err.lines().count() == 1,
+        "{err}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("a.png"),
+        "the good image ran"
+    );
+
+    let o = vitcx(&["predict", s(dir.path()), "--model", s(&model)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--recursive reads subfolders"),
+        "{}",
+        stderr(&o)
+    );
+    let o = vitcx(&[
+        "predict",
+        s(dir.path()),
+        "--recursive",
+        "--model",
+        s(&model),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("a.png"));
+}

@@ -41,6 +41,9 @@ pub struct ExplainArgs {
     /// Images: files, directories (their png/jpg/jpeg/bmp/webp files) or glob patterns.
     #[arg(required = true)]
     pub images: Vec<String>,
+    /// Read image folders with their subfolders.
+    #[arg(long)]
+    pub recursive: bool,
     /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
     /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]
@@ -83,6 +86,9 @@ pub struct PredictArgs {
     /// Images: files, directories or glob patterns.
     #[arg(required = true)]
     pub images: Vec<String>,
+    /// Read image folders with their subfolders.
+    #[arg(long)]
+    pub recursive: bool,
     /// Checkpoint: a local directory or file, a Hugging Face Hub id (owner/name[@revision]), or
     /// `demo` (the bundled shapes model, also used when this is left out).
     #[arg(long, short)]

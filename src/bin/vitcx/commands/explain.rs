@@ -23,7 +23,8 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let method = Explainer::new(entry, &params, model)?;
     let spec = model.spec().clone();
     let classes = resolve_classes(&a, &spec)?;
-    let images = crate::inputs::expand(&a.images)?;
+    let inputs = crate::inputs::expand(&a.images, a.recursive)?;
+    let images = inputs.files;
     if a.vitcx.precision == Precision::Bf16 && device.is_cpu() && !Precision::bf16_is_native() {
         eprintln!(
             "vitcx: --precision bf16: this CPU has no bf16 dot product (AVX512-BF16), so the bf16 \
@@ -37,7 +38,11 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
 
     let mut bars = Bars::new(images.len() as u64, a.quiet);
     let mut used_stems = HashSet::new();
-    let mut failures = 0usize;
+    // An argument that names no file is that entry's failure; the others still run.
+    let mut failures = inputs.bad.len();
+    for bad in &inputs.bad {
+        bars.println(&format!("vitcx: {bad}"));
+    }
     for path in &images {
         bars.images.set_message(
             path.file_name()
@@ -58,7 +63,7 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     if failures > 0 {
         eprintln!(
             "vitcx: {failures} of {} images failed; results for the others are in {}",
-            images.len(),
+            images.len() + inputs.bad.len(),
             a.out.display()
         );
         return Ok(ExitCode::from(2));

@@ -16,7 +16,12 @@ pub fn run(a: PredictArgs, device: &Device) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     let mut failed = false;
     let mut reports = Vec::new();
-    for path in crate::inputs::expand(&a.images)? {
+    let inputs = crate::inputs::expand(&a.images, a.recursive)?;
+    for bad in &inputs.bad {
+        eprintln!("vitcx: {bad}");
+        failed = true;
+    }
+    for path in inputs.files {
         let img = match vitcx::image::load_rgb(&path) {
             Ok(img) => img,
             Err(e) => {
