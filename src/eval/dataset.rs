@@ -33,8 +33,15 @@ pub struct Entry {
 }
 
 /// The entries named by `data`: a manifest file, a directory holding `manifest.jsonl`, or a
-/// directory of images (no ground truth). Paths become relative to the manifest's directory.
+/// directory of images (no ground truth). Paths become relative to the manifest's directory,
+/// and may not leave it ([`read_with`] to allow that).
 pub fn read(data: &Path) -> Result<Vec<Entry>> {
+    read_with(data, false)
+}
+
+/// [`read`]; with `allow_outside`, a manifest may name files outside its folder (absolute
+/// paths, `..`), as a list a user wrote on purpose may.
+pub fn read_with(data: &Path, allow_outside: bool) -> Result<Vec<Entry>> {
     let manifest = if data.is_dir() {
         let m = data.join("manifest.jsonl");
         if !m.is_file() {
@@ -44,7 +51,10 @@ pub fn read(data: &Path) -> Result<Vec<Entry>> {
     } else {
         data.to_path_buf()
     };
-    let text = std::fs::read_to_string(&manifest).map_err(|e| Error::io(&manifest, e))?;
+    let bytes = crate::io::read_bounded(&manifest, MAX_MANIFEST_BYTES)?;
+    let text = String::from_utf8(bytes).map_err(|_| {
+        Error::invalid(format!("manifest {} is not UTF-8 text", manifest.display()))
+    })?;
     let dir = manifest.parent().unwrap_or(Path::new("."));
     let mut entries = Vec::new();
     for (k, line) in text.lines().enumerate() {
@@ -58,8 +68,19 @@ pub fn read(data: &Path) -> Result<Vec<Entry>> {
                 k + 1
             ))
         })?;
-        e.path = dir.join(&e.image);
-        e.mask = e.mask.map(|m| dir.join(m));
+        let inside = |rel: &Path, what: &str| -> Result<PathBuf> {
+            if !allow_outside && !stays_inside(rel) {
+                return Err(Error::invalid(format!(
+                    "{} line {}: {what} '{}' is outside the manifest's folder (--allow-outside permits it)",
+                    manifest.display(),
+                    k + 1,
+                    rel.display()
+                )));
+            }
+            Ok(dir.join(rel))
+        };
+        e.path = inside(&e.image, "image")?;
+        e.mask = e.mask.map(|m| inside(&m, "mask")).transpose()?;
         entries.push(e);
     }
     if entries.is_empty() {
@@ -69,6 +90,30 @@ pub fn read(data: &Path) -> Result<Vec<Entry>> {
         )));
     }
     Ok(entries)
+}
+
+/// The largest manifest read (a million entries take about 150 MB).
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 30;
+
+/// Whether the relative path `rel` stays inside its base folder: not absolute, and no `..`
+/// climbing above where it started.
+fn stays_inside(rel: &Path) -> bool {
+    use std::path::Component;
+    let mut depth = 0i64;
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
 }
 
 /// The image files of a directory, sorted, as entries without ground truth.
@@ -224,5 +269,25 @@ mod tests {
         assert!(err.contains("line 1: bad manifest entry"), "{err}");
         let empty = tempfile::tempdir().unwrap();
         assert!(read(empty.path()).is_err());
+    }
+
+    #[test]
+    fn manifest_paths_stay_in_the_manifest_folder_unless_allowed() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("manifest.jsonl");
+        for bad in ["../x.png", "/etc/passwd", "a/../../x.png"] {
+            std::fs::write(&m, format!("{{\"image\": \"{bad}\"}}\n")).unwrap();
+            let e = read(d.path()).unwrap_err().to_string();
+            assert!(
+                e.contains("outside the manifest's folder") && e.contains("line 1"),
+                "{e}"
+            );
+            assert_eq!(read_with(d.path(), true).unwrap().len(), 1, "{bad}");
+        }
+        std::fs::write(&m, "{\"image\": \"a/../b/./x.png\"}\n").unwrap();
+        assert_eq!(
+            read(d.path()).unwrap()[0].path,
+            d.path().join("a/../b/./x.png")
+        );
     }
 }

@@ -150,6 +150,9 @@ pub struct EvalArgs {
     /// A manifest.jsonl, a directory holding one, or a directory of images (no ground truth).
     #[arg(long)]
     pub data: PathBuf,
+    /// Let the manifest name files outside its folder (absolute paths, `..`).
+    #[arg(long)]
+    pub allow_outside: bool,
     /// Methods to score, comma-separated: vitcx, rollout, rise, gradcam, and the control maps
     /// random (uniform noise per pixel) and center (a centred Gaussian blob).
     #[arg(long = "methods", alias = "method", default_value = "vitcx")]

@@ -19,7 +19,7 @@ pub fn run(a: EvalArgs, device: &candle_core::Device) -> Result<ExitCode> {
     if matches!(a.limit, Some(0)) {
         bail!("--limit 0; expected at least 1 image");
     }
-    let mut entries = dataset::read(&a.data)?;
+    let mut entries = dataset::read_with(&a.data, a.allow_outside)?;
     if let Some(n) = a.limit {
         entries.truncate(n);
     }
