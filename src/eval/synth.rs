@@ -25,7 +25,6 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::{Error, Result};
-use crate::io::output::{save_gray_png, save_png, write_atomic};
 
 /// The object classes, index = class id.
 pub const CLASSES: [&str; 6] = ["circle", "square", "triangle", "star", "cross", "ring"];
@@ -135,13 +134,16 @@ pub fn write_dataset(
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // The whole dataset is one set: on a failure (a full disk) or a signal nothing of this run
+    // stays, and a manifest never names an image that is missing.
+    let mut set = crate::io::output::OutputSet::new();
     let mut manifest = String::new();
     for i in 0..count {
         let s = sample_with_clutter(seed, i as u64, DEFAULT_SIZE, clutter);
         let image = format!("{i:05}.png");
         let mask = format!("{i:05}.mask.png");
-        save_png(&s.image, &dir.join(&image))?;
-        save_gray_png(&s.mask, &dir.join(&mask))?;
+        set.add_png(&dir.join(&image), &s.image)?;
+        set.add_gray_png(&dir.join(&mask), &s.mask)?;
         let entry = ManifestEntry {
             image,
             class_id: s.class_id,
@@ -155,7 +157,8 @@ pub fn write_dataset(
         manifest.push('\n');
         progress(i + 1);
     }
-    write_atomic(&dir.join("manifest.jsonl"), manifest.as_bytes())
+    set.add(&dir.join("manifest.jsonl"), manifest.as_bytes())?;
+    set.commit()
 }
 
 /// Reads a `manifest.jsonl` (one [`ManifestEntry`] per line; blank lines are skipped). The

@@ -81,6 +81,12 @@ impl OutputSet {
         self.add(path, &bytes)
     }
 
+    /// Stages a grey image (8 bits) as PNG.
+    pub fn add_gray_png(&mut self, path: &Path, img: &GrayImage) -> Result<()> {
+        let bytes = encode_png(img.as_raw(), img.dimensions(), image::ExtendedColorType::L8)?;
+        self.add(path, &bytes)
+    }
+
     /// Renames every staged file to its final name. If one rename fails, the files already
     /// renamed are removed again, with the rest.
     pub fn commit(mut self) -> Result<()> {

@@ -270,3 +270,34 @@ fn bad_entries_fail_one_by_one_and_recursive_reads_subfolders() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("a.png"));
 }
+
+/// `synth` interrupted: exit 130, and nothing of the run left (no images without a manifest).
+#[cfg(unix)]
+#[test]
+fn an_interrupted_synth_leaves_nothing() {
+    use std::time::{Duration, Instant};
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("shapes");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vitcx"))
+        .args(["synth", "--count", "5000", "--out", s(&dir)])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Interrupt once samples are being staged.
+    let start = Instant::now();
+    while files_in(&dir).len() < 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "synth wrote nothing"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(files_in(&dir), Vec::<String>::new(), "left behind");
+}
