@@ -191,20 +191,14 @@ pub(crate) fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<Strin
             .into_iter()
             .collect(),
         "bin" | "pth" | "pt" => {
-            let mut all = candle_core::pickle::read_all(path).map_err(ckpt_err)?;
-            // Training checkpoints nest the weights under a key; a key that is absent is the
-            // only error that means "try the next one".
-            for key in NESTED_STATE_KEYS {
-                if !all.is_empty() {
-                    break;
-                }
-                all = match candle_core::pickle::read_all_with_key(path, Some(key)) {
-                    Ok(t) => t,
-                    Err(e) if e.to_string().contains(&format!("key {key} not found")) => Vec::new(),
-                    Err(e) => return Err(ckpt_err(e)),
-                };
-            }
-            all.into_iter()
+            // Training checkpoints nest the weights under a key, tried when the top level
+            // holds no tensors.
+            super::pickle::read_state_dict(path, &NESTED_STATE_KEYS)
+                .map_err(|reason| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    reason,
+                })?
+                .into_iter()
                 .map(|(k, t)| Ok((k, t.to_device(device)?)))
                 .collect::<candle_core::Result<_>>()
                 .map_err(ckpt_err)?

@@ -12,6 +12,7 @@ pub mod families;
 pub mod hub;
 pub(crate) mod kernels;
 pub mod load;
+pub(crate) mod pickle;
 pub mod weights;
 
 pub use backbone::{

@@ -11,4 +11,5 @@ mod families;
 mod golden;
 mod methods;
 mod metrics;
+mod pickle;
 mod zoo;
