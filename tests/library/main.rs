@@ -8,6 +8,7 @@ mod common;
 mod architecture;
 mod checkpoints;
 mod families;
+mod fuzz_corpus;
 mod golden;
 mod methods;
 mod metrics;
