@@ -301,3 +301,42 @@ fn an_interrupted_synth_leaves_nothing() {
     assert_eq!(status.code(), Some(130));
     assert_eq!(files_in(&dir), Vec::<String>::new(), "left behind");
 }
+
+/// With `RUST_BACKTRACE=1` set, as many shells have it, an ordinary error is still one line:
+/// no stack trace, and nothing printed by a dependency before it.
+#[test]
+fn rust_backtrace_does_not_change_an_error() {
+    let model = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        data("pickle/int_storage.pt"),
+        model.path().join("pytorch_model.bin"),
+    )
+    .unwrap();
+    std::fs::copy(
+        data("vit_timm/config.json"),
+        model.path().join("config.json"),
+    )
+    .unwrap();
+    let jpeg = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(data("images/goldfish.jpg")).unwrap();
+    let cut = jpeg.path().join("cut.jpg");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    for args in [
+        vec!["inspect", s(model.path())],
+        vec!["predict", s(&cut), "--model", s(&data("vit_timm"))],
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_vitcx"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("vitcx: ") && !err.contains("backtrace"),
+            "{err}"
+        );
+    }
+}
