@@ -301,4 +301,25 @@ mod tests {
         names.sort();
         assert_eq!(names, ["a.npy", "b.json"]);
     }
+
+    #[test]
+    fn a_write_that_fails_midway_removes_the_set() {
+        // As on a full disk: the second file cannot be written.
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.npy");
+        let mut set = OutputSet::new();
+        set.add_json(&a, &serde_json::json!({"x": 1})).unwrap();
+        // The temporary of b is made unwritable by a folder in its place.
+        let tmp_b = temporary(&b).unwrap();
+        std::fs::create_dir(&tmp_b).unwrap();
+        assert!(set.add_npy(&b, &[1], &[1.0]).is_err());
+        drop(set);
+        std::fs::remove_dir(&tmp_b).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing left"
+        );
+    }
 }
