@@ -1251,20 +1251,26 @@ mod tests {
         assert!(err(&p).contains("OrderedDict called with arguments"));
     }
 
-    #[test]
-    fn unsupported_storage_types_name_the_tensor() {
-        let p = P::new()
+    /// `{name: _rebuild_tensor_v2(('storage', storage, '0', ..., numel), offset, (2,), (1,),
+    /// False, None)}`.
+    fn one_tensor(name: &str, storage: &str, numel: i32, offset: i32) -> Vec<u8> {
+        P::new()
             .op(b"}(")
-            .str("ids")
+            .str(name)
             .global("torch._utils", "_rebuild_tensor_v2")
             .op(b"(")
-            .pid("IntStorage", "0", 2)
-            .int(0)
+            .pid(storage, "0", numel)
+            .int(offset)
             .ints(&[2])
             .ints(&[1])
             .op(&[0x89, b'N'])
             .op(b"tRu.")
-            .0;
+            .0
+    }
+
+    #[test]
+    fn unsupported_storage_types_name_the_tensor() {
+        let p = one_tensor("ids", "IntStorage", 2, 0);
         let refs = state_dict(&p, &[]).unwrap();
         let mut z = zip_of(&p, &[("0", vec![0; 8])]);
         let e = load(&mut z, "archive/", &refs[0], u64::MAX).unwrap_err();
@@ -1276,18 +1282,7 @@ mod tests {
 
     #[test]
     fn offsets_past_the_storage_are_errors() {
-        let p = P::new()
-            .op(b"}(")
-            .str("w")
-            .global("torch._utils", "_rebuild_tensor_v2")
-            .op(b"(")
-            .pid("FloatStorage", "0", 4)
-            .int(3)
-            .ints(&[2])
-            .ints(&[1])
-            .op(&[0x89, b'N'])
-            .op(b"tRu.")
-            .0;
+        let p = one_tensor("w", "FloatStorage", 4, 3);
         let refs = state_dict(&p, &[]).unwrap();
         let mut z = zip_of(&p, &[("0", vec![0; 16])]);
         let e = load(&mut z, "archive/", &refs[0], u64::MAX).unwrap_err();
