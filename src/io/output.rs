@@ -73,18 +73,15 @@ impl OutputSet {
 
     /// Stages an RGB image as PNG.
     pub fn add_png(&mut self, path: &Path, img: &RgbImage) -> Result<()> {
-        let bytes = encode_png(
-            img.as_raw(),
-            img.dimensions(),
-            image::ExtendedColorType::Rgb8,
-        )?;
-        self.add(path, &bytes)
+        self.add(path, &rgb_png(img)?)
     }
 
     /// Stages a grey image (8 bits) as PNG.
     pub fn add_gray_png(&mut self, path: &Path, img: &GrayImage) -> Result<()> {
-        let bytes = encode_png(img.as_raw(), img.dimensions(), image::ExtendedColorType::L8)?;
-        self.add(path, &bytes)
+        self.add(
+            path,
+            &encode_png(img.as_raw(), img.dimensions(), image::ExtendedColorType::L8)?,
+        )
     }
 
     /// Renames every staged file to its final name. If one rename fails, the files already
@@ -188,18 +185,15 @@ pub fn write_json_atomic(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// Errors: [`Error::Io`] naming `path` when the directory is missing or not writable or the
 /// write fails; [`Error::InvalidArgument`] for an empty image (PNG cannot hold 0 pixels).
 pub fn save_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let bytes = encode_png(
+    write_atomic(path, &rgb_png(img)?)
+}
+
+fn rgb_png(img: &RgbImage) -> Result<Vec<u8>> {
+    encode_png(
         img.as_raw(),
         img.dimensions(),
         image::ExtendedColorType::Rgb8,
-    )?;
-    write_atomic(path, &bytes)
-}
-
-/// Writes a grey image (8 bits) as a PNG atomically, as [`save_png`].
-pub fn save_gray_png(img: &GrayImage, path: &Path) -> Result<()> {
-    let bytes = encode_png(img.as_raw(), img.dimensions(), image::ExtendedColorType::L8)?;
-    write_atomic(path, &bytes)
+    )
 }
 
 fn encode_png(raw: &[u8], (w, h): (u32, u32), color: image::ExtendedColorType) -> Result<Vec<u8>> {

@@ -65,11 +65,12 @@ pub struct Preprocess {
     /// The centre-crop fraction of the checkpoint's own eval transform (timm `crop_pct`), when
     /// stated; reported, not applied (the explanation covers the whole picture).
     pub crop_pct: Option<f64>,
-    /// The shortest edge the checkpoint's own processor resizes to before cropping (Hugging Face
-    /// `size.shortest_edge`), when it says so; used by `--resize processor`.
+    /// The shortest edge the checkpoint's own transform resizes to before cropping (Hugging Face
+    /// `size.shortest_edge`; timm `input_size / crop_pct`), when it says so; used by
+    /// `--resize processor`.
     pub resize_shortest: Option<usize>,
-    /// The centre crop of the checkpoint's own processor (Hugging Face `crop_size` when
-    /// `do_center_crop`), when it says so; used by `--resize processor`.
+    /// The centre crop of the checkpoint's own transform (Hugging Face `crop_size` when
+    /// `do_center_crop`; timm `input_size`), when it says so; used by `--resize processor`.
     pub crop: Option<(usize, usize)>,
 }
 

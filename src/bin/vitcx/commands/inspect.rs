@@ -98,10 +98,12 @@ pub fn run(a: InspectArgs, device: &Device) -> Result<ExitCode> {
     line(&mut out, "mean", format!("{:?}", pre.mean))?;
     line(&mut out, "std", format!("{:?}", pre.std))?;
     let (h, w) = pre.input_size;
-    let own = match (pre.resize_shortest, pre.crop) {
-        (Some(e), Some((ch, cw))) => format!("; the checkpoint's own: shortest edge {e}, centre crop {ch} x {cw} (--resize processor)"),
-        (Some(e), None) => format!("; the checkpoint's own: shortest edge {e} (--resize processor)"),
-        _ => String::new(),
+    let own = match pre.resize_shortest {
+        Some(_) => format!(
+            "; the checkpoint's own, with --resize {}",
+            crate::args::ResizeArg::Processor.resize(pre).describe()
+        ),
+        None => String::new(),
     };
     line(
         &mut out,

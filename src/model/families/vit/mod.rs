@@ -118,38 +118,41 @@ impl Linear {
             Act::QuickGelu => Activation::QuickGelu,
             Act::GeluTanh => Activation::GeluTanh,
         };
-        let mut dims = xs.dims().to_vec();
-        let inp = dims.pop().unwrap_or(1);
-        let rows = xs.elem_count() / inp.max(1);
-        let xs = xs.reshape((rows, inp))?;
-        let ys = match precision {
-            Precision::F32 => xs.matmul(&self.wt)?,
-            Precision::Bf16 => self.product_bf16(&xs, false)?,
-        };
-        let zeros;
-        let bias = match &self.b {
-            Some(b) => b,
-            None => {
-                zeros = Tensor::zeros(ys.dim(1)?, DType::F32, ys.device())?;
-                &zeros
-            }
-        };
-        let ys = bias_act(&ys, bias, act)?;
-        dims.push(self.wt.dim(1)?);
-        Ok(ys.reshape(dims)?)
+        self.on_rows(xs, |xs| {
+            let ys = match precision {
+                Precision::F32 => xs.matmul(&self.wt)?,
+                Precision::Bf16 => self.product_bf16(xs, false)?,
+            };
+            let zeros;
+            let bias = match &self.b {
+                Some(b) => b,
+                None => {
+                    zeros = Tensor::zeros(ys.dim(1)?, DType::F32, ys.device())?;
+                    &zeros
+                }
+            };
+            Ok(bias_act(&ys, bias, act)?)
+        })
     }
 
     /// `(.., in)` -> `(.., out)`.
     fn forward(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
+        self.on_rows(xs, |xs| {
+            Ok(match (precision, &self.b) {
+                (Precision::Bf16, _) => self.product_bf16(xs, true)?,
+                (Precision::F32, Some(b)) => crate::model::kernels::linear::linear(xs, &self.wt, b)?,
+                (Precision::F32, None) => xs.matmul(&self.wt)?,
+            })
+        })
+    }
+
+    /// `f` on `xs` `(.., in)` seen as rows `(rows, in)`, its `(rows, out)` result given back the
+    /// leading dimensions of `xs`.
+    fn on_rows(&self, xs: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let mut dims = xs.dims().to_vec();
         let inp = dims.pop().unwrap_or(1);
         let rows = xs.elem_count() / inp.max(1);
-        let xs = xs.reshape((rows, inp))?;
-        let ys = match (precision, &self.b) {
-            (Precision::Bf16, _) => self.product_bf16(&xs, true)?,
-            (Precision::F32, Some(b)) => crate::model::kernels::linear::linear(&xs, &self.wt, b)?,
-            (Precision::F32, None) => xs.matmul(&self.wt)?,
-        };
+        let ys = f(&xs.reshape((rows, inp))?)?;
         dims.push(self.wt.dim(1)?);
         Ok(ys.reshape(dims)?)
     }
