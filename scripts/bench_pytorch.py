@@ -100,11 +100,40 @@ def per_batch(d):
     return next(iter(d.values())) if len(d) == 1 else {str(k): v for k, v in d.items()}
 
 
+# Short --arch names (as vitcx bench --arch takes them) for timm architectures.
+ARCH_ALIASES = {"swin_tiny": "swin_tiny_patch4_window7_224"}
+
+
+def swin_flops(model):
+    """Same count as vitcx::model::families::swin::random::SwinArch::flops_per_image for a timm
+    SwinTransformer: patch embedding, merges, per block qkv, windowed attention, proj, MLP, head."""
+    patch = model.patch_embed.patch_size[0]
+    image = model.patch_embed.img_size[0]
+    g = image // patch
+    macs = g * g * 3 * patch * patch * model.layers[0].blocks[0].dim
+    prev = None
+    for stage in model.layers:
+        blk = stage.blocks[0]
+        d = blk.dim
+        g = blk.input_resolution[0]
+        if prev is not None:
+            macs += g * g * 4 * prev * d
+        n, t, m = g * g, blk.window_size[0] * blk.window_size[1], blk.mlp.fc1.out_features
+        macs += len(stage.blocks) * (n * d * 3 * d + 2 * n * t * d + n * d * d + 2 * n * d * m)
+        prev = d
+    return 2.0 * (macs + prev * model.num_classes), image
+
+
 def arch_flops(model):
-    """The same count for any timm VisionTransformer (blocks, patch embedding and head; an
+    """The same count for any timm VisionTransformer, BEiT or EVA (blocks, patch embedding and head; an
     attention pool is left out, as vitcx leaves it out), and its input side."""
+    import torch
+
     dim, depth = model.embed_dim, len(model.blocks)
-    mlp = model.blocks[0].mlp.fc1.out_features
+    # The MLP's weights as the hidden width of a plain two-matrix MLP (SwiGLU's three matrices of
+    # EVA-02 count as they multiply; BEiT's and ViT's MLP is fc1.out_features).
+    mlp = sum(m.in_features * m.out_features for m in model.blocks[0].mlp.modules()
+              if isinstance(m, torch.nn.Linear)) // (2 * dim)
     patch = model.patch_embed.patch_size[0]
     image = model.patch_embed.img_size[0]
     grid = (image // patch) ** 2
@@ -133,9 +162,9 @@ def bench_pytorch(args):
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.arch:
-        name = args.arch
+        name = ARCH_ALIASES.get(args.arch, args.arch)
         model = timm.create_model(name, pretrained=False, num_classes=1000).eval()
-        flops, image = arch_flops(model)
+        flops, image = (swin_flops if hasattr(model, "layers") else arch_flops)(model)
     else:
         name, dim, depth, heads, mlp, patch, image, classes = PRESETS[args.preset]
         flops = flops_per_image(dim, depth, mlp, patch, image, classes)

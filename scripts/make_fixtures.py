@@ -547,6 +547,196 @@ def hf_arch_case(name, seed, kind, dim, heads, depth, n_labels, image_size, crop
     return d
 
 
+# ---------------------------------------------------------------- BEiT and EVA-02
+
+
+def relpos_randomise(model, head_names):
+    """`randomise`, then LayerScale gammas (timm BEiT/EVA `gamma_1/2`, HF BEiT `lambda_1/2`) at
+    0.5 + N(0, 0.2) so that both residual branches matter (randomise's 0.1 * N would all but switch
+    them off). Relative position bias tables get randomise's N(0, 0.5) already."""
+    randomise(model, head_names)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] in ("gamma_1", "gamma_2", "lambda_1", "lambda_2"):
+                p.copy_(0.5 + 0.2 * torch.randn_like(p))
+
+
+def timm_relpos_case(name, seed, arch, model_args, family, note=None):
+    """A timm `beit*` or `eva02*` model: as `timm_arch_case` (config.json's model_args are exactly
+    the kwargs; the architecture function's own options, e.g. EVA-02's `ref_feat_shape=(16, 16)`,
+    SwiGLU and rotary embedding, are not written, as on the Hub), with LayerScale drawn large.
+    The saved files are reloaded into a fresh model (strict) and must give the same logits."""
+    import timm
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, **model_args).eval()
+    relpos_randomise(model, ["head"])
+
+    d = fresh_dir(name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(d, "model.safetensors"))
+    h, w = (int(v) for v in model.patch_embed.img_size)
+    ph, _ = (int(v) for v in model.patch_embed.patch_size)
+    dcfg = model.pretrained_cfg
+    mean, std = list(dcfg["mean"]), list(dcfg["std"])
+    n_cls = model.num_classes
+    config = {
+        "architecture": arch,
+        "num_classes": n_cls,
+        "num_features": model.num_features,
+        "global_pool": model.global_pool,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, h, w],
+            "mean": mean,
+            "std": std,
+            "interpolation": dcfg.get("interpolation", "bicubic"),
+            "crop_pct": dcfg.get("crop_pct", 0.9),
+            "num_classes": n_cls,
+        },
+        "label_names": labels(n_cls),
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+
+    x = make_input(h, w, mean, std)
+    logits, tokens = run_reference(model, model.blocks[-1].norm1, x)
+    again = timm.create_model(arch, pretrained=False, **model_args).eval()
+    again.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=True)
+    with torch.no_grad():
+        assert torch.equal(again(x), torch.from_numpy(logits)), "timm reload differs"
+
+    meta = {
+        "family": family,
+        "format": "timm",
+        "num_prefix_tokens": int(model.num_prefix_tokens),
+        "prefix_tokens": ["[CLS]"],
+        "grid": [h // ph, w // ph],
+        "depth": len(model.blocks),
+        "heads": int(model.blocks[0].attn.num_heads),
+        "num_classes": int(n_cls),
+        "layer_norm_eps": float(model.blocks[0].norm1.eps),
+        "dim": int(model.embed_dim),
+        "patch_size": ph,
+        "image_size": [h, w],
+        "input_size": [h, w],
+        "global_pool": model.global_pool,
+    }
+    if note:
+        meta["note"] = note
+    write_reference(d, x, logits, tokens, meta)
+    return d
+
+
+def hf_beit_case(name, seed, dim, heads, depth, n_labels, image_size, shared, mean_pool,
+                 abs_pos, with_index, note=None):
+    """transformers' BeitForImageClassification from a small config (patch 16, eps 1e-12 as
+    transformers' default): per-block (`use_relative_position_bias`) or shared
+    (`use_shared_relative_position_bias`) bias, mean pooling + `pooler.layernorm` or [CLS] +
+    `layernorm`, optional absolute position embeddings. BeitImageProcessor as
+    microsoft/beit-base-patch16-224 ships it (plain resize, mean/std 0.5). `with_index` adds the
+    int64 `relative_position_index` buffers that transformers 4.x saved (and the Hub's BEiT files
+    hold), which a loader must skip. The saved folder is reloaded with `from_pretrained` and must
+    give the same logits bit for bit."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(seed)
+    config = tf.BeitConfig(
+        hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+        intermediate_size=4 * dim, image_size=image_size, patch_size=16, layer_norm_eps=1e-12,
+        use_relative_position_bias=not shared, use_shared_relative_position_bias=shared,
+        use_absolute_position_embeddings=abs_pos, use_mean_pooling=mean_pool,
+        layer_scale_init_value=0.1,
+        id2label={i: l for i, l in enumerate(labels(n_labels))},
+        label2id={l: i for i, l in enumerate(labels(n_labels))},
+    )
+    model = tf.BeitForImageClassification(config).eval()
+    relpos_randomise(model, ["classifier"])
+    mean, std = HALF, HALF
+    processor = tf.BeitImageProcessor(
+        do_resize=True, size={"height": image_size, "width": image_size}, resample=2,
+        do_center_crop=False, image_mean=mean, image_std=std)
+
+    d = fresh_dir(name)
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    x = make_input(image_size, image_size, mean, std)
+    logits, tokens = run_reference(model, hf_layers(model.beit)[-1].layernorm_before, x)
+    again = tf.BeitForImageClassification.from_pretrained(d).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, torch.from_numpy(logits)), "HF reload differs"
+    if with_index:
+        st = os.path.join(d, "model.safetensors")
+        state = load_file(st)
+        g = image_size // 16
+        index = tf.models.beit.modeling_beit.BeitRelativePositionBias.generate_relative_position_index((g, g))
+        for k in list(state):
+            if k.endswith("relative_position_bias_table"):
+                state[k[: -len("relative_position_bias_table")] + "relative_position_index"] = \
+                    index.clone().contiguous()
+        save_file(state, st, metadata={"format": "pt"})
+
+    g = image_size // 16
+    meta = {
+        "family": "beit",
+        "format": "hf",
+        "num_prefix_tokens": 1,
+        "prefix_tokens": ["[CLS]"],
+        "grid": [g, g],
+        "depth": depth,
+        "heads": heads,
+        "num_classes": n_labels,
+        "layer_norm_eps": 1e-12,
+        "dim": dim,
+        "patch_size": 16,
+        "image_size": [image_size, image_size],
+        "input_size": [image_size, image_size],
+    }
+    if note:
+        meta["note"] = note
+    write_reference(d, x, logits, tokens, meta)
+    return d
+
+
+RELPOS_CASES = {
+    # BEiT (timm): shared relative position bias (as BEiT's self-supervised checkpoints), plus an
+    # absolute position embedding, LayerScale, mean pooling + fc_norm; 112 px (7x7).
+    "beit_timm_shared_abs_img112_d48_h3_c5": lambda: timm_relpos_case(
+        "beit_timm_shared_abs_img112_d48_h3_c5", 121, "beit_base_patch16_224",
+        dict(img_size=112, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+             use_rel_pos_bias=False, use_shared_rel_pos_bias=True, use_abs_pos_emb=True),
+        "beit"),
+    # BEiT v2 (timm): a relative position bias table per block, no absolute position embedding,
+    # ImageNet mean/std; 96 px (6x6), depth 3.
+    "beit_timm_v2_img96_d60_h5_c7": lambda: timm_relpos_case(
+        "beit_timm_v2_img96_d60_h5_c7", 122, "beitv2_base_patch16_224",
+        dict(img_size=96, embed_dim=60, depth=3, num_heads=5, num_classes=7), "beit"),
+    # BEiT (HF BeitForImageClassification): per-block bias, mean pooling, the int64
+    # relative_position_index buffers of the Hub's files; 96 px.
+    "beit_hf_relpos_img96_d48_h3_c4": lambda: hf_beit_case(
+        "beit_hf_relpos_img96_d48_h3_c4", 123, 48, 3, 2, 4, 96, shared=False, mean_pool=True,
+        abs_pos=False, with_index=True),
+    # BEiT (HF): shared bias, absolute position embedding, [CLS] pooling with the final layernorm.
+    "beit_hf_shared_cls_img80_d48_h2_c3": lambda: hf_beit_case(
+        "beit_hf_shared_cls_img80_d48_h2_c3", 124, 48, 2, 2, 3, 80, shared=True, mean_pool=False,
+        abs_pos=True, with_index=False),
+    # EVA-02 tiny/small layout (timm): fused qkv with q_bias/v_bias, packed SwiGLU (GluMlp), rotary
+    # embedding with ref_feat_shape (16, 16) on an 8x8 grid (positions scaled by 2, as a 448 px
+    # model), patch 14, 112 px.
+    "eva02_timm_fused_img112_d48_h3_c5": lambda: timm_relpos_case(
+        "eva02_timm_fused_img112_d48_h3_c5", 125, "eva02_tiny_patch14_224",
+        dict(img_size=112, embed_dim=48, depth=2, num_heads=3, num_classes=5), "eva02"),
+    # EVA-02 base/large layout (timm): separate q/k/v projections (k without bias), SwiGLU with
+    # its inner LayerNorm (scale_mlp), rotary embedding on the 16x16 grid it was made for; 224 px.
+    "eva02_timm_sep_img224_d48_h2_c3": lambda: timm_relpos_case(
+        "eva02_timm_sep_img224_d48_h2_c3", 126, "eva02_base_patch14_224",
+        dict(embed_dim=48, depth=2, num_heads=2, num_classes=3), "eva02"),
+}
+
+
 # ---------------------------------------------------------------- cases
 
 CASES = {
@@ -649,11 +839,215 @@ CASES = {
 }
 
 
+# ---------------------------------------------------------------- Swin (tests/data/swin_zoo)
+
+SWIN_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data",
+                         "swin_zoo")
+
+
+def swin_reference(model, last_norm1, first_block, x):
+    """Logits (2, C), the last block's norm1 output and the output of stage 0's block 1 (a
+    shifted block), both as tokens (2, H*W, C) in row-major grid order."""
+    captured = {}
+
+    def grab(key):
+        def hook(_m, _i, out):
+            out = out[0] if isinstance(out, tuple) else out
+            captured[key] = out.detach().clone()
+        return hook
+
+    handles = [last_norm1.register_forward_hook(grab("norm1")),
+               first_block.register_forward_hook(grab("block"))]
+    with torch.no_grad():
+        out = model(x)
+    for h in handles:
+        h.remove()
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    flat = []
+    for key in ("norm1", "block"):
+        t = captured[key]
+        flat.append(t.reshape(t.shape[0], -1, t.shape[-1]).float().numpy())
+    return logits.float().numpy(), flat[0], flat[1]
+
+
+def write_swin_reference(d, x, logits, tokens, first, meta):
+    ref = os.path.join(d, "reference")
+    os.makedirs(ref, exist_ok=True)
+    np.save(os.path.join(ref, "input.npy"), x.numpy().astype(np.float32))
+    np.save(os.path.join(ref, "logits.npy"), logits.astype(np.float32))
+    np.save(os.path.join(ref, "tokens.npy"), tokens.astype(np.float32))
+    np.save(os.path.join(ref, "tokens_first.npy"), first.astype(np.float32))
+    gh, gw = meta["grid"]
+    assert tokens.shape == (2, gh * gw, meta["dim"]), tokens.shape
+    with open(os.path.join(ref, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+        f.write("\n")
+
+
+def swin_timm_case(name, seed, model_args, n_cls, old_layout=False, other_size=None):
+    """A timm SwinTransformer (`swin_tiny_patch4_window7_224` + `model_args`), saved as timm's hub
+    format. `old_layout`: the state dict renamed to the original Microsoft layout (patch merging
+    at the end of a stage, `layers.0.downsample`; classifier `head.*`), which timm's
+    `checkpoint_filter_fn` converts back (checked here). `other_size`: also the logits of the
+    same weights built at that input size (`create_model(img_size=...)`), in reference/at<S>/."""
+    import timm
+    from safetensors.torch import save_file
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    arch = "swin_tiny_patch4_window7_224"
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, pretrained=False, num_classes=n_cls, **model_args).eval()
+    randomise(model, ["head.fc"])
+    d = fresh_dir_in(SWIN_ROOT, name)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if old_layout:
+        import re
+        old = {}
+        for k, v in state.items():
+            k = re.sub(r"layers\.(\d+)\.downsample",
+                       lambda m: f"layers.{int(m.group(1)) - 1}.downsample", k)
+            k = k.replace("head.fc.", "head.")
+            old[k] = v
+        again = timm.create_model(arch, pretrained=False, num_classes=n_cls, **model_args).eval()
+        again.load_state_dict(checkpoint_filter_fn(old, again))
+        state_back = again.state_dict()
+        assert all(torch.equal(state_back[k], v) for k, v in state.items())
+        state = old
+    save_file(state, os.path.join(d, "model.safetensors"))
+    img = model_args["img_size"]
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    config = {
+        "architecture": arch,
+        "num_classes": n_cls,
+        "num_features": model.num_features,
+        "global_pool": "avg",
+        "model_args": dict(model_args, num_classes=n_cls),
+        "pretrained_cfg": {
+            "input_size": [3, img, img],
+            "mean": mean,
+            "std": std,
+            "interpolation": "bicubic",
+            "crop_pct": 0.9,
+            "num_classes": n_cls,
+        },
+        "label_names": labels(n_cls),
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+    x = make_input(img, img, mean, std)
+    last = model.layers[-1].blocks[-1]
+    logits, tokens, first = swin_reference(model, last.norm1, model.layers[0].blocks[1], x)
+    gh, gw = last.input_resolution
+    meta = {
+        "family": "swin",
+        "format": "timm",
+        "num_prefix_tokens": 0,
+        "grid": [int(gh), int(gw)],
+        "first_tap": "layers.0.blocks.1",
+        "first_grid": [int(g) for g in model.layers[0].blocks[1].input_resolution],
+        "first_dim": int(model.layers[0].blocks[1].dim),
+        "depth": sum(len(s.blocks) for s in model.layers),
+        "heads": [int(s.blocks[0].attn.num_heads) for s in model.layers],
+        "num_classes": n_cls,
+        "layer_norm_eps": float(last.norm1.eps),
+        "dim": int(last.dim),
+        "patch_size": int(model.patch_embed.patch_size[0]),
+        "image_size": [img, img],
+        "old_layout": old_layout,
+    }
+    write_swin_reference(d, x, logits, tokens, first, meta)
+    if other_size:
+        built = timm.create_model(arch, pretrained=False, num_classes=n_cls,
+                                  **dict(model_args, img_size=other_size)).eval()
+        built.load_state_dict(model.state_dict())
+        xo = make_input(other_size, other_size, mean, std)
+        with torch.no_grad():
+            lo = built(xo).float().numpy()
+        at = os.path.join(d, "reference", f"at{other_size}")
+        os.makedirs(at)
+        np.save(os.path.join(at, "input.npy"), xo.numpy().astype(np.float32))
+        np.save(os.path.join(at, "logits.npy"), lo.astype(np.float32))
+    return d
+
+
+def swin_hf_case(name, seed, image_size, embed_dim, depths, heads, n_labels):
+    """A transformers SwinForImageClassification saved with save_pretrained, plus its image
+    processor."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.SwinConfig(
+        image_size=image_size, patch_size=4, embed_dim=embed_dim, depths=depths,
+        num_heads=heads, window_size=7,
+        id2label={i: l for i, l in enumerate(labels(n_labels))},
+        label2id={l: i for i, l in enumerate(labels(n_labels))},
+    )
+    model = tf.SwinForImageClassification(config).eval()
+    randomise(model, ["classifier"])
+    d = fresh_dir_in(SWIN_ROOT, name)
+    hf_save_weights(model, d, True)
+    tf.ViTImageProcessor(size={"height": image_size, "width": image_size},
+                         image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(d)
+    x = make_input(image_size, image_size, IMAGENET_MEAN, IMAGENET_STD)
+    stages = model.swin.encoder.layers
+    last = stages[-1].blocks[-1]
+    logits, tokens, first = swin_reference(model, last.layernorm_before, stages[0].blocks[1], x)
+    g = image_size // 4 // 2 ** (len(depths) - 1)
+    meta = {
+        "family": "swin",
+        "format": "hf",
+        "num_prefix_tokens": 0,
+        "grid": [g, g],
+        "first_tap": "layers.0.blocks.1",
+        "first_grid": [image_size // 4, image_size // 4],
+        "first_dim": embed_dim,
+        "depth": sum(depths),
+        "heads": list(heads),
+        "num_classes": n_labels,
+        "layer_norm_eps": float(config.layer_norm_eps),
+        "dim": embed_dim * 2 ** (len(depths) - 1),
+        "patch_size": 4,
+        "image_size": [image_size, image_size],
+    }
+    write_swin_reference(d, x, logits, tokens, first, meta)
+    return d
+
+
+def fresh_dir_in(root, name):
+    d = os.path.join(root, name)
+    if os.path.isdir(d):
+        shutil.rmtree(d)
+    os.makedirs(d)
+    return d
+
+
+SWIN_CASES = {
+    # Four stages (56, 28, 14, 7 grids: patch 2 at 112 px), window 7 shrinking to nothing to
+    # shift in the last stage, 3 heads everywhere (odd), MLP ratio 2 to keep it small.
+    "timm_swin_p2_img112_d6_c5": lambda: swin_timm_case(
+        "timm_swin_p2_img112_d6_c5", 201,
+        dict(img_size=112, patch_size=2, embed_dim=6, depths=(2, 2, 2, 2),
+             num_heads=(3, 3, 3, 3), window_size=7, mlp_ratio=2.0), 5),
+    # Two stages (28, 14), heads (2, 5), saved in the original layout (merge at the end of a
+    # stage, `head.*`); also run at 56 px (14, 7 grids: the second stage stops shifting).
+    "timm_swin_old_img112_d20_c7": lambda: swin_timm_case(
+        "timm_swin_old_img112_d20_c7", 202,
+        dict(img_size=112, embed_dim=20, depths=(2, 2), num_heads=(2, 5), window_size=7), 7,
+        old_layout=True, other_size=56),
+    # Hugging Face SwinForImageClassification: three stages (28, 14, 7), 3 heads.
+    "hf_swin_img112_d12_c6": lambda: swin_hf_case(
+        "hf_swin_img112_d12_c6", 203, 112, 12, [2, 2, 2], [3, 3, 3], 6),
+}
+CASES.update(SWIN_CASES)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", help="case names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    CASES.update(RELPOS_CASES)
     names = args.only or list(CASES)
     for n in names:
         if n not in CASES:

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import IMAGENET_MEAN, IMAGENET_STD, labels, randomise  # noqa: E402
+from make_fixtures import IMAGENET_MEAN, IMAGENET_STD, labels, randomise, relpos_randomise  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "tests", "data"))
@@ -85,6 +85,9 @@ EXPECTED_MEAN_STD = {
     "clip_timm": (CLIP_MEAN, CLIP_STD),
     "siglip_timm": (HALF, HALF),
     "dinov2_hf": (IMAGENET_MEAN, IMAGENET_STD),
+    "beit_hf": (HALF, HALF),
+    "eva02_timm": (CLIP_MEAN, CLIP_STD),
+    "swin_timm": (IMAGENET_MEAN, IMAGENET_STD),
 }
 
 
@@ -239,6 +242,19 @@ def load_timm(d):
     model = timm.create_model(cfg["architecture"], pretrained=False, **cfg["model_args"])
     model.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
     model.eval()
+    if hasattr(model, "layers"):
+        # Swin: the last stage's last block's norm1, channels-last (B, H, W, C), no prefix.
+        last = model.layers[-1].blocks[-1]
+        gh, gw = last.input_resolution
+        info = {
+            "mean": list(cfg["pretrained_cfg"]["mean"]),
+            "std": list(cfg["pretrained_cfg"]["std"]),
+            "prefix": 0,
+            "grid": [int(gh), int(gw)],
+            "dim": int(last.dim),
+            "channels_last": True,
+        }
+        return model, last.norm1, info
     gh, gw = model.patch_embed.grid_size
     info = {
         "mean": list(cfg["pretrained_cfg"]["mean"]),
@@ -267,7 +283,9 @@ def load_hf(d):
         "dim": int(cfg.hidden_size),
     }
     wrapped = LogitsOf(model).eval()
-    return wrapped, layers[-1].norm1, info
+    # BEiT names the first norm of a layer `layernorm_before` (DINOv2: `norm1`).
+    norm1 = layers[-1].layernorm_before if cfg.model_type == "beit" else layers[-1].norm1
+    return wrapped, norm1, info
 
 
 def timm_config(model, arch, model_args, n_cls):
@@ -290,13 +308,13 @@ def timm_config(model, arch, model_args, n_cls):
     }
 
 
-def write_timm(d, seed, arch, model_args):
+def write_timm(d, seed, arch, model_args, head="head", head_gain=3.0):
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, **model_args).eval()
-    randomise(model, ["head"])
+    randomise(model, [head], head_gain=head_gain)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               os.path.join(d, "model.safetensors"))
     with open(os.path.join(d, "config.json"), "w") as f:
@@ -325,6 +343,31 @@ def write_dinov2_hf(d, seed, dim, depth, heads, n_labels):
     ).save_pretrained(d)
 
 
+def write_beit_hf(d, seed, dim, depth, heads, n_labels):
+    """BeitForImageClassification as microsoft/beit-base-patch16-224 is built (a relative position
+    bias per layer, LayerScale 0.1, mean pooling + pooler layernorm, eps 1e-12, patch 16), small;
+    LayerScale drawn large (relpos_randomise) so that every branch matters."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.BeitConfig(
+        hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+        intermediate_size=4 * dim, image_size=SIZE, patch_size=16,
+        use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1,
+        id2label={i: l for i, l in enumerate(labels(n_labels))},
+        label2id={l: i for i, l in enumerate(labels(n_labels))},
+    )
+    model = tf.BeitForImageClassification(config).eval()
+    relpos_randomise(model, ["classifier"])
+    model.save_pretrained(d)
+    # As microsoft/beit-base-patch16-224 ships it: plain resize to 224 (bilinear), mean/std 0.5.
+    tf.BeitImageProcessor(
+        do_resize=True, size={"height": SIZE, "width": SIZE}, resample=2, do_center_crop=False,
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=HALF,
+        image_std=HALF,
+    ).save_pretrained(d)
+
+
 # ---------------------------------------------------------------- cases
 
 SMALL = dict(embed_dim=96, depth=3, num_heads=3, num_classes=10)
@@ -347,6 +390,25 @@ CASES = {
     "dinov2_hf": ("hf", "dinov2", "Dinov2ForImageClassification", "white_stork1.JPEG",
                   [305, 315, 325, 335, 345, 355],
                   lambda d, s: write_dinov2_hf(d, s, 96, 3, 3, 10)),
+    # BEiT (HF): relative position bias per layer, grid 14x14 after the [CLS].
+    "beit_hf": ("hf", "beit", "BeitForImageClassification", "ILSVRC2012_val_00026771.JPEG",
+                [306, 316, 326, 336, 346, 356],
+                lambda d, s: write_beit_hf(d, s, 96, 3, 3, 10)),
+    # EVA-02 (timm, tiny layout: fused qkv, packed SwiGLU, rotary embedding): patch 14, grid
+    # 16x16 after the [CLS].
+    "eva02_timm": ("timm", "eva02", "eva02_tiny_patch14_224", "ILSVRC2012_val_00028713.JPEG",
+                   [307, 317, 327, 337, 347, 357],
+                   lambda d, s: write_timm(d, s, "eva02_tiny_patch14_224", dict(SMALL))),
+    # Swin: four stages (56, 28, 14, 7 grids), target layer layers.3.blocks.1.norm1 (7x7, 32
+    # channels), timm's channels-last tokens permuted by the reshape function. Narrow (embed 4)
+    # and a head gain of 8: wider random Swins average the image away (their sigma-0 saliency
+    # ranged 1e-4 to 1e-2 over 60 seeds, below MIN_RANGE).
+    "swin_timm": ("timm", "swin", "swin_tiny_patch4_window7_224", "ILSVRC2012_val_00033147.JPEG",
+                  list(range(306, 406, 10)),
+                  lambda d, s: write_timm(d, s, "swin_tiny_patch4_window7_224",
+                                          dict(embed_dim=4, depths=(2, 2, 2, 2),
+                                               num_heads=(1, 1, 2, 2), num_classes=10),
+                                          head="head.fc", head_gain=8.0)),
 }
 
 
@@ -382,6 +444,9 @@ def run_case(ref, d, fmt, image_path, noise_seed, name, family, arch, stored_noi
     # The reference's default reshape for a 14x14 grid with one [CLS] is what its notebook uses.
     default = info["prefix"] == 1 and info["grid"] == [14, 14] and name == "vit_timm"
     reshape = None if default else reshape_for(info["prefix"], gh, gw)
+    if info.get("channels_last"):
+        # What a user writes for timm's Swin: norm1 gives (B, H, W, C); ViT-CX wants (B, C, H, W).
+        reshape = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731
 
     r0 = ref.run(model, x, layer, reshape, noise=None)
     n = r0["masks"].shape[0]

@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::eval::metrics::pearson;
 use crate::methods::vitcx::{Noise, VitCx, VitCxParams};
 use crate::methods::{NoProgress, Stage};
+use crate::model::families::beit::random::RelArch;
+use crate::model::families::beit::Kind;
+use crate::model::families::swin::random::SwinArch;
 use crate::model::families::vit::random::{Arch, ArchOptions};
-use crate::model::families::vit::VisionTransformer;
 use crate::model::{Backbone, Precision};
 use crate::target::argmax;
 
@@ -42,10 +44,17 @@ pub enum Preset {
     Siglip,
     /// ViT-B/16 with average pooling and `fc_norm` (MAE / BEiT-style fine-tunes).
     Avg,
+    /// BEiT-B/16: relative position bias per block, LayerScale, mean pooling + `fc_norm`.
+    BeitBase,
+    /// EVA-02-B/14 at 224 px (16x16 grid): rotary embedding, separate q/k/v, SwiGLU with its
+    /// inner norm.
+    Eva02Base,
+    /// Swin-T: patch 4, window 7, depths (2, 2, 6, 2), 224 px.
+    SwinTiny,
 }
 
 /// Every preset, in the order `--help` and tables list them.
-pub const PRESETS: [Preset; 9] = [
+pub const PRESETS: [Preset; 12] = [
     Preset::Tiny,
     Preset::Base,
     Preset::Deit3,
@@ -55,22 +64,61 @@ pub const PRESETS: [Preset; 9] = [
     Preset::ClipQuickgelu,
     Preset::Siglip,
     Preset::Avg,
+    Preset::BeitBase,
+    Preset::Eva02Base,
+    Preset::SwinTiny,
 ];
 
+/// A preset's sizes: a plain-block ViT's or a Swin's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum PresetArch {
+    /// A plain-block ViT.
+    Vit(Arch),
+    /// A Swin Transformer.
+    Swin(SwinArch),
+}
+
+impl PresetArch {
+    /// Multiply-adds of one forward pass for one image.
+    pub fn macs_per_image(&self) -> f64 {
+        match self {
+            PresetArch::Vit(a) => a.macs_per_image(),
+            PresetArch::Swin(a) => a.macs_per_image(),
+        }
+    }
+
+    /// Floating-point operations of one forward pass for one image (2 per multiply-add).
+    pub fn flops_per_image(&self) -> f64 {
+        2.0 * self.macs_per_image()
+    }
+}
+
 impl Preset {
-    /// The preset's sizes and options (1000 classes).
-    pub fn arch(self) -> Arch {
+    /// The preset's sizes and options (1000 classes). For BEiT and EVA-02 the plain ViT of the
+    /// same multiply-adds (EVA-02's three SwiGLU matrices of 2048 equal two of 3072), which
+    /// [`Preset::rel_arch`] builds.
+    pub fn arch(self) -> PresetArch {
+        match self {
+            Preset::SwinTiny => PresetArch::Swin(SwinArch::tiny()),
+            _ => PresetArch::Vit(self.vit_arch()),
+        }
+    }
+
+    /// A ViT preset's sizes (the Swin preset has none: [`Preset::arch`]).
+    fn vit_arch(self) -> Arch {
         let (dim, heads) = match self {
             Preset::Tiny => (192, 3),
             _ => (768, 12),
         };
         let (patch, image_size) = match self {
             Preset::Dinov2 | Preset::Dinov2Reg4 => (14, 518),
+            Preset::Eva02Base => (14, 224),
             _ => (16, 224),
         };
         let mut options = ArchOptions::default();
         match self {
-            Preset::Tiny | Preset::Base => {}
+            Preset::Tiny | Preset::Base | Preset::SwinTiny => {}
             Preset::Deit3 => {
                 options.layer_scale = true;
                 options.no_embed_class = true;
@@ -86,7 +134,7 @@ impl Preset {
                 options.class_token = false;
                 options.pool = "map";
             }
-            Preset::Avg => options.pool = "avg",
+            Preset::Avg | Preset::BeitBase | Preset::Eva02Base => options.pool = "avg",
         }
         Arch {
             dim,
@@ -113,6 +161,9 @@ impl Preset {
             Preset::ClipQuickgelu => "clip_quickgelu",
             Preset::Siglip => "siglip",
             Preset::Avg => "avg",
+            Preset::BeitBase => "beit_base",
+            Preset::Eva02Base => "eva02_base",
+            Preset::SwinTiny => "swin_tiny",
         }
     }
 
@@ -128,7 +179,28 @@ impl Preset {
             Preset::ClipQuickgelu => "vit_base_patch16_clip_quickgelu_224",
             Preset::Siglip => "vit_base_patch16_siglip_224",
             Preset::Avg => "vit_base_patch16_224.mae",
+            Preset::BeitBase => "beit_base_patch16_224",
+            Preset::Eva02Base => "eva02_base_patch14_224",
+            Preset::SwinTiny => "swin_tiny_patch4_window7_224",
         }
+    }
+
+    /// The BEiT or EVA-02 this preset builds, if it is one.
+    pub fn rel_arch(self) -> Option<RelArch> {
+        let kind = match self {
+            Preset::BeitBase => Kind::Beit,
+            Preset::Eva02Base => Kind::Eva02,
+            _ => return None,
+        };
+        Some(RelArch {
+            kind,
+            dim: 768,
+            depth: 12,
+            heads: 12,
+            mlp_dim: if kind == Kind::Beit { 3072 } else { 2048 },
+            image_size: 224,
+            num_classes: 1000,
+        })
     }
 }
 
@@ -151,15 +223,41 @@ impl std::str::FromStr for Preset {
     }
 }
 
-/// A [`VisionTransformer`] of `preset` with seeded random weights, built in memory through the
-/// checkpoint loader's own config and weight checks (no file is read or written).
-pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<VisionTransformer> {
-    crate::model::families::vit::random::random_vit(
-        &preset.arch(),
-        preset.timm_name(),
-        seed,
-        device,
-    )
+/// A ViT `preset` (a plain-block ViT, BEiT or EVA-02) with seeded random weights, built in
+/// memory through the checkpoint loader's own config and weight checks (no file is read or
+/// written).
+pub fn random_vit(preset: Preset, seed: u64, device: &Device) -> Result<Box<dyn Backbone>> {
+    if let Some(rel) = preset.rel_arch() {
+        return Ok(Box::new(
+            crate::model::families::beit::random::random_model(&rel, seed, device)?,
+        ));
+    }
+    match preset.arch() {
+        PresetArch::Vit(arch) => Ok(Box::new(crate::model::families::vit::random::random_vit(
+            &arch,
+            preset.timm_name(),
+            seed,
+            device,
+        )?)),
+        PresetArch::Swin(_) => Err(Error::invalid(format!(
+            "{} is not a ViT; build it with random_model",
+            preset.timm_name()
+        ))),
+    }
+}
+
+/// The model of any `preset` (a ViT, BEiT, EVA-02 or Swin) with seeded random weights, built
+/// as [`random_vit`] builds a ViT.
+pub fn random_model(preset: Preset, seed: u64, device: &Device) -> Result<Box<dyn Backbone>> {
+    match preset.arch() {
+        PresetArch::Swin(arch) => Ok(Box::new(crate::model::families::swin::random::random_swin(
+            &arch,
+            preset.timm_name(),
+            seed,
+            device,
+        )?)),
+        PresetArch::Vit(_) => random_vit(preset, seed, device),
+    }
 }
 
 /// A fixed synthetic image `(3, H, W)` in normalised pixels for `mean`/`std`: smooth colour
@@ -217,7 +315,7 @@ pub struct ForwardTiming {
 /// Times a forward pass at `precision` (probabilities only, no tap) on `batch` copies of `x`
 /// `(3, H, W)`: one warm-up run, then `repeats` timed runs.
 pub fn time_forward(
-    model: &VisionTransformer,
+    model: &dyn Backbone,
     x: &[f32],
     batch: usize,
     repeats: usize,
@@ -288,7 +386,7 @@ pub struct ExplainTiming {
 /// Explains the top-1 class of `x` `(3, H, W)` with `params`, scoring at most `max_masks`
 /// masks (the first ones after clustering) when given, and returns the stage times.
 pub fn time_explanation(
-    model: &VisionTransformer,
+    model: &dyn Backbone,
     x: &[f32],
     params: &VitCxParams,
     max_masks: Option<usize>,
@@ -357,7 +455,7 @@ pub struct Bf16Fidelity {
 
 /// Compares the f32 and bf16 saliency maps of `x` `(3, H, W)` and both precisions' clean pass.
 pub fn bf16_fidelity(
-    model: &VisionTransformer,
+    model: &dyn Backbone,
     x: &[f32],
     saliency_f32: &[f32],
     saliency_bf16: &[f32],
@@ -568,7 +666,7 @@ pub fn machine_info() -> MachineInfo {
 mod tests {
     use super::*;
 
-    fn logits(model: &VisionTransformer, x: &[f32]) -> Vec<f32> {
+    fn logits(model: &dyn Backbone, x: &[f32]) -> Vec<f32> {
         let px = Tensor::from_slice(x, (1, 3, 224, 224), &Device::Cpu).unwrap();
         model
             .forward(&px, None)
@@ -598,7 +696,13 @@ mod tests {
 
     #[test]
     fn random_model_has_preset_shape() {
-        let m = random_vit(Preset::Tiny, 0, &Device::Cpu).unwrap();
+        let m = crate::model::families::vit::random::random_vit(
+            &Preset::Tiny.vit_arch(),
+            Preset::Tiny.timm_name(),
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
         let s = m.config();
         assert_eq!((s.dim, s.depth, s.heads, s.patch), (192, 12, 3, 16));
         assert_eq!((m.spec().taps[0].grid, s.num_classes), ((14, 14), 1000));
@@ -664,9 +768,14 @@ mod tests {
 
     #[test]
     fn every_preset_reads_back_as_its_family() {
-        for preset in PRESETS {
+        // BEiT and EVA-02 read back in their own family's tests (beit::random).
+        for preset in PRESETS.into_iter().filter(|p| p.rel_arch().is_none()) {
             // The preset's options on a small model, through the loader with the timm name.
-            let mut arch = preset.arch();
+            let PresetArch::Vit(mut arch) = preset.arch() else {
+                // Swin: its own test (families::swin::random) builds a small one.
+                assert_eq!(preset.timm_name().parse::<Preset>().unwrap(), preset);
+                continue;
+            };
             arch.dim = 32;
             arch.heads = 2;
             arch.depth = 1;

@@ -8,6 +8,7 @@
 //!
 //! The modules, dependencies pointing down the list:
 //! - [`mod@bench`], [`train`]: tools apart from the pipeline (timings, training the demo model);
+//! - [`run`]: runs over many images: shards, resumable run records, merging shards;
 //! - [`eval`]: faithfulness metrics, the data sets they run over, their reports, the shapes
 //!   benchmark;
 //! - [`methods`]: ViT-CX and the methods it is compared with, behind one driver and registry;
@@ -41,6 +42,7 @@ pub mod io;
 pub mod methods;
 pub mod model;
 pub mod resample;
+pub mod run;
 pub mod target;
 pub mod train;
 

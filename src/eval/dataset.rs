@@ -30,6 +30,10 @@ pub struct Entry {
     /// The object mask (nonzero = object), resolved against the manifest's directory.
     #[serde(default)]
     pub mask: Option<PathBuf>,
+    /// The same scene without the object (as `vitcx synth` writes it), resolved against the
+    /// manifest's directory: the baseline of the `background` deletion and insertion curves.
+    #[serde(default)]
+    pub background: Option<PathBuf>,
 }
 
 /// The entries named by `data`: a manifest file, a directory holding `manifest.jsonl`, or a
@@ -81,6 +85,7 @@ pub fn read_with(data: &Path, allow_outside: bool) -> Result<Vec<Entry>> {
         };
         e.path = inside(&e.image, "image")?;
         e.mask = e.mask.map(|m| inside(&m, "mask")).transpose()?;
+        e.background = e.background.map(|b| inside(&b, "background")).transpose()?;
         entries.push(e);
     }
     if entries.is_empty() {
@@ -140,6 +145,7 @@ fn images_in(dir: &Path) -> Result<Vec<Entry>> {
             class_name: None,
             bbox: None,
             mask: None,
+            background: None,
         })
         .collect())
 }
@@ -153,6 +159,9 @@ pub struct Input {
     pub truth: Option<usize>,
     /// The object mask `(H, W)` at the model's input size, where the entry gives one.
     pub mask: Option<Vec<u8>>,
+    /// The object-free image `(3, H, W)`, preprocessed like `x`, when it was read
+    /// ([`Entry::load_background`]; [`Entry::load`] leaves it out).
+    pub background: Option<Vec<f32>>,
 }
 
 impl Entry {
@@ -175,6 +184,38 @@ impl Entry {
         self.input(&img, spec)
     }
 
+    /// Reads the object-free image, preprocessed exactly as [`Entry::load`] preprocesses the
+    /// image `(3, H, W)`. Fails when the entry has none, or when its size differs from the
+    /// image's (the two must be the same scene).
+    pub fn load_background(&self, spec: &Spec) -> Result<Vec<f32>> {
+        let Some(path) = &self.background else {
+            return Err(Error::invalid(format!(
+                "{} has no background (the scene without the object) in the manifest; the \
+                 background baseline needs one (vitcx synth writes them)",
+                self.image.display()
+            )));
+        };
+        let bg = crate::image::load_rgb(path)?;
+        let image_size = ::image::ImageReader::open(&self.path)
+            .and_then(|r| r.with_guessed_format())
+            .map_err(|e| Error::io(&self.path, e))?
+            .into_dimensions()
+            .map_err(|e| Error::invalid(format!("{}: {e}", self.path.display())))?;
+        if bg.dimensions() != image_size {
+            return Err(Error::invalid(format!(
+                "background {} is {}x{} but its image {} is {}x{}; they must show the same scene",
+                path.display(),
+                bg.width(),
+                bg.height(),
+                self.path.display(),
+                image_size.0,
+                image_size.1
+            )));
+        }
+        let pre = &spec.preprocess;
+        Ok(crate::image::model_input(&bg, spec.input_size, pre.mean, pre.std).1)
+    }
+
     fn input(&self, img: &RgbImage, spec: &Spec) -> Result<Input> {
         let size = spec.input_size;
         let pre = &spec.preprocess;
@@ -185,7 +226,12 @@ impl Entry {
             (None, Some(b)) => Some(bbox_mask(b, (img.width(), img.height()), size)),
             (None, None) => None,
         };
-        Ok(Input { x, truth, mask })
+        Ok(Input {
+            x,
+            truth,
+            mask,
+            background: None,
+        })
     }
 }
 
@@ -264,11 +310,60 @@ mod tests {
             (Some(1), d.join("a.png"))
         );
         assert_eq!(e[0].mask, Some(d.join("m.png")));
+        assert_eq!(e[0].background, None);
         std::fs::write(d.join("manifest.jsonl"), "{\"class_id\": 1}\n").unwrap();
         let err = read(d).unwrap_err().to_string();
         assert!(err.contains("line 1: bad manifest entry"), "{err}");
         let empty = tempfile::tempdir().unwrap();
         assert!(read(empty.path()).is_err());
+    }
+
+    #[test]
+    fn backgrounds_are_read_and_preprocessed_like_their_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let img = image::RgbImage::from_fn(8, 6, |x, y| image::Rgb([x as u8 * 30, y as u8, 7]));
+        img.save(d.join("a.png")).unwrap();
+        image::RgbImage::from_pixel(8, 6, image::Rgb([200, 10, 7]))
+            .save(d.join("a.bg.png"))
+            .unwrap();
+        image::RgbImage::new(4, 6)
+            .save(d.join("small.png"))
+            .unwrap();
+        let lines = [
+            r#"{"image": "a.png", "background": "a.bg.png"}"#,
+            r#"{"image": "a.png"}"#,
+            r#"{"image": "a.png", "background": "small.png"}"#,
+        ];
+        std::fs::write(d.join("manifest.jsonl"), lines.join("\n")).unwrap();
+        let e = read(d).unwrap();
+        assert_eq!(e[0].background, Some(d.join("a.bg.png")));
+        let spec = crate::model::demo(&candle_core::Device::Cpu)
+            .unwrap()
+            .spec()
+            .clone();
+        let bg = e[0].load_background(&spec).unwrap();
+        let (h, w) = spec.input_size;
+        assert_eq!(bg.len(), 3 * h * w);
+        // Constant colour: every pixel (200 - mean) / std after the same resize and normalisation.
+        let pre = &spec.preprocess;
+        let want = (200.0 / 255.0 - pre.mean[0]) / pre.std[0];
+        assert!(bg[..h * w].iter().all(|v| (v - want).abs() < 1e-5));
+        let x = e[0].load(&spec).unwrap().x;
+        assert_eq!(x.len(), bg.len());
+        let err = e[1].load_background(&spec).unwrap_err().to_string();
+        assert!(err.contains("a.png has no background"), "{err}");
+        let err = e[2].load_background(&spec).unwrap_err().to_string();
+        assert!(err.contains("is 4x6 but its image"), "{err}");
+        // The background path obeys the same rule as the image's.
+        std::fs::write(
+            d.join("manifest.jsonl"),
+            r#"{"image": "a.png", "background": "../b.png"}"#,
+        )
+        .unwrap();
+        let err = read(d).unwrap_err().to_string();
+        assert!(err.contains("background '../b.png' is outside"), "{err}");
+        assert!(read_with(d, true).is_ok());
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::methods::{NoProgress, Run};
 use crate::model::{Backbone, Precision};
 
 /// The image a curve moves towards (deletion) or starts from (insertion), in normalised space.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Baseline {
     /// All zeros in normalised space, i.e. every pixel at the dataset mean.
@@ -32,6 +32,11 @@ pub enum Baseline {
         /// Standard deviation in pixels (positive, finite). RISE: 5.
         sigma: f32,
     },
+    /// The same scene without the object (`vitcx synth` renders it with the same background,
+    /// clutter and noise), preprocessed like the image: deletion ends at, and insertion starts
+    /// from, the true absence of the object rather than a blur or a grey that no training image
+    /// looked like. Only data that provides it can use it ([`deletion_with`], [`insertion_with`]).
+    Background,
 }
 
 impl Baseline {
@@ -41,15 +46,17 @@ impl Baseline {
         sigma: 5.0,
     };
 
-    /// Short name for reports: `zero` or `blur`.
+    /// Short name for reports: `zero`, `blur` or `background`.
     pub fn name(&self) -> &'static str {
         match self {
             Baseline::Zero => "zero",
             Baseline::Blur { .. } => "blur",
+            Baseline::Background => "background",
         }
     }
 
-    /// A baseline by name: `zero`, or `blur` with `kernel` taps and `sigma` (checked).
+    /// A baseline by name: `zero`, `blur` with `kernel` taps and `sigma` (checked), or
+    /// `background`.
     pub fn parse(name: &str, kernel: usize, sigma: f32) -> Result<Self> {
         match name {
             "zero" => Ok(Baseline::Zero),
@@ -57,8 +64,9 @@ impl Baseline {
                 gaussian_kernel(kernel, sigma)?;
                 Ok(Baseline::Blur { kernel, sigma })
             }
+            "background" => Ok(Baseline::Background),
             other => Err(Error::invalid(format!(
-                "unknown baseline '{other}'; expected zero or blur"
+                "unknown baseline '{other}'; expected zero, blur or background"
             ))),
         }
     }
@@ -73,11 +81,27 @@ impl Baseline {
                 "sigma": sigma.to_string().parse::<f64>().unwrap_or(f64::NAN),
                 "border": "reflect (edge pixel not repeated)", "space": "normalised, per channel",
             }),
+            Baseline::Background => json!({
+                "kind": "background",
+                "image": "the scene without the object, preprocessed like the image",
+            }),
         }
     }
 
-    /// The baseline image for `x` `(3, H, W)` (normalised), same layout.
-    pub fn apply(&self, x: &[f32], (h, w): (usize, usize)) -> Result<Vec<f32>> {
+    /// The baseline image for `x` `(3, H, W)` (normalised), same layout. [`Baseline::Background`]
+    /// is not made from `x`: it fails here ([`Baseline::apply_with`] takes it).
+    pub fn apply(&self, x: &[f32], size: (usize, usize)) -> Result<Vec<f32>> {
+        self.apply_with(x, size, None)
+    }
+
+    /// [`Baseline::apply`], with the object-free image `background` `(3, H, W)` (normalised)
+    /// where the data has one; [`Baseline::Background`] fails without it.
+    pub fn apply_with(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        background: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
         check_len("image", x.len(), 3 * h * w)?;
         match *self {
             Baseline::Zero => Ok(vec![0.0; x.len()]),
@@ -87,6 +111,16 @@ impl Baseline {
                     .flat_map(|plane| blur_plane(plane, (h, w), &k))
                     .collect())
             }
+            Baseline::Background => {
+                let b = background.ok_or_else(|| {
+                    Error::invalid(
+                        "the background baseline needs the image without its object, which \
+                         this image does not have (vitcx synth writes one per image)",
+                    )
+                })?;
+                check_len("background", b.len(), x.len())?;
+                Ok(b.to_vec())
+            }
         }
     }
 }
@@ -95,7 +129,7 @@ impl Baseline {
 /// salient first, ties by lower row-major index), `step` pixels changed per step; deletion
 /// replaces pixels with `deletion_baseline`, insertion starts from `insertion_baseline` and puts
 /// the original pixels back. `batch` perturbed images go through the model per forward pass.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CurveParams {
     /// Pixels changed per step. Default 224 (RISE).
     pub step: usize,
@@ -163,8 +197,21 @@ pub fn deletion(
     class: usize,
     p: &CurveParams,
 ) -> Result<Curve> {
+    deletion_with(model, x, None, saliency, class, p)
+}
+
+/// [`deletion`] with the image's object-free `background` `(3, H, W)` (normalised) where the
+/// data has one, for [`Baseline::Background`].
+pub fn deletion_with(
+    model: &dyn Backbone,
+    x: &[f32],
+    background: Option<&[f32]>,
+    saliency: &[f32],
+    class: usize,
+    p: &CurveParams,
+) -> Result<Curve> {
     let size = check_inputs(model, x, saliency, class, p)?;
-    let base = p.deletion_baseline.apply(x, size)?;
+    let base = p.deletion_baseline.apply_with(x, size, background)?;
     curve(model, x, &base, saliency, class, size, p)
 }
 
@@ -177,8 +224,21 @@ pub fn insertion(
     class: usize,
     p: &CurveParams,
 ) -> Result<Curve> {
+    insertion_with(model, x, None, saliency, class, p)
+}
+
+/// [`insertion`] with the image's object-free `background` `(3, H, W)` (normalised) where the
+/// data has one, for [`Baseline::Background`].
+pub fn insertion_with(
+    model: &dyn Backbone,
+    x: &[f32],
+    background: Option<&[f32]>,
+    saliency: &[f32],
+    class: usize,
+    p: &CurveParams,
+) -> Result<Curve> {
     let size = check_inputs(model, x, saliency, class, p)?;
-    let base = p.insertion_baseline.apply(x, size)?;
+    let base = p.insertion_baseline.apply_with(x, size, background)?;
     curve(model, &base, x, saliency, class, size, p)
 }
 
@@ -208,9 +268,11 @@ pub fn pointing_game(saliency: &[f32], mask: &[u8]) -> bool {
     saliency.iter().zip(mask).any(|(&s, &m)| s == max && m != 0)
 }
 
-/// Energy-based pointing game: share of the positive saliency mass inside the mask (Score-CAM's
-/// definition, with negative values counted as 0), 0 if there is no positive mass or the lengths
-/// differ. NaN values count as 0.
+/// Energy-based pointing game on the map as it is: share of the positive saliency mass inside
+/// the mask (Score-CAM's ratio, with negative values counted as 0), 0 if there is no positive
+/// mass or the lengths differ. NaN values count as 0. A map with an offset (positive
+/// everywhere, as causal scores are) puts most of its mass outside a small object whatever it
+/// points at; [`energy_pointing_game_minmax`] scores the map as Score-CAM does.
 pub fn energy_pointing_game(saliency: &[f32], mask: &[u8]) -> f64 {
     if saliency.len() != mask.len() {
         return 0.0;
@@ -229,6 +291,36 @@ pub fn energy_pointing_game(saliency: &[f32], mask: &[u8]) -> f64 {
     } else {
         0.0
     }
+}
+
+/// Energy-based pointing game as Score-CAM (Wang et al., CVPR-W 2020) scores it: on the map
+/// min-max normalised to [0, 1] first, so an offset common to every pixel carries no energy.
+/// NaN values are ignored for the range and count as 0; a constant map (no range) scores 0, as
+/// do mismatched lengths.
+pub fn energy_pointing_game_minmax(saliency: &[f32], mask: &[u8]) -> f64 {
+    if saliency.len() != mask.len() {
+        return 0.0;
+    }
+    let (lo, hi) = saliency
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| {
+            (lo.min(f64::from(v)), hi.max(f64::from(v)))
+        });
+    if hi <= lo {
+        return 0.0;
+    }
+    let (mut inside, mut total) = (0f64, 0f64);
+    for (&s, &m) in saliency.iter().zip(mask) {
+        if s.is_finite() {
+            let v = (f64::from(s) - lo) / (hi - lo);
+            total += v;
+            if m != 0 {
+                inside += v;
+            }
+        }
+    }
+    inside / total
 }
 
 /// Mean and 95% confidence interval: `mean +- t * s / sqrt(n)` with the sample standard deviation
@@ -634,6 +726,77 @@ mod tests {
         assert!((energy_pointing_game(&[-5.0, 1.0, 3.0, -1.0], &mask) - 0.75).abs() < 1e-12);
         assert_eq!(energy_pointing_game(&[-1.0, 0.0, -2.0, 0.0], &mask), 0.0);
         assert_eq!(energy_pointing_game(&[1.0, 1.0, 1.0, 1.0], &[0; 4]), 0.0);
+    }
+
+    #[test]
+    fn energy_pointing_game_minmax_ignores_an_offset() {
+        let mask = [0u8, 0, 1, 1];
+        // [1, 0, 2, 1] -> [0.5, 0, 1, 0.5]: 1.5 of 2 inside.
+        let e = energy_pointing_game_minmax(&[1.0, 0.0, 2.0, 1.0], &mask);
+        assert!((e - 0.75).abs() < 1e-12);
+        // Adding 10 everywhere changes the raw score a lot and the normalised one not at all.
+        let shifted = [11.0, 10.0, 12.0, 11.0];
+        assert!((energy_pointing_game(&shifted, &mask) - 23.0 / 44.0).abs() < 1e-12);
+        assert!((energy_pointing_game_minmax(&shifted, &mask) - 0.75).abs() < 1e-12);
+        // Negative values are not lost: [-3, -1, 1, -1] -> [0, 0.5, 1, 0.5].
+        let e = energy_pointing_game_minmax(&[-3.0, -1.0, 1.0, -1.0], &mask);
+        assert!((e - 0.75).abs() < 1e-12);
+        // NaN ignored; constant and mismatched maps score 0.
+        let e = energy_pointing_game_minmax(&[f32::NAN, 0.0, 2.0, 1.0], &mask);
+        assert!((e - 1.5 / 1.5).abs() < 1e-12);
+        assert_eq!(energy_pointing_game_minmax(&[2.0; 4], &mask), 0.0);
+        assert_eq!(energy_pointing_game_minmax(&[1.0, 2.0], &mask), 0.0);
+    }
+
+    #[test]
+    fn background_baseline_needs_the_background() {
+        let x = vec![0.5f32; 3 * 4 * 5];
+        let bg: Vec<f32> = (0..x.len()).map(|i| i as f32).collect();
+        let b = Baseline::parse("background", 0, 0.0).unwrap();
+        assert_eq!(b, Baseline::Background);
+        assert_eq!(b.apply_with(&x, (4, 5), Some(&bg)).unwrap(), bg);
+        let err = b.apply(&x, (4, 5)).unwrap_err().to_string();
+        assert!(err.contains("needs the image without its object"), "{err}");
+        assert!(b.apply_with(&x, (4, 5), Some(&bg[1..])).is_err());
+        assert_eq!(b.report_json()["kind"], "background");
+        let err = Baseline::parse("mean", 11, 5.0).unwrap_err().to_string();
+        assert!(err.contains("expected zero, blur or background"), "{err}");
+        // Round trip through the run record's settings.
+        let p = CurveParams {
+            insertion_baseline: Baseline::Background,
+            ..CurveParams::default()
+        };
+        let back: CurveParams = serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
+    fn curves_with_the_background_baseline_run_between_image_and_background() {
+        let m = model();
+        let x = input(&m);
+        let (h, w) = m.spec().input_size;
+        // A stand-in "background": the image with its left half blurred away.
+        let blurred = Baseline::RISE_BLUR.apply(&x, (h, w)).unwrap();
+        let bg: Vec<f32> = (0..x.len())
+            .map(|i| if i % w < w / 2 { blurred[i] } else { x[i] })
+            .collect();
+        let class = 2;
+        let p = CurveParams {
+            step: 224 * 56,
+            deletion_baseline: Baseline::Background,
+            insertion_baseline: Baseline::Background,
+            batch: 8,
+        };
+        let sal = ramp((h, w));
+        let ins = insertion_with(&m, &x, Some(&bg), &sal, class, &p).unwrap();
+        assert!((ins.probs[0] - prob(&m, &bg, class)).abs() < 1e-5);
+        assert!((ins.probs[ins.probs.len() - 1] - prob(&m, &x, class)).abs() < 1e-5);
+        let del = deletion_with(&m, &x, Some(&bg), &sal, class, &p).unwrap();
+        assert!((del.probs[0] - prob(&m, &x, class)).abs() < 1e-5);
+        assert!((del.probs[del.probs.len() - 1] - prob(&m, &bg, class)).abs() < 1e-5);
+        assert!((prob(&m, &bg, class) - prob(&m, &x, class)).abs() > 1e-4);
+        // Without the background, the baseline says why it cannot run.
+        assert!(insertion(&m, &x, &sal, class, &p).is_err());
     }
 
     #[test]

@@ -62,6 +62,34 @@ pub fn sample(seed: u64, index: u64, size: (u32, u32)) -> Sample {
 /// (identical to [`sample`]), 0 leaves only the smooth colour gradient behind the object. Used
 /// for curriculum training; the benchmark itself is always `clutter = 1`.
 pub fn sample_with_clutter(seed: u64, index: u64, size: (u32, u32), clutter: f32) -> Sample {
+    render(seed, index, size, clutter, false).0
+}
+
+/// [`sample_with_clutter`] and the same scene rendered without the object: the same background,
+/// clutter and pixel noise (the same random draws), so the two images differ only where the
+/// object covers part of a pixel (within about a pixel of its mask). Deletion towards this image,
+/// or insertion from it, measures a map against the true absence of the object. The sample is
+/// identical to [`sample_with_clutter`]'s.
+pub fn sample_with_background(
+    seed: u64,
+    index: u64,
+    size: (u32, u32),
+    clutter: f32,
+) -> (Sample, RgbImage) {
+    let (s, background) = render(seed, index, size, clutter, true);
+    let background = background.unwrap_or_else(|| RgbImage::new(size.1, size.0));
+    (s, background)
+}
+
+/// One sample, and with `with_background` the object-free image. The random stream is consumed
+/// in the same order either way, so the sample does not depend on `with_background`.
+fn render(
+    seed: u64,
+    index: u64,
+    size: (u32, u32),
+    clutter: f32,
+    with_background: bool,
+) -> (Sample, Option<RgbImage>) {
     let clutter = if clutter.is_finite() {
         clutter.clamp(0.0, 1.0)
     } else {
@@ -74,19 +102,25 @@ pub fn sample_with_clutter(seed: u64, index: u64, size: (u32, u32), clutter: f32
     let mut canvas = Canvas::new(w as usize, h as usize);
     background(&mut canvas, &mut rng, clutter);
     let object = Object::random(class_id, w as f32, h as f32, &mut rng);
-    let mask = object.composite(&mut canvas, &mut rng);
-    add_noise(&mut canvas, &mut rng, clutter);
-    let image = RgbImage::from_fn(w, h, |x, y| {
-        let p = canvas.px[y as usize * canvas.w + x as usize];
-        image::Rgb(p.map(|v| v.round().clamp(0.0, 255.0) as u8))
+    let mut empty = with_background.then(|| Canvas {
+        w: canvas.w,
+        h: canvas.h,
+        px: canvas.px.clone(),
     });
+    let mask = object.composite(&mut canvas, &mut rng);
+    if let Some(empty) = empty.as_mut() {
+        // The noise the image gets next, drawn from a copy of the stream at the same point.
+        add_noise(empty, &mut rng.clone(), clutter);
+    }
+    add_noise(&mut canvas, &mut rng, clutter);
     let bbox = bounding_box(&mask);
-    Sample {
-        image,
+    let sample = Sample {
+        image: canvas.to_image(),
         class_id,
         bbox,
         mask,
-    }
+    };
+    (sample, empty.map(|c| c.to_image()))
 }
 
 /// One manifest line, parsed (for `vitcx eval`). Paths are relative to the manifest's directory.
@@ -103,14 +137,19 @@ pub struct ManifestEntry {
     /// The object mask (255 inside, 0 outside), relative to the manifest; optional.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask: Option<String>,
+    /// The same scene without the object ([`sample_with_background`]), relative to the
+    /// manifest; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<String>,
 }
 
 /// The most samples one `synth` run writes (about 30 GB of PNG).
 pub const MAX_COUNT: usize = 1_000_000;
 
 /// Writes `count` samples of [`DEFAULT_SIZE`] to `dir` (created if missing): `NNNNN.png`,
-/// `NNNNN.mask.png` and `manifest.jsonl` (one [`ManifestEntry`] as JSON per line, paths relative
-/// to the manifest), with background `clutter` as in [`sample_with_clutter`] (1 for the
+/// `NNNNN.mask.png`, `NNNNN.background.png` (the scene without the object, see
+/// [`sample_with_background`]) and `manifest.jsonl` (one [`ManifestEntry`] as JSON per line,
+/// paths relative to the manifest), with background `clutter` as in [`sample_with_clutter`] (1 for the
 /// benchmark). Every file is written atomically; the manifest comes last, so a complete
 /// manifest means a complete dataset. `progress` gets the number of samples written so far.
 ///
@@ -139,17 +178,20 @@ pub fn write_dataset(
     let mut set = crate::io::output::OutputSet::new();
     let mut manifest = String::new();
     for i in 0..count {
-        let s = sample_with_clutter(seed, i as u64, DEFAULT_SIZE, clutter);
+        let (s, empty) = sample_with_background(seed, i as u64, DEFAULT_SIZE, clutter);
         let image = format!("{i:05}.png");
         let mask = format!("{i:05}.mask.png");
+        let background = format!("{i:05}.background.png");
         set.add_png(&dir.join(&image), &s.image)?;
         set.add_gray_png(&dir.join(&mask), &s.mask)?;
+        set.add_png(&dir.join(&background), &empty)?;
         let entry = ManifestEntry {
             image,
             class_id: s.class_id,
             class_name: CLASSES[s.class_id].to_string(),
             bbox: s.bbox,
             mask: Some(mask),
+            background: Some(background),
         };
         let line = serde_json::to_string(&entry)
             .map_err(|e| Error::invalid(format!("cannot encode manifest entry {i}: {e}")))?;
@@ -177,7 +219,7 @@ pub fn read_manifest(path: &Path) -> Result<Vec<ManifestEntry>> {
         let entry = serde_json::from_str(line).map_err(|e| {
             Error::invalid(format!(
                 "manifest {} line {}: {e}; expected a JSON object with image, class_id, \
-                 class_name, bbox and optionally mask",
+                 class_name, bbox and optionally mask and background",
                 path.display(),
                 n + 1
             ))
@@ -244,6 +286,14 @@ impl Canvas {
             h,
             px: vec![[0.0; 3]; w * h],
         }
+    }
+
+    /// The pixels rounded to 8 bits.
+    fn to_image(&self) -> RgbImage {
+        RgbImage::from_fn(self.w as u32, self.h as u32, |x, y| {
+            let p = self.px[y as usize * self.w + x as usize];
+            image::Rgb(p.map(|v| v.round().clamp(0.0, 255.0) as u8))
+        })
     }
 
     /// Blends `colour` with per-pixel opacity `alpha(x, y)` (pixel centres) over the pixels of
@@ -620,6 +670,46 @@ mod tests {
     }
 
     #[test]
+    fn background_is_the_scene_without_the_object() {
+        for (i, clutter) in (0..24).zip([1.0, 0.3, 0.0].iter().cycle()) {
+            let (s, bg) = sample_with_background(13, i, DEFAULT_SIZE, *clutter);
+            // The sample does not depend on whether its background is rendered.
+            let plain = sample_with_clutter(13, i, DEFAULT_SIZE, *clutter);
+            assert_eq!(s.image.as_raw(), plain.image.as_raw(), "sample {i}");
+            assert_eq!(s.mask.as_raw(), plain.mask.as_raw(), "sample {i}");
+            assert_eq!(bg.dimensions(), s.image.dimensions());
+            // Identical pixels away from the object: anti-aliasing reaches half a pixel past
+            // the mask, so everything more than 2 px outside the mask's box is the same byte.
+            let [x0, y0, x1, y1] = s.bbox;
+            let near = |x: u32, y: u32| x + 2 >= x0 && x < x1 + 2 && y + 2 >= y0 && y < y1 + 2;
+            let mut same_inside_box = 0usize;
+            for (x, y, p) in s.image.enumerate_pixels() {
+                if !near(x, y) {
+                    assert_eq!(p, bg.get_pixel(x, y), "sample {i}: pixel ({x}, {y})");
+                } else if p == bg.get_pixel(x, y) {
+                    same_inside_box += 1;
+                }
+            }
+            // Outside the mask but inside the box (a star's or cross's corners) it is the same
+            // picture too; and the object is gone: inside the mask the two differ clearly.
+            assert!(same_inside_box > 0, "sample {i}");
+            let (mut diff, mut n) = (0f64, 0usize);
+            for (x, y, m) in s.mask.enumerate_pixels() {
+                if m[0] == 255 {
+                    let (p, q) = (s.image.get_pixel(x, y).0, bg.get_pixel(x, y).0);
+                    diff += dist3(p.map(f32::from), q.map(f32::from)) as f64;
+                    n += 1;
+                }
+            }
+            assert!(
+                diff / n as f64 > 20.0,
+                "sample {i}: mean difference {}",
+                diff / n as f64
+            );
+        }
+    }
+
+    #[test]
     fn image_and_mask_have_the_requested_size() {
         let s = sample(1, 0, (120, 200));
         assert_eq!(s.image.dimensions(), (200, 120));
@@ -839,7 +929,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names.len(), 9, "{names:?}");
+        assert_eq!(names.len(), 13, "{names:?}");
         for name in &names {
             let x = std::fs::read(a.path().join(name)).unwrap();
             let y = std::fs::read(b.path().join(name)).unwrap();
@@ -855,10 +945,14 @@ mod tests {
                 class_name: CLASSES[s.class_id].into(),
                 bbox: s.bbox,
                 mask: Some(format!("{i:05}.mask.png")),
+                background: Some(format!("{i:05}.background.png")),
             };
             assert_eq!(e, &want);
             let img = image::open(a.path().join(&e.image)).unwrap().to_rgb8();
             assert_eq!(img.as_raw(), s.image.as_raw());
+            let bg = image::open(a.path().join(e.background.as_ref().unwrap())).unwrap();
+            let (_, want_bg) = sample_with_background(42, i as u64, DEFAULT_SIZE, 1.0);
+            assert_eq!(bg.to_rgb8().as_raw(), want_bg.as_raw());
             let mask = image::open(a.path().join(e.mask.as_ref().unwrap())).unwrap();
             assert_eq!(mask.to_luma8().as_raw(), s.mask.as_raw());
         }

@@ -60,6 +60,18 @@ impl Rollout {
     /// it against, so vitcx says so rather than return it under this name.
     pub fn for_model(params: &RolloutParams, model: &dyn Backbone) -> Result<Self> {
         let spec = model.spec();
+        // A model whose attention is not over the whole image (Swin's windows) says why in its
+        // spec; there is no matrix to multiply, with or without a class token.
+        if let Some(why) = spec
+            .details
+            .get("no_token_attention")
+            .and_then(|v| v.as_str())
+        {
+            return Err(Error::Unsupported(format!(
+                "Attention Rollout multiplies token-to-token attention matrices over the whole image, and {} has none: {why}; use vitcx, rise or gradcam",
+                spec.architecture
+            )));
+        }
         let cls = spec
             .layer_taps
             .last()

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use super::backbone::Backbone;
 use super::config::Format;
+use super::weights::Weights;
 use crate::error::{Error, Result};
 
 /// A model family: one entry of the registry ([`super::families::FAMILIES`]).
@@ -234,10 +235,13 @@ fn to_f32(
     let out: HashMap<String, Tensor> = raw
         .into_iter()
         // Integer buffers that are not weights (Hugging Face's saved `position_ids`, BatchNorm
-        // counters) are dropped; any other integer tensor is refused below.
+        // counters, BEiT's `relative_position_index`, which transformers 4.x and older timm saved
+        // and which the model recomputes) are dropped; any other integer tensor is refused below.
         .filter(|(k, t)| {
             !(t.dtype().is_int()
-                && (k.ends_with("position_ids") || k.ends_with("num_batches_tracked")))
+                && (k.ends_with("position_ids")
+                    || k.ends_with("num_batches_tracked")
+                    || k.ends_with("relative_position_index")))
         })
         .map(|(k, t)| {
             let err = |reason: String| Error::Checkpoint {
@@ -272,4 +276,42 @@ fn to_f32(
         });
     }
     Ok(out)
+}
+
+/// Fails unless the config's `field` (when present) equals the tensors' `actual`; `what`
+/// describes the tensors' value, `{}` standing for it (e.g. `"{} blocks"`).
+pub(crate) fn check(
+    ckpt: &Checkpoint,
+    field: &str,
+    stated: Option<usize>,
+    actual: usize,
+    what: &str,
+) -> Result<()> {
+    match stated {
+        Some(s) if s != actual => Err(ckpt.config_err(format!(
+            "config.json {field} is {s} but the weights have {}",
+            what.replace("{}", &actual.to_string())
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Fails unless the config's boolean `field` (when present) agrees with whether the weights
+/// hold `tensor`.
+pub(crate) fn check_flag(
+    ckpt: &Checkpoint,
+    w: &Weights,
+    field: &str,
+    stated: Option<bool>,
+    actual: bool,
+    tensor: &str,
+) -> Result<()> {
+    match stated {
+        Some(s) if s != actual => Err(ckpt.config_err(format!(
+            "config.json {field} is {s} but the weights {} '{}'",
+            if actual { "hold" } else { "lack" },
+            w.source_name(tensor)
+        ))),
+        _ => Ok(()),
+    }
 }

@@ -225,6 +225,54 @@ impl HfPreprocessor {
     }
 }
 
+/// What a Hugging Face family reads from `preprocessor_config.json`: mean, std, resampling, the
+/// centre crop (when the processor crops), the shortest edge it resizes to, and the size the
+/// model is then given (the crop, else the resize), for the family to compare with its own.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HfPreprocessing {
+    /// Per-channel mean, if given.
+    pub mean: Option<[f32; 3]>,
+    /// Per-channel std, if given.
+    pub std: Option<[f32; 3]>,
+    /// PIL's name of the resampling filter, if given.
+    pub interpolation: Option<String>,
+    /// The centre crop `(H, W)`, when `do_center_crop`.
+    pub crop: Option<(usize, usize)>,
+    /// `size.shortest_edge`, when the processor resizes that way.
+    pub resize_shortest: Option<usize>,
+    /// The size the processor hands the model: the crop, else `size`.
+    pub seen: Option<(usize, usize)>,
+}
+
+impl HfPreprocessing {
+    /// From the parsed processor `pre` and its raw JSON `raw` (for `size.shortest_edge`); with
+    /// no processor, a note saying so and every field empty.
+    pub fn read(
+        pre: Option<&HfPreprocessor>,
+        raw: Option<&Value>,
+        notes: &mut Vec<String>,
+    ) -> HfPreprocessing {
+        let Some(p) = pre else {
+            notes.push("no preprocessor_config.json".into());
+            return HfPreprocessing::default();
+        };
+        let crop = p
+            .crop_size
+            .filter(|_| p.do_center_crop.unwrap_or(false))
+            .map(|Size(h, w)| (h, w));
+        HfPreprocessing {
+            mean: p.image_mean,
+            std: p.image_std,
+            interpolation: p.interpolation(),
+            crop,
+            resize_shortest: raw
+                .and_then(|v| v.get("size")?.get("shortest_edge")?.as_u64())
+                .map(|n| n as usize),
+            seen: crop.or(p.size.map(|Size(h, w)| (h, w))),
+        }
+    }
+}
+
 /// `value` (read from `path`) as a `T`; a field of the wrong type or shape is an error naming the
 /// file, the field's path and what was expected.
 pub fn parse<T: DeserializeOwned>(path: &Path, value: &Value) -> Result<T> {

@@ -136,8 +136,9 @@ pub fn demo_held_out_accuracy() -> Option<f64> {
 
 /// How the demo model is named on the command line and in reports.
 pub const DEMO_NAME: &str = "demo";
-const DEMO_CONFIG: &[u8] = include_bytes!("../../models/demo/config.json");
-const DEMO_WEIGHTS: &[u8] = include_bytes!("../../models/demo/model.safetensors");
+/// The demo model's files, compiled in once (the sanity check reads them too).
+pub(crate) const DEMO_CONFIG: &[u8] = include_bytes!("../../models/demo/config.json");
+pub(crate) const DEMO_WEIGHTS: &[u8] = include_bytes!("../../models/demo/model.safetensors");
 
 /// The device named on the command line: `cpu`, or `cuda` / `cuda:N` for GPU `N` (default 0).
 ///

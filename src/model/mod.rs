@@ -11,6 +11,7 @@ pub mod config;
 pub mod families;
 pub mod hub;
 pub(crate) mod kernels;
+pub(crate) mod layers;
 pub mod load;
 pub(crate) mod pickle;
 pub mod weights;

@@ -136,6 +136,17 @@ impl Weights {
     }
 }
 
+/// The patch grid of an input size, which must be a positive multiple of the patch.
+pub(crate) fn grid_of(w: &Weights, size: (usize, usize), patch: usize) -> Result<(usize, usize)> {
+    let (h, wd) = size;
+    if h % patch != 0 || wd % patch != 0 || h == 0 || wd == 0 {
+        return Err(w.err(format!(
+            "input size {h}x{wd} is not a positive multiple of the patch size {patch}"
+        )));
+    }
+    Ok((h / patch, wd / patch))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,7 +31,12 @@ fn explain_sigma0_matches_reference_through_the_cli() {
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         assert_eq!(
             files_in(out.path()),
-            vec!["image_224.json", "image_224.png", "image_224.saliency.npy"]
+            vec![
+                "image_224.json",
+                "image_224.png",
+                "image_224.saliency.npy",
+                "vitcx-run.shard-0-of-1.jsonl"
+            ]
         );
         let ours = vitcx::io::npy::read_npy(out.path().join("image_224.saliency.npy")).unwrap();
         assert_eq!(ours.shape, vec![224, 224]);
@@ -109,8 +114,12 @@ fn oversized_and_truncated_images_are_reported_not_decoded() {
         "{err}"
     );
     assert!(err.contains("2 of 2 images failed"), "{err}");
+    // The run record says why each failed; nothing else is written.
+    assert_eq!(files_in(&out), ["vitcx-run.shard-0-of-1.jsonl"]);
+    let record = std::fs::read_to_string(out.join("vitcx-run.shard-0-of-1.jsonl")).unwrap();
+    assert_eq!(record.matches(r#""kind":"failed""#).count(), 2, "{record}");
     assert!(
-        files_in(&out).is_empty(),
+        files_in(&out).len() == 1,
         "no partial output: {:?}",
         files_in(&out)
     );

@@ -67,7 +67,8 @@ fn eval_writes_csv_summary_and_plots() {
             "deletion_auc",
             "insertion_auc",
             "pointing_game",
-            "energy_pointing_game"
+            "energy_pointing_game",
+            "energy_pointing_game_minmax"
         ]
     );
     assert_eq!(rows.len(), 4, "{csv}");
@@ -80,7 +81,7 @@ fn eval_writes_csv_summary_and_plots() {
     );
     assert_eq!(rows[3][3], "top1");
     for r in &rows[1..] {
-        assert_eq!(r.len(), 10);
+        assert_eq!(r.len(), 11);
         for v in &r[6..8] {
             let auc: f64 = v.parse().unwrap();
             assert!((0.0..=1.0).contains(&auc), "{v}");
@@ -94,6 +95,11 @@ fn eval_writes_csv_summary_and_plots() {
     }
     // No ground truth for c.png: correct and pointing fields empty.
     assert_eq!([rows[3][5], rows[3][8], rows[3][9]], ["", "", ""]);
+    assert_eq!(rows[3][10], "");
+    for r in &rows[1..3] {
+        let e: f64 = r[10].parse().unwrap();
+        assert!((0.0..=1.0).contains(&e));
+    }
 
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("summary.json")).unwrap())
@@ -107,6 +113,7 @@ fn eval_writes_csv_summary_and_plots() {
             "accuracy",
             "deletion_auc",
             "energy_pointing_game",
+            "energy_pointing_game_minmax",
             "insertion_auc",
             "pointing_game"
         ]
@@ -139,7 +146,7 @@ fn eval_writes_csv_summary_and_plots() {
         table.starts_with("method,metric,mean,ci95_low,ci95_high,n\n"),
         "{table}"
     );
-    assert_eq!(table.lines().count(), 6, "{table}");
+    assert_eq!(table.lines().count(), 7, "{table}");
     let md = std::fs::read_to_string(out.path().join("table.md")).unwrap();
     assert!(
         md.lines().nth(2).unwrap().starts_with("| ViT-CX | "),
@@ -345,7 +352,7 @@ fn several_methods_in_one_run_make_one_table() {
         assert!(md.contains(&format!("| {title} | ")), "{title}: {md}");
     }
     let table = std::fs::read_to_string(out.path().join("table.csv")).unwrap();
-    assert_eq!(table.lines().count(), 1 + 5 * methods.len(), "{table}");
+    assert_eq!(table.lines().count(), 1 + 6 * methods.len(), "{table}");
     // The same maps as one method at a time: rollout alone gives the same rows.
     let alone = tempfile::tempdir().unwrap();
     let o = eval_on(

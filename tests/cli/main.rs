@@ -9,4 +9,6 @@ mod commands;
 mod compare;
 mod eval;
 mod hostile;
+mod sanity;
+mod shards;
 mod synth;

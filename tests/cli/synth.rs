@@ -15,7 +15,13 @@ fn synth_writes_images_masks_and_manifest() {
         .collect();
     names.sort();
     let mut want: Vec<String> = (0..12)
-        .flat_map(|i| [format!("{i:05}.png"), format!("{i:05}.mask.png")])
+        .flat_map(|i| {
+            [
+                format!("{i:05}.png"),
+                format!("{i:05}.mask.png"),
+                format!("{i:05}.background.png"),
+            ]
+        })
         .collect();
     want.push("manifest.jsonl".into());
     want.sort();
@@ -46,6 +52,10 @@ fn synth_writes_images_masks_and_manifest() {
         let sample = vitcx::eval::synth::sample(5, i as u64, (224, 224));
         assert_eq!(img.to_rgb8().as_raw(), sample.image.as_raw());
         assert_eq!(e.class_id, sample.class_id);
+        let bg = image::open(out.join(e.background.as_deref().unwrap())).unwrap();
+        assert_eq!(bg.color(), image::ColorType::Rgb8);
+        let (_, want) = vitcx::eval::synth::sample_with_background(5, i as u64, (224, 224), 1.0);
+        assert_eq!(bg.to_rgb8().as_raw(), want.as_raw());
     }
 
     // Same seed, byte-identical files; another seed, other images.

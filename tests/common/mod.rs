@@ -9,8 +9,9 @@ use vitcx::io::npy::read_npy;
 use vitcx::model::Backbone;
 
 /// The golden cases of the reference implementation: three copied from the project's golden set,
-/// five made by `scripts/make_golden.py` (DeiT III, DINOv2 registers, CLIP, SigLIP, HF DINOv2).
-pub const CASES: [&str; 8] = [
+/// eight made by `scripts/make_golden.py` (DeiT III, DINOv2 registers, CLIP, SigLIP, HF DINOv2,
+/// HF BEiT, EVA-02, Swin).
+pub const CASES: [&str; 11] = [
     "vit_timm",
     "deit_distilled_timm",
     "vit_hf",
@@ -19,6 +20,9 @@ pub const CASES: [&str; 8] = [
     "clip_timm",
     "siglip_timm",
     "dinov2_hf",
+    "beit_hf",
+    "eva02_timm",
+    "swin_timm",
 ];
 
 /// `tests/data/<rel>`.
@@ -30,15 +34,27 @@ pub fn data(rel: &str) -> PathBuf {
 
 /// Runs the `vitcx` binary offline (no Hub access, an empty Hub cache).
 pub fn vitcx(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vitcx"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .env(
-            "HF_HOME",
-            std::env::temp_dir().join("vitcx-test-empty-hf-home"),
-        )
-        .output()
-        .expect("run vitcx")
+    vitcx_command(args).output().expect("run vitcx")
+}
+
+/// The `vitcx` command, offline, with no scheduler's shard variables (a test run inside a Slurm
+/// array must not shard itself).
+pub fn vitcx_command(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vitcx"));
+    c.args(args).env("HF_HUB_OFFLINE", "1").env(
+        "HF_HOME",
+        std::env::temp_dir().join("vitcx-test-empty-hf-home"),
+    );
+    for v in [
+        "SLURM_ARRAY_TASK_ID",
+        "SLURM_ARRAY_TASK_MIN",
+        "SLURM_ARRAY_TASK_COUNT",
+        "SLURM_ARRAY_TASK_STEP",
+        "JOB_COMPLETION_INDEX",
+    ] {
+        c.env_remove(v);
+    }
+    c
 }
 
 /// A path as a command-line argument.
@@ -143,4 +159,21 @@ pub fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+/// The case folders under a fixture root (the zoo), sorted.
+pub fn case_dirs(root: &Path) -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    cases
+}
+
+/// A zoo case's `reference/meta.json`.
+pub fn zoo_meta(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference/meta.json")).unwrap())
+        .unwrap()
 }

@@ -267,9 +267,9 @@ fn missing_weights_and_path() {
 #[test]
 fn unknown_model_type() {
     let dir = copy_case("vit_hf");
-    edit_config(dir.path(), |v| v["model_type"] = "swin".into());
+    edit_config(dir.path(), |v| v["model_type"] = "convnext".into());
     match load(dir.path(), &Device::Cpu) {
-        Err(Error::Unsupported(m)) => assert!(m.contains("model_type 'swin'"), "{m}"),
+        Err(Error::Unsupported(m)) => assert!(m.contains("model_type 'convnext'"), "{m}"),
         other => panic!("unexpected {other:?}"),
     }
 }

@@ -6,6 +6,7 @@
 mod common;
 
 mod architecture;
+mod beit_eva;
 mod checkpoints;
 mod families;
 mod fuzz_corpus;
@@ -13,4 +14,5 @@ mod golden;
 mod methods;
 mod metrics;
 mod pickle;
+mod swin;
 mod zoo;

@@ -18,19 +18,11 @@ fn zoo() -> PathBuf {
 
 #[test]
 fn every_zoo_case_matches_pytorch() {
-    let mut cases: Vec<PathBuf> = std::fs::read_dir(zoo())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    cases.sort();
+    let cases = crate::common::case_dirs(&zoo());
     assert!(cases.len() >= 20, "zoo fixtures missing: {cases:?}");
     for dir in cases {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-        let meta: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("reference/meta.json")).unwrap(),
-        )
-        .unwrap();
+        let meta = crate::common::zoo_meta(&dir);
         let model = vitcx::model::load(&dir, &Device::Cpu)
             .unwrap_or_else(|e| panic!("{name}: cannot load: {e}"));
         let spec = model.spec().clone();

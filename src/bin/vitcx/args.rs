@@ -25,13 +25,17 @@ pub enum Command {
     Predict(PredictArgs),
     /// Show what was detected in a checkpoint: family, sizes, tokens, grid, preprocessing, labels.
     Inspect(InspectArgs),
-    /// Write a seeded benchmark: one shape (the class) per image on clutter, with masks and a manifest.
+    /// Write a seeded benchmark: one shape (the class) per image on clutter, with masks, the
+    /// scenes without their objects, and a manifest.
     Synth(SynthArgs),
     /// Score explanations over a data set: deletion/insertion AUC, pointing games, accuracy.
     Eval(EvalArgs),
     /// Explain one image with several methods side by side: one PNG with each map and its
     /// deletion/insertion AUC, plus JSON.
     Compare(CompareArgs),
+    /// Combine the outputs of shards (`--shard I/N`) into one: the same files a single run
+    /// over every image writes.
+    Merge(MergeArgs),
     /// Time a random-weight ViT (default ViT-B/16) forward pass and one explanation on this machine.
     Bench(BenchArgs),
 }
@@ -76,9 +80,33 @@ pub struct ExplainArgs {
     /// Do not write the PNG overlay.
     #[arg(long)]
     pub no_overlay: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// Running over many images as shards of a job array, resumably.
+#[derive(Debug, Args, Clone, Default)]
+pub struct RunArgs {
+    /// Take only shard I of N (I from 0): each image belongs to one shard by a hash of its path
+    /// relative to the input folder (or its manifest entry). Without it, a Slurm array's
+    /// SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT are used when set.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// The number of shards, the index coming from the environment: JOB_COMPLETION_INDEX
+    /// (Kubernetes Indexed Job) or SLURM_ARRAY_TASK_ID.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<usize>,
+    /// Redo images of this shard even where --out holds results made with other settings
+    /// (which are overwritten), and start the run record afresh.
+    #[arg(long)]
+    pub force: bool,
+    /// Try again the images an earlier run of this shard recorded as failed (by default a rerun
+    /// skips them and reports them again).
+    #[arg(long)]
+    pub retry_failed: bool,
 }
 
 #[derive(Debug, Args)]
@@ -130,7 +158,8 @@ pub struct SynthArgs {
     /// Seed: the same seed writes byte-identical files.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output directory (created if missing): NNNNN.png, NNNNN.mask.png, manifest.jsonl.
+    /// Output directory (created if missing): NNNNN.png, NNNNN.mask.png, NNNNN.background.png
+    /// (the scene without its object), manifest.jsonl.
     #[arg(long, short)]
     pub out: PathBuf,
     /// Background clutter in [0, 1]: 1 is the benchmark, 0 a plain gradient (for ablations).
@@ -163,6 +192,17 @@ pub struct EvalArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub curve: CurveArgs,
+    /// Also score deletion to, and insertion from, each image without its object (the
+    /// manifest's `background`, which `vitcx synth` writes), beside the configured curves:
+    /// `deletion_auc_background` and `insertion_auc_background`. An image without a background
+    /// fails.
+    #[arg(long)]
+    pub background_curves: bool,
+    /// Sanity check (Adebayo et al. 2018): explain each image again with the model's weights
+    /// randomised, cascading from the head down and all at once (seeded by --seed), and report
+    /// the Spearman correlation with the trained model's map (sanity.csv, sanity.md).
+    #[arg(long)]
+    pub sanity: bool,
     /// Evaluate only the first N images.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -171,9 +211,23 @@ pub struct EvalArgs {
     pub vitcx: VitCxArgs,
     #[command(flatten)]
     pub other: MethodArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// No progress bars.
     #[arg(long, short)]
     pub quiet: bool,
+}
+
+/// `vitcx merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// The shards' output folders (each holding a vitcx-run.*.jsonl record).
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Where the combined results go: an evaluation's per_image.csv, summary.json, tables and
+    /// plots, or every explanation's files.
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -210,10 +264,12 @@ pub struct CurveArgs {
     /// Pixels changed per step of the deletion/insertion curves (RISE: 224).
     #[arg(long, default_value_t = 224)]
     pub step: usize,
-    /// What deleted pixels become: zero (the dataset mean) or blur.
+    /// What deleted pixels become: zero (the dataset mean), blur, or background (`eval` only:
+    /// the image without its object, from the manifest).
     #[arg(long, default_value = "zero")]
     pub deletion_baseline: String,
-    /// Where insertion starts: blur or zero.
+    /// Where insertion starts: blur, zero, or background (`eval` only: the image without its
+    /// object, from the manifest).
     #[arg(long, default_value = "blur")]
     pub insertion_baseline: String,
     /// Blur baseline kernel size in pixels, odd (RISE: 11).
@@ -293,7 +349,9 @@ pub struct BenchArgs {
     /// A plain-block family at its base size, by timm name: deit3_base_patch16_224,
     /// vit_base_patch14_dinov2, vit_base_patch14_reg4_dinov2, vit_base_patch16_clip_224,
     /// vit_base_patch16_clip_quickgelu_224, vit_base_patch16_siglip_224,
-    /// vit_base_patch16_224.mae (avg pooling); overrides --preset.
+    /// vit_base_patch16_224.mae (avg pooling), beit_base_patch16_224, eva02_base_patch14_224;
+    /// or swin_tiny (swin_tiny_patch4_window7_224);
+    /// overrides --preset.
     #[arg(long)]
     pub arch: Option<String>,
     /// Forward batch size to time; default 1, 8 and 32.

@@ -25,7 +25,7 @@ pub fn load_model_at(
     input_size: Option<(usize, usize)>,
 ) -> Result<Box<dyn Backbone>> {
     let demo = vitcx::model::DEMO_NAME;
-    if arg.is_none() || (arg == Some(demo) && !std::path::Path::new(demo).exists()) {
+    if is_demo(arg) {
         if input_size.is_some() {
             anyhow::bail!(
                 "--input-size needs --model: the bundled demo model runs at its own 224 x 224"
@@ -49,6 +49,26 @@ pub fn load_model_at(
     let model = vitcx::model::load_at(&path, device, input_size)
         .with_context(|| format!("cannot load model '{arg}'"))?;
     Ok(model)
+}
+
+/// Whether `--model` stands for the bundled demo model: left out, or `demo` where no local
+/// `demo` path exists.
+fn is_demo(arg: Option<&str>) -> bool {
+    let demo = vitcx::model::DEMO_NAME;
+    arg.is_none() || (arg == Some(demo) && !std::path::Path::new(demo).exists())
+}
+
+/// Where `--model`'s checkpoint is on disk (a Hub id resolved through the cache), or `None` for
+/// the bundled demo model.
+pub fn model_path(arg: Option<&str>) -> Result<Option<std::path::PathBuf>> {
+    match arg {
+        _ if is_demo(arg) => Ok(None),
+        Some(a) => {
+            let opts = vitcx::model::hub::HubOptions::from_env();
+            Ok(Some(vitcx::model::hub::resolve_model(a, &opts)?))
+        }
+        None => Ok(None),
+    }
 }
 
 /// The error and its causes on one line, `a: b: c`. A cause whose text its parent already

@@ -13,6 +13,11 @@ use vitcx::image::{has_image_extension, EXTENSIONS};
 pub struct Inputs {
     /// The files to read.
     pub files: Vec<PathBuf>,
+    /// Each file's key for shards and run records: its path relative to the folder argument
+    /// it came from (or to a glob pattern's fixed folder; a file argument: its name), with `/`
+    /// between components, made unique with `#2`, `#3` in argument order. It stays the same
+    /// wherever the folder is mounted and whatever else is listed.
+    pub keys: Vec<String>,
     /// One line per argument that named no file.
     pub bad: Vec<String>,
 }
@@ -40,6 +45,9 @@ pub fn expand(args: &[String], recursive: bool) -> Result<Inputs> {
                 ));
             }
             files.sort();
+            for f in &files {
+                out.keys.push(relative_key(f, p));
+            }
             out.files.extend(files);
         } else if !p.exists() && a.contains(['*', '?', '[']) {
             let mut files: Vec<PathBuf> = glob::glob(a)
@@ -51,12 +59,67 @@ pub fn expand(args: &[String], recursive: bool) -> Result<Inputs> {
                 out.bad.push(format!("pattern '{a}' matches no file"));
             }
             files.sort();
+            let base = glob_base(a);
+            for f in &files {
+                out.keys.push(relative_key(f, &base));
+            }
             out.files.extend(files);
         } else {
+            out.keys
+                .push(relative_key(p, p.parent().unwrap_or(Path::new(""))));
             out.files.push(p.to_path_buf());
         }
     }
+    out.keys = unique(std::mem::take(&mut out.keys), "#");
     Ok(out)
+}
+
+/// `names` made unique in order: a repeated name gets `{sep}2`, `{sep}3`, ... (`a`, `a-2` for
+/// file stems; `a.png`, `a.png#2` for run-record keys).
+pub fn unique(names: impl IntoIterator<Item = String>, sep: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    names
+        .into_iter()
+        .map(|base| {
+            let mut name = base.clone();
+            let mut k = 2;
+            while !seen.insert(name.clone()) {
+                name = format!("{base}{sep}{k}");
+                k += 1;
+            }
+            name
+        })
+        .collect()
+}
+
+/// `path` relative to `root`, components joined with `/`.
+fn relative_key(path: &Path, root: &Path) -> String {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let parts: Vec<String> = rel
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect();
+    if parts.is_empty() {
+        path.to_string_lossy().into_owned()
+    } else {
+        parts.join("/")
+    }
+}
+
+/// The folder part of a glob pattern before its first wildcard component (`data/*/x.png` ->
+/// `data`).
+fn glob_base(pattern: &str) -> PathBuf {
+    let mut base = PathBuf::new();
+    for c in Path::new(pattern).components() {
+        if c.as_os_str().to_string_lossy().contains(['*', '?', '[']) {
+            break;
+        }
+        base.push(c);
+    }
+    base
 }
 
 /// The image files in `dir` (and its subfolders when `recursive`; symbolic links to folders are
@@ -100,4 +163,28 @@ pub fn refuse_out_holding_inputs(out: &Path, images: &[PathBuf]) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_relative_to_the_argument_and_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("d/sub")).unwrap();
+        for f in ["d/a.png", "d/sub/b.png", "c/a.png"] {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, b"x").unwrap();
+        }
+        let s = |p: &str| root.join(p).to_string_lossy().into_owned();
+        let got = expand(&[s("d"), s("c/*.png"), s("d/a.png")], true).unwrap();
+        assert_eq!(got.keys, ["a.png", "sub/b.png", "a.png#2", "a.png#3"]);
+        assert_eq!(got.files.len(), got.keys.len());
+        assert_eq!(glob_base("data/*/x.png"), PathBuf::from("data"));
+        let stems = unique(["a", "b", "a", "a"].map(String::from), "-");
+        assert_eq!(stems, ["a", "b", "a-2", "a-3"]);
+    }
 }

@@ -8,6 +8,7 @@ mod commands;
 mod common;
 mod inputs;
 mod progress;
+mod runs;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Synth(a) => commands::synth::run(a),
         Command::Eval(a) => commands::eval::run(a, &device),
         Command::Compare(a) => commands::compare::run(a, &device),
+        Command::Merge(a) => commands::merge::run(a),
         Command::Bench(a) => commands::bench::run(a, &device),
     }
 }

@@ -16,4 +16,4 @@ macro_rules! families {
     };
 }
 
-families![vit];
+families![vit, beit, eva, swin];

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use vitcx::bench::{
-    bf16_fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_vit, synthetic_image,
+    bf16_fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_model, synthetic_image,
     time_explanation, time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
 };
 use vitcx::methods::vitcx::VitCxParams;
@@ -54,7 +54,7 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         flops / 1e9,
         a.seed
     );
-    let model = random_vit(preset, a.seed, device).context("cannot build the random model")?;
+    let model = random_model(preset, a.seed, device).context("cannot build the random model")?;
     let pre = &model.spec().preprocess;
     let x = synthetic_image(model.spec().input_size, pre.mean, pre.std);
 

@@ -16,6 +16,15 @@ use crate::progress::Bars;
 pub fn run(a: CompareArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let methods = vitcx::methods::parse_list(&a.methods).context("--methods")?;
     let curve = crate::args::curve_params(&a.curve, a.vitcx.batch)?;
+    use vitcx::eval::metrics::Baseline;
+    if curve.deletion_baseline == Baseline::Background
+        || curve.insertion_baseline == Baseline::Background
+    {
+        anyhow::bail!(
+            "the background baseline needs the image without its object, which compare does not \
+             have; use it with vitcx eval on a manifest that lists backgrounds (vitcx synth writes them)"
+        );
+    }
     let model = load_model(a.model.as_deref(), device)?;
     let model = model.as_ref();
     let spec = model.spec().clone();

@@ -1,13 +1,13 @@
 //! `vitcx explain`: images in, saliency `.npy`, PNG overlay and JSON report out.
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vitcx::model::{Backbone, Precision, Spec};
+use vitcx::run::{Line, Status};
 use vitcx::target::{class_id, top_k, Targets};
 use vitcx::{Explainer, Explanation};
 
@@ -17,6 +17,7 @@ use crate::progress::Bars;
 
 pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let entry = vitcx::methods::entry(&a.method).context("--method")?;
+    let shard = crate::runs::shard(&a.run)?;
     let model = load_model_at(a.model.as_deref(), device, a.input_size)?;
     let model = model.as_ref();
     let params = crate::args::method_params(&a.vitcx, &a.other);
@@ -24,7 +25,6 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     let spec = model.spec().clone();
     let classes = resolve_classes(&a, &spec)?;
     let inputs = crate::inputs::expand(&a.images, a.recursive)?;
-    let images = inputs.files;
     if a.vitcx.precision == Precision::Bf16 && device.is_cpu() && !Precision::bf16_is_native() {
         eprintln!(
             "vitcx: --precision bf16: this CPU has no bf16 dot product (AVX512-BF16), so the bf16 \
@@ -32,29 +32,114 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             Precision::bf16_kernel()
         );
     }
-    crate::inputs::refuse_out_holding_inputs(&a.out, &images)?;
+    crate::inputs::refuse_out_holding_inputs(&a.out, &inputs.files)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;
 
-    let mut bars = Bars::new(images.len() as u64, a.quiet);
-    let mut used_stems = HashSet::new();
-    // An argument that names no file is that entry's failure; the others still run.
-    let mut failures = inputs.bad.len();
-    for bad in &inputs.bad {
-        bars.println(&format!("vitcx: {bad}"));
+    // Stems come from the whole list, so that every shard names an image alike.
+    let stems = crate::inputs::unique(inputs.files.iter().map(|p| file_stem(p)), "-");
+    let images: Vec<Image> = inputs
+        .files
+        .iter()
+        .zip(&inputs.keys)
+        .zip(stems)
+        .enumerate()
+        .map(|(index, ((path, key), stem))| Image {
+            index,
+            stem,
+            path: path.clone(),
+            key: key.clone(),
+        })
+        .filter(|im| shard.0.contains(&im.key))
+        .collect();
+    let settings = settings(&a, &spec, &method, &classes);
+    let header = crate::runs::header(
+        "explain",
+        settings.clone(),
+        shard.clone(),
+        images.iter().map(|im| im.key.clone()).collect(),
+        inputs.files.len(),
+    );
+    let (mut record, earlier) = crate::runs::open(&a.out, &header, &a.run, false)?;
+
+    // What is already done (a complete set of files made with these settings) is skipped; what
+    // failed before is skipped unless --retry-failed.
+    let mut failures = 0;
+    let mut todo = Vec::new();
+    let mut skipped = 0;
+    for im in &images {
+        if let Some(Status::Failed { reason, .. }) =
+            earlier.as_ref().and_then(|r| r.status.get(&im.key))
+        {
+            if !a.run.retry_failed {
+                failures += 1;
+                eprintln!(
+                    "vitcx: {}: failed in an earlier run: {reason}",
+                    im.path.display()
+                );
+                continue;
+            }
+        }
+        match existing(&a.out, im, &settings)? {
+            Existing::Absent => todo.push(im),
+            Existing::Complete { seconds, files } => {
+                skipped += 1;
+                let recorded = matches!(
+                    earlier.as_ref().and_then(|r| r.status.get(&im.key)),
+                    Some(Status::Done { .. })
+                );
+                if !recorded {
+                    record.append(&done_line(im, seconds, files))?;
+                }
+            }
+            Existing::Other(_) if a.run.force => todo.push(im),
+            Existing::Other(why) => bail!(
+                "{} already holds {}.json, {why}; use another --out, or --force to overwrite",
+                a.out.display(),
+                im.stem
+            ),
+        }
     }
-    for path in &images {
+    if skipped > 0 {
+        eprintln!(
+            "vitcx: {skipped} of {} images already explained in {} with these settings; skipped",
+            images.len(),
+            a.out.display()
+        );
+    }
+
+    let mut bars = Bars::new(todo.len() as u64, a.quiet);
+    // An argument that names no file is that entry's failure; the others still run. It belongs
+    // to no shard: the first reports it.
+    if shard.0.index == 0 {
+        failures += inputs.bad.len();
+        for bad in &inputs.bad {
+            bars.println(&format!("vitcx: {bad}"));
+        }
+    }
+    for im in todo {
         bars.images.set_message(
-            path.file_name()
+            im.path
+                .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
         );
-        let stem = unique_stem(path, &mut used_stems);
-        match explain_one(model, &spec, &method, &a, &classes, path, &stem, &mut bars) {
-            Ok(line) => bars.println(&line),
+        let t = Instant::now();
+        match explain_one(
+            model, &spec, &method, &a, &classes, im, &settings, &mut bars,
+        ) {
+            Ok((line, files)) => {
+                record.append(&done_line(im, t.elapsed().as_secs_f64(), files))?;
+                bars.println(&line)
+            }
             Err(e) => {
                 failures += 1;
-                bars.report_failure(path, &e);
+                record.append(&Line::Failed {
+                    image: im.key.clone(),
+                    reason: crate::common::one_line(&e),
+                    seconds: t.elapsed().as_secs_f64(),
+                })?;
+                bars.report_failure(&im.path, &e);
             }
         }
         bars.images.inc(1);
@@ -63,12 +148,134 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     if failures > 0 {
         eprintln!(
             "vitcx: {failures} of {} images failed; results for the others are in {}",
-            images.len() + inputs.bad.len(),
+            images.len()
+                + if shard.0.index == 0 {
+                    inputs.bad.len()
+                } else {
+                    0
+                },
             a.out.display()
         );
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One image of the run: its position in the whole list, its key, its path and its stem.
+struct Image {
+    index: usize,
+    key: String,
+    path: PathBuf,
+    stem: String,
+}
+
+fn done_line(im: &Image, seconds: f64, files: Vec<String>) -> Line {
+    Line::Done {
+        image: im.key.clone(),
+        seconds,
+        result: json!({ "index": im.index, "files": files }),
+    }
+}
+
+/// What `--out` holds for an image.
+enum Existing {
+    /// Nothing (or an incomplete set, which a crash cannot leave but a user can).
+    Absent,
+    /// A complete set made with these settings: its files and seconds.
+    Complete { seconds: f64, files: Vec<String> },
+    /// A report made with other settings or for another image, and how it differs.
+    Other(String),
+}
+
+/// Checks, not assumes, that an image is done: its report names this image and these settings,
+/// and every file it lists is there.
+fn existing(out: &Path, im: &Image, settings: &serde_json::Value) -> Result<Existing> {
+    let report = out.join(format!("{}.json", im.stem));
+    if !report.is_file() {
+        return Ok(Existing::Absent);
+    }
+    let Ok(bytes) = vitcx::io::read_bounded(&report, 64 << 20) else {
+        return Ok(Existing::Absent);
+    };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok(Existing::Absent);
+    };
+    if v.get("key").and_then(|k| k.as_str()) != Some(im.key.as_str()) {
+        return Ok(Existing::Other(format!(
+            "the explanation of {}",
+            v.get("image")
+                .and_then(|k| k.as_str())
+                .unwrap_or("another image")
+        )));
+    }
+    if let Some(d) = vitcx::run::record::difference(&v["settings"], settings) {
+        return Ok(Existing::Other(format!("made with other settings ({d})")));
+    }
+    let mut files: Vec<String> = v["targets"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(|x| x["saliency"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    if files.is_empty() {
+        return Ok(Existing::Absent);
+    }
+    if let Some(png) = v["overlay"].as_str() {
+        files.push(png.to_string());
+    }
+    if !files.iter().all(|f| out.join(f).is_file()) {
+        return Ok(Existing::Absent);
+    }
+    files.push(format!("{}.json", im.stem));
+    let seconds = v["seconds"]["total"].as_f64().unwrap_or(0.0);
+    Ok(Existing::Complete { seconds, files })
+}
+
+/// Everything that decides an explanation's files, as it goes into each report and the run
+/// record: a rerun or another shard with other settings never mixes its files with these.
+fn settings(
+    a: &ExplainArgs,
+    spec: &Spec,
+    method: &Explainer,
+    classes: &Targets,
+) -> serde_json::Value {
+    let targets = match classes {
+        Targets::TopK(k) => json!({ "top_k": k }),
+        Targets::Classes(ids) => json!({ "classes": ids }),
+    };
+    json!({
+        "method": method.name(),
+        "params": params_json(a, spec, method),
+        "model": model_json(a, spec),
+        "targets": targets,
+        "overlay": !a.no_overlay,
+    })
+}
+
+fn params_json(a: &ExplainArgs, spec: &Spec, method: &Explainer) -> serde_json::Value {
+    let mut params = method.params_json();
+    if let Some(p) = params.as_object_mut() {
+        p.insert(
+            "resize".into(),
+            json!(a.resize.resize(&spec.preprocess).describe()),
+        );
+        p.insert("mean".into(), json!(spec.preprocess.mean));
+        p.insert("std".into(), json!(spec.preprocess.std));
+    }
+    params
+}
+
+fn model_json(a: &ExplainArgs, spec: &Spec) -> serde_json::Value {
+    json!({
+        "id": model_name(&a.model),
+        "format": spec.format,
+        "family": spec.family,
+        "architecture": spec.architecture,
+        "input_size": [spec.input_size.0, spec.input_size.1],
+        "num_classes": spec.num_classes,
+    })
 }
 
 /// Which classes to explain, resolved before any image is read.
@@ -96,19 +303,11 @@ fn resolve_classes(a: &ExplainArgs, spec: &Spec) -> Result<Targets> {
     })
 }
 
-/// The file stem for an image, made unique within this run (`a.png`, `b/a.png` -> `a`, `a-2`).
-fn unique_stem(path: &Path, used: &mut HashSet<String>) -> String {
-    let base = path
-        .file_stem()
+/// An image's file stem (`image` for a path without one).
+fn file_stem(path: &Path) -> String {
+    path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let mut stem = base.clone();
-    let mut k = 2;
-    while !used.insert(stem.clone()) {
-        stem = format!("{base}-{k}");
-        k += 1;
-    }
-    stem
+        .unwrap_or_else(|| "image".into())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -118,10 +317,11 @@ fn explain_one(
     method: &Explainer,
     a: &ExplainArgs,
     classes: &Targets,
-    path: &Path,
-    stem: &str,
+    im: &Image,
+    settings: &serde_json::Value,
     bars: &mut Bars,
-) -> Result<String> {
+) -> Result<(String, Vec<String>)> {
+    let (path, stem) = (im.path.as_path(), im.stem.as_str());
     let started = Instant::now();
     let t = Instant::now();
     let img = vitcx::image::load_rgb(path)?;
@@ -170,7 +370,7 @@ fn explain_one(
         Some(name)
     };
     let write_s = t.elapsed().as_secs_f64();
-    let report = report(
+    let mut report = report(
         a,
         spec,
         method,
@@ -183,17 +383,23 @@ fn explain_one(
         write_s,
         started.elapsed().as_secs_f64(),
     );
-    set.add_json(&a.out.join(format!("{stem}.json")), &report)?;
+    report["key"] = json!(im.key);
+    report["settings"] = settings.clone();
+    let json_name = format!("{stem}.json");
+    set.add_json(&a.out.join(&json_name), &report)?;
     set.commit()?;
     let c = ex.classes[0];
-    Ok(format!(
+    let line = format!(
         "{}: class {c} ({}) p={:.3}, {} -> {}",
         path.display(),
         spec.labels.get(c).map(String::as_str).unwrap_or("?"),
         ex.probs[c],
         method.describe(&ex),
         a.out.join(&files[0]).display()
-    ))
+    );
+    files.extend(png);
+    files.push(json_name);
+    Ok((line, files))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -229,28 +435,13 @@ fn report(
     }
     seconds.insert("write".into(), json!(write_s));
     seconds.insert("total".into(), json!(total_s));
-    let mut params = method.params_json();
-    if let Some(p) = params.as_object_mut() {
-        p.insert(
-            "resize".into(),
-            json!(a.resize.resize(&spec.preprocess).describe()),
-        );
-        p.insert("mean".into(), json!(spec.preprocess.mean));
-        p.insert("std".into(), json!(spec.preprocess.std));
-    }
+    let params = params_json(a, spec, method);
     let mut report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
         "method": method.name(),
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
-        "model": {
-            "id": model_name(&a.model),
-            "format": spec.format,
-            "family": spec.family,
-            "architecture": spec.architecture,
-            "input_size": [spec.input_size.0, spec.input_size.1],
-            "num_classes": spec.num_classes,
-        },
+        "model": model_json(a, spec),
         "targets": targets,
         "top5": top_k(&ex.probs, 5).into_iter().map(class).collect::<Vec<_>>(),
         "saliency_shape": [ex.size.0, ex.size.1],

@@ -5,5 +5,6 @@ pub mod compare;
 pub mod eval;
 pub mod explain;
 pub mod inspect;
+pub mod merge;
 pub mod predict;
 pub mod synth;

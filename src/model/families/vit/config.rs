@@ -12,12 +12,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::checkpoint::Checkpoint;
+use crate::model::checkpoint::{check, check_flag, Checkpoint};
 use crate::model::config::{
-    hf_labels, timm_labels, Format, HfConfig, HfPreprocessor, Preprocess, Size, TimmConfig,
+    hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
 };
-use crate::model::weights::Weights;
+use crate::model::weights::{grid_of, Weights};
 
 /// OpenAI CLIP's mean (timm `OPENAI_CLIP_MEAN`).
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -369,43 +369,7 @@ impl TensorFacts {
     }
 }
 
-/// Fails unless the config's `field` (when present) equals the tensors' `actual`; `what`
-/// describes the tensors' value, `{}` standing for it (e.g. `"{} blocks"`).
-fn check(
-    ckpt: &Checkpoint,
-    field: &str,
-    stated: Option<usize>,
-    actual: usize,
-    what: &str,
-) -> Result<()> {
-    match stated {
-        Some(s) if s != actual => Err(ckpt.config_err(format!(
-            "config.json {field} is {s} but the weights have {}",
-            what.replace("{}", &actual.to_string())
-        ))),
-        _ => Ok(()),
-    }
-}
 
-/// Fails unless the config's boolean `field` (when present) agrees with whether the weights
-/// hold `tensor`.
-fn check_flag(
-    ckpt: &Checkpoint,
-    w: &Weights,
-    field: &str,
-    stated: Option<bool>,
-    actual: bool,
-    tensor: &str,
-) -> Result<()> {
-    match stated {
-        Some(s) if s != actual => Err(ckpt.config_err(format!(
-            "config.json {field} is {s} but the weights {} '{}'",
-            if actual { "hold" } else { "lack" },
-            w.source_name(tensor)
-        ))),
-        _ => Ok(()),
-    }
-}
 
 /// The configuration of `ckpt`, checked against its tensors `w` (timm names).
 pub(crate) fn read(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
@@ -571,16 +535,6 @@ fn pos_layout(
     }))
 }
 
-/// The patch grid of an input size, which must be a positive multiple of the patch.
-fn grid_of(w: &Weights, size: (usize, usize), patch: usize) -> Result<(usize, usize)> {
-    let (h, wd) = size;
-    if h % patch != 0 || wd % patch != 0 || h == 0 || wd == 0 {
-        return Err(w.err(format!(
-            "input size {h}x{wd} is not a positive multiple of the patch size {patch}"
-        )));
-    }
-    Ok((h / patch, wd / patch))
-}
 
 /// timm `model_args` of a `VisionTransformer` (the options vitcx reads; see
 /// [`TIMM_ARGS_IGNORED`] for the rest it accepts).
@@ -1119,36 +1073,26 @@ fn hf(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
         Variant::Clip => (CLIP_MEAN, CLIP_STD),
         _ => (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
     };
-    let (mut mean, mut std, mut interpolation) = (None, None, None);
-    let (mut resize_shortest, mut crop) = (None, None);
+    let HfPreprocessing {
+        mean,
+        std,
+        interpolation,
+        crop,
+        resize_shortest,
+        seen,
+    } = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
     let mut input_size = built;
-    match &pre {
-        Some(p) => {
-            mean = p.image_mean;
-            std = p.image_std;
-            interpolation = p.interpolation();
-            let cropping = p.do_center_crop.unwrap_or(false);
-            crop = p.crop_size.filter(|_| cropping).map(|Size(h, w)| (h, w));
-            resize_shortest = ckpt
-                .preprocessor
-                .as_ref()
-                .and_then(|(_, v)| v.get("size")?.get("shortest_edge")?.as_u64())
-                .map(|n| n as usize);
-            let seen = crop.or(p.size.map(|Size(h, w)| (h, w)));
-            if let Some((h, wd)) = seen.filter(|s| *s != built) {
-                if dynamic {
-                    // DINOv2 interpolates its position embedding to whatever the processor gives.
-                    grid_of(w, (h, wd), facts.patch)?;
-                    input_size = (h, wd);
-                } else {
-                    notes.push(format!(
-                        "preprocessor_config.json resizes to {h}x{wd} but the model takes {}x{}; using {}x{}",
-                        built.0, built.1, built.0, built.1
-                    ));
-                }
-            }
+    if let Some((h, wd)) = seen.filter(|s| *s != built) {
+        if dynamic {
+            // DINOv2 interpolates its position embedding to whatever the processor gives.
+            grid_of(w, (h, wd), facts.patch)?;
+            input_size = (h, wd);
+        } else {
+            notes.push(format!(
+                "preprocessor_config.json resizes to {h}x{wd} but the model takes {}x{}; using {}x{}",
+                built.0, built.1, built.0, built.1
+            ));
         }
-        None => notes.push("no preprocessor_config.json".into()),
     }
     if mean.is_none() || std.is_none() {
         notes.push(format!(

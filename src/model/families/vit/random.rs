@@ -105,6 +105,30 @@ impl Arch {
     }
 }
 
+/// The tensors of a plan of `(name, shape, kind)`, filled in the plan's order from one ChaCha8
+/// stream seeded by `seed` (so the same seed gives the same weights on every machine): kind `'n'`
+/// N(0, [`WEIGHT_STD`]), `'o'` ones, `'s'` 0.1 (LayerScale), anything else zeros. Every family's
+/// random weights are drawn through it.
+pub(crate) fn materialise(
+    plan: Vec<(String, Vec<usize>, char)>,
+    seed: u64,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::with_capacity(plan.len());
+    for (name, shape, kind) in plan {
+        let n: usize = shape.iter().product();
+        let data = match kind {
+            'n' => normal(&mut rng, n, WEIGHT_STD),
+            'o' => vec![1.0; n],
+            's' => vec![0.1; n],
+            _ => vec![0.0; n],
+        };
+        out.insert(name, Tensor::from_vec(data, shape, device)?);
+    }
+    Ok(out)
+}
+
 /// Draws `n` values N(0, `std`) from `rng`.
 pub(crate) fn normal(rng: &mut ChaCha8Rng, n: usize, std: f32) -> Vec<f32> {
     (0..n)
@@ -195,18 +219,7 @@ pub fn random_state_dict(
         ("head.weight".into(), vec![arch.num_classes, d], 'n'),
         ("head.bias".into(), vec![arch.num_classes], 'z'),
     ]);
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut out = HashMap::with_capacity(plan.len());
-    for (name, shape, kind) in plan {
-        let n: usize = shape.iter().product();
-        let data = match kind {
-            'n' => normal(&mut rng, n, WEIGHT_STD),
-            'o' => vec![1.0; n],
-            _ => vec![0.0; n],
-        };
-        out.insert(name, Tensor::from_vec(data, shape, device)?);
-    }
-    Ok(out)
+    materialise(plan, seed, device)
 }
 
 /// The timm `config.json` a checkpoint of `arch` would carry (mean/std 0.5, as timm's ViTs).
