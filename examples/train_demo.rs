@@ -5,7 +5,10 @@
 //! ```
 //!
 //! Writes `models/demo/model.safetensors` and `models/demo/config.json` (override with `--out`),
-//! then reports the accuracy on 1,000 held-out generated images.
+//! then reports the accuracy on 1,000 held-out generated images. Every few minutes (and at the
+//! end) it also writes the training state beside them, so that `--resume DIR` continues the run
+//! exactly; `config.json` records every command of the run with its steps, seconds, machine and
+//! held-out accuracy.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -34,9 +37,9 @@ struct Args {
     /// Peak learning rate.
     #[arg(long)]
     lr: Option<f64>,
-    /// Output directory of the checkpoint.
-    #[arg(long, default_value = "models/demo")]
-    out: PathBuf,
+    /// Output directory of the checkpoint (default models/demo; with --resume, the run's own).
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Held-out images for the final accuracy.
     #[arg(long, default_value_t = 1000)]
     eval_count: usize,
@@ -79,57 +82,105 @@ struct Args {
     /// image for every sample; about half the time of a step goes into generating them).
     #[arg(long, default_value_t = 0)]
     pool: usize,
-    /// Start from the weights of this checkpoint (same architecture) instead of fresh ones.
+    /// Start from the weights of this checkpoint (same architecture) instead of fresh ones, with
+    /// a fresh optimiser and schedule (a new run warm-started).
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    init_from: Option<PathBuf>,
+    /// Continue the run checkpointed in DIR exactly where it stopped: its settings, weights,
+    /// optimiser state and step (the other training flags are taken from the checkpoint; only
+    /// --stop-after, --out and the logging flags apply).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
+    /// Start from timm's random weights instead of the sine-cosine position embedding and the
+    /// mimetic attention weights.
+    #[arg(long)]
+    random_init: bool,
+    /// Write a checkpoint (model, optimiser state, step) to --out every this many minutes.
+    #[arg(long, default_value_t = 5.0)]
+    checkpoint_minutes: f64,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     if let Some(dir) = &args.evaluate {
         return evaluate(dir, args.eval_count);
     }
-    let d = TrainParams::default();
-    let params = TrainParams {
-        seed: args.seed,
-        steps: args.steps.unwrap_or(d.steps),
-        batch: args.batch.unwrap_or(d.batch),
-        lr: args.lr.unwrap_or(d.lr),
-        warmup: args.warmup.unwrap_or(d.warmup),
-        token_label_weight: args.token_label_weight.unwrap_or(d.token_label_weight),
-        clutter_ramp: args.clutter_ramp,
-        pool: args.pool,
-        augment: !args.no_augment,
-        arch: vitcx::model::families::vit::random::Arch {
-            heads: args.heads.unwrap_or(d.arch.heads),
-            dim: args.dim.unwrap_or(d.arch.dim),
-            mlp_dim: 2 * args.dim.unwrap_or(d.arch.dim),
-            depth: args.depth.unwrap_or(d.arch.depth),
-            ..d.arch
-        },
-        ..d
-    };
+    // The run's first command: a resumed run keeps the settings it started with.
+    let mut argv: Vec<String> = std::env::args().collect();
+    let mut commands: Vec<serde_json::Value> = Vec::new();
+    let mut seconds_before = 0.0;
+    if let Some(dir) = args.resume.clone() {
+        let extra = stored_extra(&dir)?;
+        argv = serde_json::from_value(extra["argv"].clone())
+            .with_context(|| format!("{}: the checkpoint records no command", dir.display()))?;
+        let stored = Args::try_parse_from(&argv)?;
+        commands = serde_json::from_value(extra["commands"].clone()).unwrap_or_default();
+        seconds_before = extra["train_seconds"].as_f64().unwrap_or(0.0);
+        args = Args {
+            stop_after: args.stop_after,
+            out: args.out.or(Some(dir.clone())),
+            log_every: args.log_every,
+            val_every: args.val_every,
+            checkpoint_minutes: args.checkpoint_minutes,
+            eval_count: args.eval_count,
+            resume: Some(dir),
+            init_from: None,
+            ..stored
+        };
+    }
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("models/demo"));
+    let params = params_of(&args);
     eprintln!("training {:?}", params);
     let device = Device::Cpu;
     if params.pool > 0 {
         eprintln!("generating a pool of {} training images", params.pool);
     }
-    let mut trainer = match &args.resume {
-        Some(dir) => Trainer::resume(params.clone(), dir, &device)
-            .with_context(|| format!("cannot resume from {}", dir.display()))?,
-        None => Trainer::new(params.clone(), &device)?,
+    let mut trainer = match (&args.resume, &args.init_from) {
+        (Some(dir), _) => {
+            Trainer::restore(params.clone(), dir, &device)
+                .with_context(|| format!("cannot resume from {}", dir.display()))?
+                .0
+        }
+        (None, Some(dir)) => Trainer::resume(params.clone(), dir, &device)
+            .with_context(|| format!("cannot start from {}", dir.display()))?,
+        (None, None) => Trainer::new(params.clone(), &device)?,
     };
+    let first_step = trainer.step_count();
+    let last_step = args.stop_after.unwrap_or(params.steps).min(params.steps);
     let bar = ProgressBar::new(params.steps as u64).with_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} steps {elapsed_precise}<{eta_precise} {msg}",
         )
         .expect("valid template"),
     );
+    bar.set_position(first_step as u64);
     let start = Instant::now();
+    let mut last_checkpoint = Instant::now();
+    let this_command = std::env::args().collect::<Vec<_>>().join(" ");
+    // What the checkpoint records beside the weights: the run's first command (to resume with
+    // its settings) and every command so far with its steps and seconds.
+    let record = |trainer: &Trainer, held_out: Option<f64>| {
+        let mut all = commands.clone();
+        all.push(serde_json::json!({
+            "command": this_command,
+            "steps": [first_step, trainer.step_count()],
+            "seconds": start.elapsed().as_secs_f64(),
+            "machine": machine(),
+            "held_out_accuracy": held_out,
+        }));
+        serde_json::json!({
+            "argv": argv,
+            "commands": all,
+            "train_seconds": seconds_before + start.elapsed().as_secs_f64(),
+        })
+    };
     let (mut loss_avg, mut acc_avg) = (0.0, 0.0);
-    for _ in 0..args.stop_after.unwrap_or(params.steps).min(params.steps) {
+    while trainer.step_count() < last_step {
         let r = trainer.train_step()?;
-        let k = if r.step == 1 { 1.0 } else { 0.02 };
+        let k = if r.step == first_step + 1 { 1.0 } else { 0.02 };
         loss_avg += k * (r.loss - loss_avg);
         acc_avg += k * (r.batch_accuracy - acc_avg);
         bar.set_message(format!(
@@ -154,49 +205,128 @@ fn main() -> anyhow::Result<()> {
             say(
                 &bar,
                 format!(
-                    "step {} validation accuracy {:.2}% (300 images)",
+                    "step {} validation accuracy {:.2}% (300 images) {:.0}s",
                     r.step,
-                    100.0 * val
+                    100.0 * val,
+                    start.elapsed().as_secs_f64()
                 ),
             );
-            trainer.save(&args.out, None)?;
+        }
+        if last_checkpoint.elapsed().as_secs_f64() >= 60.0 * args.checkpoint_minutes {
+            let extra = record(&trainer, None);
+            trainer
+                .checkpoint(
+                    &out,
+                    Some(report(&params, &extra, None, args.eval_count)),
+                    extra,
+                )
+                .with_context(|| format!("cannot checkpoint to {}", out.display()))?;
+            last_checkpoint = Instant::now();
         }
     }
     bar.finish();
     let model = trainer.model()?;
     let acc = accuracy(&model, HELD_OUT_SEED, args.eval_count, 50, &mut |_| {})?;
-    let report = serde_json::json!({
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
-        "seed": params.seed,
-        "steps_planned": params.steps,
-        "steps_taken": trainer.step_count(),
-        "batch": params.batch,
-        "lr": params.lr,
-        "warmup": params.warmup,
-        "weight_decay": params.weight_decay,
-        "augment": params.augment,
-        "token_label_weight": params.token_label_weight,
-        "clutter_ramp": params.clutter_ramp,
-        "pool": params.pool,
-        "resumed_from": args.resume.as_ref().map(|d| d.display().to_string()),
-        // How the starting weights were made, so the chain of runs stays on record.
-        "resumed_from_training": args.resume.as_ref().and_then(|d| previous_training(d)),
-        "held_out_seed": HELD_OUT_SEED,
-        "held_out_images": args.eval_count,
-        "held_out_accuracy": acc,
-        "train_seconds": start.elapsed().as_secs_f64(),
-    });
+    let extra = record(&trainer, Some(acc));
     trainer
-        .save(&args.out, Some(report))
-        .with_context(|| format!("cannot save to {}", args.out.display()))?;
+        .checkpoint(
+            &out,
+            Some(report(&params, &extra, Some(acc), args.eval_count)),
+            extra,
+        )
+        .with_context(|| format!("cannot save to {}", out.display()))?;
     println!(
-        "saved {} after {:.0} s; held-out accuracy {:.2}% on {} images",
-        args.out.display(),
+        "saved {} at step {}/{} after {:.0} s; held-out accuracy {:.2}% on {} images",
+        out.display(),
+        trainer.step_count(),
+        params.steps,
         start.elapsed().as_secs_f64(),
         100.0 * acc,
         args.eval_count
     );
     Ok(())
+}
+
+/// The training settings the flags ask for.
+fn params_of(args: &Args) -> TrainParams {
+    let d = TrainParams::default();
+    TrainParams {
+        seed: args.seed,
+        steps: args.steps.unwrap_or(d.steps),
+        batch: args.batch.unwrap_or(d.batch),
+        lr: args.lr.unwrap_or(d.lr),
+        warmup: args.warmup.unwrap_or(d.warmup),
+        token_label_weight: args.token_label_weight.unwrap_or(d.token_label_weight),
+        clutter_ramp: args.clutter_ramp,
+        pool: args.pool,
+        augment: !args.no_augment,
+        mimetic_init: !args.random_init,
+        arch: vitcx::model::families::vit::random::Arch {
+            heads: args.heads.unwrap_or(d.arch.heads),
+            dim: args.dim.unwrap_or(d.arch.dim),
+            mlp_dim: 2 * args.dim.unwrap_or(d.arch.dim),
+            depth: args.depth.unwrap_or(d.arch.depth),
+            ..d.arch
+        },
+        ..d
+    }
+}
+
+/// The `vitcx_training` record of config.json: the settings, every command of the run with its
+/// steps, seconds, machine and held-out accuracy, and the accuracy now.
+fn report(
+    p: &TrainParams,
+    extra: &serde_json::Value,
+    held_out: Option<f64>,
+    count: usize,
+) -> serde_json::Value {
+    serde_json::json!({
+        "seed": p.seed,
+        "steps_planned": p.steps,
+        "batch": p.batch,
+        "lr": p.lr,
+        "warmup": p.warmup,
+        "weight_decay": p.weight_decay,
+        "augment": p.augment,
+        "token_label_weight": p.token_label_weight,
+        "clutter_ramp": p.clutter_ramp,
+        "pool": p.pool,
+        "mimetic_init": p.mimetic_init,
+        "commands": extra["commands"],
+        "train_seconds": extra["train_seconds"],
+        "held_out_seed": HELD_OUT_SEED,
+        "held_out_images": count,
+        "held_out_accuracy": held_out,
+    })
+}
+
+/// The CPU this runs on and the threads it uses, for the record.
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{cpu}, {threads} threads")
+}
+
+/// The `extra` record stored with the checkpoint in `dir`.
+fn stored_extra(dir: &std::path::Path) -> anyhow::Result<serde_json::Value> {
+    let path = dir.join("train_state.json");
+    let text = std::fs::read(&path).with_context(|| {
+        format!(
+            "cannot read {}; --resume needs a checkpoint written by train_demo",
+            path.display()
+        )
+    })?;
+    let state: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    Ok(state["extra"].clone())
 }
 
 /// Measures the held-out accuracy of the checkpoint in `dir` and records it in its config.json.
@@ -223,13 +353,6 @@ fn evaluate(dir: &std::path::Path, count: usize) -> anyhow::Result<()> {
         100.0 * acc
     );
     Ok(())
-}
-
-/// The `vitcx_training` record of the checkpoint in `dir`, if it has one.
-fn previous_training(dir: &std::path::Path) -> Option<serde_json::Value> {
-    let text = std::fs::read(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    config.get("vitcx_training").cloned()
 }
 
 /// A line above the progress bar, or on stderr when the bar is hidden (not a terminal).

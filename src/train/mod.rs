@@ -10,11 +10,12 @@
 //! background for each) plus flips, 90-degree rotations and a brightness/contrast jitter, none
 //! of which changes the class of a shape.
 
+mod init;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -95,6 +96,9 @@ pub struct TrainParams {
     /// images is plenty (the PyTorch probe in `scripts/probe_gpu.py` drew 1.15M samples from
     /// 64k).
     pub pool: usize,
+    /// Start from a 2-D sine-cosine position embedding and mimetic attention weights
+    /// ([`init::mimetic`]) instead of timm's random ones.
+    pub mimetic_init: bool,
 }
 
 impl Default for TrainParams {
@@ -111,6 +115,7 @@ impl Default for TrainParams {
             token_label_weight: 1.0,
             clutter_ramp: 0,
             pool: 0,
+            mimetic_init: true,
         }
     }
 }
@@ -190,6 +195,8 @@ pub struct Trainer {
     /// Training-only token-label head: weight `(C + 1, D)`, bias `(C + 1)`; never saved.
     token_head: (Var, Var),
     opt: AdamW,
+    /// Steps taken, also the index of the next step's batch (batches are a function of the
+    /// step, so a restored run draws the same images as an uninterrupted one).
     step: usize,
     device: Device,
     /// The generated training images when `params.pool > 0`.
@@ -211,7 +218,10 @@ impl Trainer {
         params.check()?;
         let mut config_json = timm_config_json(&params.arch, DEMO_ARCHITECTURE);
         config_json["label_names"] = serde_json::json!(CLASSES);
-        let state = random_state_dict(&params.arch, params.seed, device)?;
+        let mut state = random_state_dict(&params.arch, params.seed, device)?;
+        if params.mimetic_init {
+            init::mimetic(&mut state, &params.arch, params.seed, device)?;
+        }
         let mut names: Vec<String> = state.keys().cloned().collect();
         names.sort();
         let mut vars = Vec::with_capacity(names.len());
@@ -228,14 +238,7 @@ impl Trainer {
         );
         let mut all: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
         all.extend([token_head.0.clone(), token_head.1.clone()]);
-        let opt = AdamW::new(
-            all,
-            ParamsAdamW {
-                lr: params.lr_at(0),
-                weight_decay: params.weight_decay,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let opt = AdamW::new(all, params.weight_decay)?;
         Ok(Trainer {
             params,
             config_json,
@@ -315,8 +318,7 @@ impl Trainer {
         let predicted = logits.argmax(1)?.to_vec1::<u32>()?;
         let truth = labels.to_vec1::<u32>()?;
         let right = predicted.iter().zip(&truth).filter(|(a, b)| a == b).count();
-        self.opt.set_learning_rate(lr);
-        self.opt.backward_step(&loss)?;
+        self.opt.step(&loss, lr)?;
         self.step += 1;
         Ok(StepReport {
             step: self.step,
@@ -370,6 +372,170 @@ impl Trainer {
             config["vitcx_training"] = r;
         }
         crate::io::output::write_json_atomic(&dir.join("config.json"), &config)
+    }
+}
+
+impl Trainer {
+    /// Writes the whole training state into `dir` so that [`Trainer::restore`] continues the
+    /// run exactly: the model as [`Trainer::save`] writes it (loadable by vitcx while training
+    /// goes on, `report` under `vitcx_training`), and `train_state.safetensors` (parameters,
+    /// token-label head, AdamW moments) with `train_state.json` (the step, the settings, and
+    /// `extra`, e.g. the commands and seconds so far). Each file is replaced atomically, the
+    /// state last, so an interrupted checkpoint leaves the previous state readable.
+    pub fn checkpoint(
+        &self,
+        dir: &Path,
+        report: Option<serde_json::Value>,
+        extra: serde_json::Value,
+    ) -> Result<()> {
+        self.save(dir, report)?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let head = [
+            ("token_head.weight".to_string(), &self.token_head.0),
+            ("token_head.bias".to_string(), &self.token_head.1),
+        ];
+        let named: Vec<(String, &Var)> = self
+            .vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v))
+            .chain(head.iter().map(|(n, v)| (n.clone(), *v)))
+            .collect();
+        for (i, (name, var)) in named.iter().enumerate() {
+            tensors.insert(format!("param/{name}"), var.as_tensor().detach());
+            tensors.insert(format!("m/{name}"), self.opt.m[i].clone());
+            tensors.insert(format!("v/{name}"), self.opt.v[i].clone());
+        }
+        let tmp = dir.join("train_state.safetensors.tmp");
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        let dst = dir.join("train_state.safetensors");
+        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        let state = serde_json::json!({
+            "format": 1,
+            "step": self.step,
+            "settings": format!("{:?}", self.params),
+            "extra": extra,
+        });
+        crate::io::output::write_json_atomic(&dir.join("train_state.json"), &state)
+    }
+
+    /// Continues the run checkpointed in `dir` by [`Trainer::checkpoint`]: parameters,
+    /// optimiser moments and step as they were, with `params` (which must equal the run's
+    /// settings, else the continuation would not be the same run). Returns the trainer and the
+    /// `extra` value stored with the checkpoint.
+    pub fn restore(
+        params: TrainParams,
+        dir: &Path,
+        device: &Device,
+    ) -> Result<(Self, serde_json::Value)> {
+        let path = dir.join("train_state.json");
+        let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let state: serde_json::Value = serde_json::from_slice(&text)
+            .map_err(|e| Error::invalid(format!("{} is not JSON: {e}", path.display())))?;
+        let settings = format!("{params:?}");
+        if state["settings"].as_str() != Some(settings.as_str()) {
+            return Err(Error::invalid(format!(
+                "{} was trained with other settings ({}); expected {settings}",
+                path.display(),
+                state["settings"]
+            )));
+        }
+        let step = state["step"]
+            .as_u64()
+            .ok_or_else(|| Error::invalid(format!("{} has no step", path.display())))?
+            as usize;
+        let mut trainer = Trainer::without_pool(params, device)?;
+        let tpath = dir.join("train_state.safetensors");
+        let tensors = candle_core::safetensors::load(&tpath, device)
+            .map_err(|e| Error::invalid(format!("cannot read {}: {e}", tpath.display())))?;
+        let head = [
+            (
+                "token_head.weight".to_string(),
+                trainer.token_head.0.clone(),
+            ),
+            ("token_head.bias".to_string(), trainer.token_head.1.clone()),
+        ];
+        let named: Vec<(String, Var)> = trainer
+            .vars
+            .iter()
+            .cloned()
+            .chain(head.iter().cloned())
+            .collect();
+        let get = |key: String, like: &Var| -> Result<Tensor> {
+            let t = tensors.get(&key).ok_or_else(|| {
+                Error::invalid(format!("{} has no tensor {key}", tpath.display()))
+            })?;
+            if t.dims() != like.dims() {
+                return Err(Error::invalid(format!(
+                    "{}: {key} is {:?}, the architecture to train needs {:?}",
+                    tpath.display(),
+                    t.dims(),
+                    like.dims()
+                )));
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        for (i, (name, var)) in named.iter().enumerate() {
+            var.set(&get(format!("param/{name}"), var)?)?;
+            trainer.opt.m[i] = get(format!("m/{name}"), var)?;
+            trainer.opt.v[i] = get(format!("v/{name}"), var)?;
+        }
+        trainer.opt.t = step;
+        trainer.step = step;
+        trainer.pool = training_pool(&trainer.params);
+        Ok((trainer, state["extra"].clone()))
+    }
+}
+
+/// AdamW with candle_nn's update (decoupled weight decay on every parameter, beta 0.9/0.999,
+/// eps 1e-8, bias-corrected moments), its moments kept where a checkpoint can save and restore
+/// them: candle_nn's optimiser keeps them private, so a resumed run could not continue exactly.
+struct AdamW {
+    vars: Vec<Var>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Updates applied so far.
+    t: usize,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    const BETA1: f64 = 0.9;
+    const BETA2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(vars: Vec<Var>, weight_decay: f64) -> Result<Self> {
+        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let m = vars.iter().map(zeros).collect::<candle_core::Result<_>>()?;
+        let v = vars.iter().map(zeros).collect::<candle_core::Result<_>>()?;
+        Ok(AdamW {
+            vars,
+            m,
+            v,
+            t: 0,
+            weight_decay,
+        })
+    }
+
+    /// Back-propagates `loss` and applies one update with learning rate `lr`.
+    fn step(&mut self, loss: &Tensor, lr: f64) -> Result<()> {
+        let grads = loss.backward()?;
+        self.t += 1;
+        let (b1, b2) = (Self::BETA1, Self::BETA2);
+        let scale_m = 1.0 / (1.0 - b1.powi(self.t as i32));
+        let scale_v = 1.0 / (1.0 - b2.powi(self.t as i32));
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let m = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let step = ((&m * scale_m)? / ((&v * scale_v)?.sqrt()? + Self::EPS)?)?;
+            let theta = ((var.as_tensor() * (1.0 - lr * self.weight_decay))? - (step * lr)?)?;
+            var.set(&theta)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
     }
 }
 
@@ -562,6 +728,7 @@ mod tests {
             token_label_weight: 1.0,
             clutter_ramp: 0,
             pool: 0,
+            mimetic_init: true,
         }
     }
 
@@ -613,10 +780,9 @@ mod tests {
         let batch = training_batch(&t.params, 0, &Device::Cpu, &[]).unwrap();
         let loss_of = |t: &Trainer| t.loss(&batch).unwrap().1.to_scalar::<f32>().unwrap();
         let before = loss_of(&t);
-        t.opt.set_learning_rate(3e-3);
         for _ in 0..30 {
             let loss = t.loss(&batch).unwrap().1;
-            t.opt.backward_step(&loss).unwrap();
+            t.opt.step(&loss, 3e-3).unwrap();
         }
         let after = loss_of(&t);
         assert!(after < 0.5 * before, "loss {before} -> {after}");
@@ -706,6 +872,37 @@ mod tests {
         let y = loaded.forward(&px, None).unwrap().logits;
         let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn a_restored_checkpoint_continues_the_run_bit_for_bit() {
+        let p = TrainParams { pool: 6, ..tiny() };
+        let mut straight = Trainer::new(p.clone(), &Device::Cpu).unwrap();
+        let a: Vec<f64> = (0..6)
+            .map(|_| straight.train_step().unwrap().loss)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = Trainer::new(p.clone(), &Device::Cpu).unwrap();
+        let mut b: Vec<f64> = (0..3).map(|_| first.train_step().unwrap().loss).collect();
+        first
+            .checkpoint(dir.path(), None, serde_json::json!({"note": 1}))
+            .unwrap();
+        drop(first);
+        let (mut second, extra) = Trainer::restore(p.clone(), dir.path(), &Device::Cpu).unwrap();
+        assert_eq!(extra["note"], 1);
+        assert_eq!(second.step_count(), 3);
+        b.extend((0..3).map(|_| second.train_step().unwrap().loss));
+        assert_eq!(a, b);
+        for ((n, x), (_, y)) in straight.vars.iter().zip(&second.vars) {
+            let d = crate::model::kernels::max_abs_diff(x.as_tensor(), y.as_tensor());
+            assert_eq!(d, 0.0, "{n}");
+        }
+        // Other settings are refused: the continuation would be another run.
+        let other = TrainParams { lr: 1e-2, ..p };
+        let err = Trainer::restore(other, dir.path(), &Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("other settings"), "{err}");
     }
 
     #[test]
