@@ -158,6 +158,7 @@ fn main() -> anyhow::Result<()> {
     );
     bar.set_position(first_step as u64);
     let start = Instant::now();
+    let cpu_start = cpu_seconds();
     let mut last_checkpoint = Instant::now();
     let this_command = std::env::args().collect::<Vec<_>>().join(" ");
     // What the checkpoint records beside the weights: the run's first command (to resume with
@@ -168,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             "command": this_command,
             "steps": [first_step, trainer.step_count()],
             "seconds": start.elapsed().as_secs_f64(),
+            "cpu_seconds": cpu_seconds() - cpu_start,
             "machine": machine(),
             "held_out_accuracy": held_out,
         }));
@@ -298,6 +300,24 @@ fn report(
         "held_out_images": count,
         "held_out_accuracy": held_out,
     })
+}
+
+/// User + system CPU seconds of this process so far (all threads; 0 where /proc is missing):
+/// on a shared machine wall time overstates what training cost.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    f.iter().sum::<f64>() / 100.0
 }
 
 /// The CPU this runs on and the threads it uses, for the record.
