@@ -363,6 +363,27 @@ pub fn summarize(values: &[f64]) -> Summary {
     }
 }
 
+/// Summarises a share of successes (`values` of 0 and 1: pointing hits, correct predictions)
+/// with the Wilson score interval at 95%: unlike `mean +- t s / sqrt(n)` it stays inside
+/// [0, 1] and does not shrink to a point when every value is the same (3 hits of 3 give
+/// [0.44, 1], not [1, 1]). `n = 0` gives NaN.
+pub fn summarize_share(values: &[f64]) -> Summary {
+    let n = values.len();
+    if n == 0 {
+        return summarize(values);
+    }
+    let p = values.iter().sum::<f64>() / n as f64;
+    let (z, nf) = (1.959_963_984_540_054_f64, n as f64);
+    let z2n = z * z / nf;
+    let centre = (p + z2n / 2.0) / (1.0 + z2n);
+    let half = z / (1.0 + z2n) * (p * (1.0 - p) / nf + z2n / (4.0 * nf)).sqrt();
+    Summary {
+        mean: p,
+        ci95: [(centre - half).max(0.0), (centre + half).min(1.0)],
+        n,
+    }
+}
+
 /// Pearson correlation of two equally long series (NaN if either is constant).
 pub fn pearson(a: &[f32], b: &[f32]) -> f64 {
     let n = a.len().min(b.len()) as f64;
@@ -797,6 +818,23 @@ mod tests {
         assert!((prob(&m, &bg, class) - prob(&m, &x, class)).abs() > 1e-4);
         // Without the background, the baseline says why it cannot run.
         assert!(insertion(&m, &x, &sal, class, &p).is_err());
+    }
+
+    #[test]
+    fn share_interval_is_wilson_and_stays_in_the_unit_range() {
+        // 3 of 3: Wilson [0.4385, 1]; 8 of 10: [0.4902, 0.9433] (standard tables).
+        let s = summarize_share(&[1.0, 1.0, 1.0]);
+        assert_eq!(s.mean, 1.0);
+        assert!(
+            (s.ci95[0] - 0.4385).abs() < 1e-4 && s.ci95[1] == 1.0,
+            "{s:?}"
+        );
+        let v: Vec<f64> = (0..10).map(|i| if i < 8 { 1.0 } else { 0.0 }).collect();
+        let s = summarize_share(&v);
+        assert!((s.mean - 0.8).abs() < 1e-12);
+        assert!((s.ci95[0] - 0.4902).abs() < 1e-4, "{s:?}");
+        assert!((s.ci95[1] - 0.9433).abs() < 1e-4, "{s:?}");
+        assert!(summarize_share(&[]).mean.is_nan());
     }
 
     #[test]

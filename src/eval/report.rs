@@ -101,7 +101,16 @@ pub fn summaries(rows: &[Row], method: &str) -> Vec<(&'static str, metrics::Summ
     columns
         .into_iter()
         .filter(|(_, v)| !v.is_empty())
-        .map(|(name, v)| (name, metrics::summarize(&v)))
+        .map(|(name, v)| {
+            // Shares of hits get an interval that stays inside [0, 1].
+            let share = matches!(name, "pointing_game" | "accuracy");
+            let summary = if share {
+                metrics::summarize_share(&v)
+            } else {
+                metrics::summarize(&v)
+            };
+            (name, summary)
+        })
         .collect()
 }
 
