@@ -268,18 +268,7 @@ impl Trainer {
             )));
         }
         for (name, var) in &trainer.vars {
-            let t = state.get(name).ok_or_else(|| {
-                Error::invalid(format!("{} has no tensor {name}", path.display()))
-            })?;
-            if t.dims() != var.dims() {
-                return Err(Error::invalid(format!(
-                    "{}: {name} is {:?}, the architecture to train needs {:?}",
-                    path.display(),
-                    t.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&tensor_like(&state, &path, name, var)?)?;
         }
         trainer.pool = training_pool(&trainer.params);
         Ok(trainer)
@@ -460,20 +449,7 @@ impl Trainer {
             .cloned()
             .chain(head.iter().cloned())
             .collect();
-        let get = |key: String, like: &Var| -> Result<Tensor> {
-            let t = tensors.get(&key).ok_or_else(|| {
-                Error::invalid(format!("{} has no tensor {key}", tpath.display()))
-            })?;
-            if t.dims() != like.dims() {
-                return Err(Error::invalid(format!(
-                    "{}: {key} is {:?}, the architecture to train needs {:?}",
-                    tpath.display(),
-                    t.dims(),
-                    like.dims()
-                )));
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
+        let get = |key: String, like: &Var| tensor_like(&tensors, &tpath, &key, like);
         for (i, (name, var)) in named.iter().enumerate() {
             var.set(&get(format!("param/{name}"), var)?)?;
             trainer.opt.m[i] = get(format!("m/{name}"), var)?;
@@ -484,6 +460,28 @@ impl Trainer {
         trainer.pool = training_pool(&trainer.params);
         Ok((trainer, state["extra"].clone()))
     }
+}
+
+/// Tensor `key` of the file at `path` (read into `tensors`) as f32, checked to have the shape of
+/// `like`.
+fn tensor_like(
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    key: &str,
+    like: &Var,
+) -> Result<Tensor> {
+    let t = tensors
+        .get(key)
+        .ok_or_else(|| Error::invalid(format!("{} has no tensor {key}", path.display())))?;
+    if t.dims() != like.dims() {
+        return Err(Error::invalid(format!(
+            "{}: {key} is {:?}, the architecture to train needs {:?}",
+            path.display(),
+            t.dims(),
+            like.dims()
+        )));
+    }
+    Ok(t.to_dtype(DType::F32)?)
 }
 
 /// AdamW with candle_nn's update (decoupled weight decay on every parameter, beta 0.9/0.999,
