@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot resume from {}", dir.display()))?
                 .0
         }
-        (None, Some(dir)) => Trainer::resume(params.clone(), dir, &device)
+        (None, Some(dir)) => Trainer::init_from(params.clone(), dir, &device)
             .with_context(|| format!("cannot start from {}", dir.display()))?,
         (None, None) => Trainer::new(params.clone(), &device)?,
     };

@@ -213,7 +213,7 @@ impl Trainer {
     }
 
     /// [`Trainer::new`] before its pool is generated (which takes minutes for a large pool, so
-    /// [`Trainer::resume`] checks the checkpoint first).
+    /// [`Trainer::init_from`] checks the checkpoint first).
     fn without_pool(params: TrainParams, device: &Device) -> Result<Self> {
         params.check()?;
         let mut config_json = timm_config_json(&params.arch, DEMO_ARCHITECTURE);
@@ -252,9 +252,10 @@ impl Trainer {
     }
 
     /// Like [`Trainer::new`], but starting from the weights of the checkpoint in `dir` (a
-    /// vitcx-trained model of the same architecture), to continue a run. The optimiser state
-    /// and the token-label head start afresh; the learning-rate schedule starts at step 0.
-    pub fn resume(params: TrainParams, dir: &Path, device: &Device) -> Result<Self> {
+    /// vitcx-trained model of the same architecture): a new run warm-started. The optimiser
+    /// state and the token-label head start afresh and the schedule starts at step 0; to
+    /// continue a run exactly, use [`Trainer::restore`].
+    pub fn init_from(params: TrainParams, dir: &Path, device: &Device) -> Result<Self> {
         let mut trainer = Trainer::without_pool(params, device)?;
         let path = dir.join("model.safetensors");
         let state = candle_core::safetensors::load(&path, device)
@@ -854,7 +855,7 @@ mod tests {
         assert_eq!(loaded.spec().taps[0].grid, (4, 4));
         let px = training_batch(&t.params, 7, &Device::Cpu, &[]).unwrap().px;
         // Resuming from the checkpoint starts from exactly its weights.
-        let resumed = Trainer::resume(tiny(), dir.path(), &Device::Cpu).unwrap();
+        let resumed = Trainer::init_from(tiny(), dir.path(), &Device::Cpu).unwrap();
         let r = resumed.model().unwrap().forward(&px, None).unwrap().logits;
         let l = loaded.forward(&px, None).unwrap().logits;
         assert_eq!(crate::model::kernels::max_abs_diff(&r, &l), 0.0);
@@ -862,7 +863,7 @@ mod tests {
         let mut wider = tiny();
         wider.arch.dim = 32;
         wider.arch.mlp_dim = 64;
-        let err = Trainer::resume(wider, dir.path(), &Device::Cpu)
+        let err = Trainer::init_from(wider, dir.path(), &Device::Cpu)
             .err()
             .unwrap();
         assert!(err.to_string().contains("needs"), "{err}");
