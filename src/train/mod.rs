@@ -353,10 +353,7 @@ impl Trainer {
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().detach().contiguous()?)))
             .collect::<Result<_>>()?;
-        let tmp = dir.join("model.safetensors.tmp");
-        candle_core::safetensors::save(&state, &tmp)?;
-        let dst = dir.join("model.safetensors");
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        save_safetensors(&state, &dir.join("model.safetensors"))?;
         let mut config = self.config_json.clone();
         if let Some(r) = report {
             config["vitcx_training"] = r;
@@ -395,10 +392,7 @@ impl Trainer {
             tensors.insert(format!("m/{name}"), self.opt.m[i].clone());
             tensors.insert(format!("v/{name}"), self.opt.v[i].clone());
         }
-        let tmp = dir.join("train_state.safetensors.tmp");
-        candle_core::safetensors::save(&tensors, &tmp)?;
-        let dst = dir.join("train_state.safetensors");
-        std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+        save_safetensors(&tensors, &dir.join("train_state.safetensors"))?;
         let state = serde_json::json!({
             "format": 1,
             "step": self.step,
@@ -461,6 +455,23 @@ impl Trainer {
         trainer.pool = training_pool(&trainer.params);
         Ok((trainer, state["extra"].clone()))
     }
+}
+
+/// Writes `tensors` to `dst` through a temporary file and a rename, so a reader never sees half
+/// a file; readable by everyone like the other outputs (the safetensors writer creates its file
+/// owner-only).
+fn save_safetensors(tensors: &HashMap<String, Tensor>, dst: &Path) -> Result<()> {
+    let mut name = dst.as_os_str().to_owned();
+    name.push(".tmp");
+    let tmp = std::path::PathBuf::from(name);
+    candle_core::safetensors::save(tensors, &tmp)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, dst).map_err(|e| Error::io(dst, e))
 }
 
 /// Tensor `key` of the file at `path` (read into `tensors`) as f32, checked to have the shape of
