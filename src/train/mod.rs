@@ -97,7 +97,7 @@ pub struct TrainParams {
     /// 64k).
     pub pool: usize,
     /// Start from a 2-D sine-cosine position embedding and mimetic attention weights
-    /// ([`init::mimetic`]) instead of timm's random ones.
+    /// (`src/train/init.rs`) instead of timm's random ones.
     pub mimetic_init: bool,
 }
 
