@@ -125,6 +125,30 @@ def fresh_dir(name):
 # ---------------------------------------------------------------- timm
 
 
+def write_timm_config(d, arch, n_cls, num_features, global_pool, model_args, size, mean, std,
+                      interpolation="bicubic", crop_pct=0.9):
+    """config.json as timm's push_to_hf_hub writes it, with label names."""
+    config = {
+        "architecture": arch,
+        "num_classes": n_cls,
+        "num_features": num_features,
+        "global_pool": global_pool,
+        "model_args": model_args,
+        "pretrained_cfg": {
+            "input_size": [3, size[0], size[1]],
+            "mean": mean,
+            "std": std,
+            "interpolation": interpolation,
+            "crop_pct": crop_pct,
+            "num_classes": n_cls,
+        },
+        "label_names": labels(n_cls),
+    }
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+        f.write("\n")
+
+
 def timm_case(name, seed, arch, model_args, mean, std, family, config_model_args=None,
               num_features_in_config=True):
     """A timm model created from `arch` + `model_args`, saved as timm's hub format: the state dict
@@ -146,25 +170,9 @@ def timm_case(name, seed, arch, model_args, mean, std, family, config_model_args
     img = model_args.get("img_size", 224)
     h, w = (img, img) if isinstance(img, int) else tuple(img)
     n_cls = model.num_classes
-    config = {
-        "architecture": arch,
-        "num_classes": n_cls,
-        "num_features": model.num_features if num_features_in_config else None,
-        "global_pool": model.global_pool,
-        "model_args": config_model_args if config_model_args is not None else model_args,
-        "pretrained_cfg": {
-            "input_size": [3, h, w],
-            "mean": mean,
-            "std": std,
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "num_classes": n_cls,
-        },
-        "label_names": labels(n_cls),
-    }
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
+    write_timm_config(
+        d, arch, n_cls, model.num_features if num_features_in_config else None, model.global_pool,
+        config_model_args if config_model_args is not None else model_args, (h, w), mean, std)
 
     x = make_input(h, w, mean, std)
     logits, tokens = run_reference(model, model.blocks[-1].norm1, x)
@@ -314,25 +322,9 @@ def timm_arch_case(name, seed, arch, model_args, family, input_hw=None, mean=Non
     mean = list(mean if mean is not None else dcfg["mean"])
     std = list(std if std is not None else dcfg["std"])
     n_cls = model.num_classes
-    config = {
-        "architecture": arch,
-        "num_classes": n_cls,
-        "num_features": model.num_features,
-        "global_pool": model.global_pool,
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, bh, bw],
-            "mean": mean,
-            "std": std,
-            "interpolation": dcfg.get("interpolation", "bicubic"),
-            "crop_pct": dcfg.get("crop_pct", 0.9),
-            "num_classes": n_cls,
-        },
-        "label_names": labels(n_cls),
-    }
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
+    write_timm_config(
+        d, arch, n_cls, model.num_features, model.global_pool, model_args, (bh, bw), mean, std,
+        dcfg.get("interpolation", "bicubic"), dcfg.get("crop_pct", 0.9))
 
     x = make_input(h, w, mean, std)
     logits, tokens = run_reference(model, model.blocks[-1].norm1, x)
@@ -581,25 +573,9 @@ def timm_relpos_case(name, seed, arch, model_args, family, note=None):
     dcfg = model.pretrained_cfg
     mean, std = list(dcfg["mean"]), list(dcfg["std"])
     n_cls = model.num_classes
-    config = {
-        "architecture": arch,
-        "num_classes": n_cls,
-        "num_features": model.num_features,
-        "global_pool": model.global_pool,
-        "model_args": model_args,
-        "pretrained_cfg": {
-            "input_size": [3, h, w],
-            "mean": mean,
-            "std": std,
-            "interpolation": dcfg.get("interpolation", "bicubic"),
-            "crop_pct": dcfg.get("crop_pct", 0.9),
-            "num_classes": n_cls,
-        },
-        "label_names": labels(n_cls),
-    }
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
+    write_timm_config(
+        d, arch, n_cls, model.num_features, model.global_pool, model_args, (h, w), mean, std,
+        dcfg.get("interpolation", "bicubic"), dcfg.get("crop_pct", 0.9))
 
     x = make_input(h, w, mean, std)
     logits, tokens = run_reference(model, model.blocks[-1].norm1, x)
@@ -916,25 +892,9 @@ def swin_timm_case(name, seed, model_args, n_cls, old_layout=False, other_size=N
     save_file(state, os.path.join(d, "model.safetensors"))
     img = model_args["img_size"]
     mean, std = IMAGENET_MEAN, IMAGENET_STD
-    config = {
-        "architecture": arch,
-        "num_classes": n_cls,
-        "num_features": model.num_features,
-        "global_pool": "avg",
-        "model_args": dict(model_args, num_classes=n_cls),
-        "pretrained_cfg": {
-            "input_size": [3, img, img],
-            "mean": mean,
-            "std": std,
-            "interpolation": "bicubic",
-            "crop_pct": 0.9,
-            "num_classes": n_cls,
-        },
-        "label_names": labels(n_cls),
-    }
-    with open(os.path.join(d, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-        f.write("\n")
+    write_timm_config(
+        d, arch, n_cls, model.num_features, "avg", dict(model_args, num_classes=n_cls), (img, img),
+        mean, std)
     x = make_input(img, img, mean, std)
     last = model.layers[-1].blocks[-1]
     logits, tokens, first = swin_reference(model, last.norm1, model.layers[0].blocks[1], x)

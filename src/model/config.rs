@@ -271,6 +271,41 @@ impl HfPreprocessing {
             seen: crop.or(p.size.map(|Size(h, w)| (h, w))),
         }
     }
+
+    /// A note when the processor hands the model another size than the `built` one it takes
+    /// (the model's size wins: its position table fixes it).
+    pub fn note_other_size(&self, built: (usize, usize), notes: &mut Vec<String>) {
+        if let Some((h, w)) = self.seen.filter(|s| *s != built) {
+            notes.push(format!(
+                "preprocessor_config.json resizes to {h}x{w} but the model takes {}x{}; using {}x{}",
+                built.0, built.1, built.0, built.1
+            ));
+        }
+    }
+
+    /// A note when the processor gives no mean or std; `default` names what is used instead.
+    pub fn note_missing_stats(&self, default: &str, notes: &mut Vec<String>) {
+        if self.mean.is_none() || self.std.is_none() {
+            notes.push(format!("image_mean/image_std not given; using {default}"));
+        }
+    }
+}
+
+/// A Hugging Face config's `image_size`, else transformers' `default` with a note saying so.
+pub fn hf_image_size(
+    stated: Option<Size>,
+    default: usize,
+    notes: &mut Vec<String>,
+) -> (usize, usize) {
+    match stated {
+        Some(Size(h, w)) => (h, w),
+        None => {
+            notes.push(format!(
+                "image_size not in config.json; using {default}, transformers' default"
+            ));
+            (default, default)
+        }
+    }
 }
 
 /// `value` (read from `path`) as a `T`; a field of the wrong type or shape is an error naming the

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{check, check_flag, Checkpoint};
 use crate::model::config::{
-    hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
+    hf_image_size, hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
 };
 use crate::model::weights::{grid_of, Weights};
@@ -664,30 +664,18 @@ pub(crate) fn hf(ckpt: &Checkpoint, w: &Weights) -> Result<BeitConfig> {
             1e-12
         }
     };
-    let built = match c.image_size {
-        Some(Size(h, wd)) => (h, wd),
-        None => {
-            notes.push("image_size not in config.json; using 224, transformers' default".into());
-            (224, 224)
-        }
-    };
+    let built = hf_image_size(c.image_size, 224, &mut notes);
+    let pre = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
+    pre.note_other_size(built, &mut notes);
+    pre.note_missing_stats("BeitImageProcessor's default 0.5 / 0.5", &mut notes);
     let HfPreprocessing {
         mean,
         std,
         interpolation,
         crop,
         resize_shortest,
-        seen,
-    } = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
-    if let Some((h, wd)) = seen.filter(|s| *s != built) {
-        notes.push(format!(
-            "preprocessor_config.json gives {h}x{wd} images but the model takes {}x{}; using {}x{}",
-            built.0, built.1, built.0, built.1
-        ));
-    }
-    if mean.is_none() || std.is_none() {
-        notes.push("image_mean/image_std not given; using BeitImageProcessor's default 0.5 / 0.5".into());
-    }
+        ..
+    } = pre;
     let labels = hf_labels(&ckpt.config_path, c.common.id2label.as_ref(), f.num_classes, &w.source_name("head.weight"))?;
     let preprocess = Preprocess {
         mean: mean.unwrap_or(IMAGENET_INCEPTION_MEAN),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::Checkpoint;
 use crate::model::config::{
-    hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
+    hf_image_size, hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
 };
 use crate::model::weights::Weights;
@@ -564,32 +564,21 @@ fn hf(ckpt: &Checkpoint, w: &Weights, facts: &Facts) -> Result<SwinConfig> {
         notes.push("layer_norm_eps not in config.json; using 1e-5, transformers' default".into());
         TORCH_LAYER_NORM_EPS
     });
-    let input_size = match c.image_size {
-        Some(Size(h, wd)) => (h, wd),
-        None => {
-            notes.push("image_size not in config.json; using 224, transformers' default".into());
-            (224, 224)
-        }
-    };
+    let input_size = hf_image_size(c.image_size, 224, &mut notes);
+    let pre = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
+    pre.note_other_size(input_size, &mut notes);
+    pre.note_missing_stats(
+        &format!("ImageNet's {IMAGENET_DEFAULT_MEAN:?} / {IMAGENET_DEFAULT_STD:?}"),
+        &mut notes,
+    );
     let HfPreprocessing {
         mean,
         std,
         interpolation,
         crop,
         resize_shortest,
-        seen,
-    } = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
-    if let Some((h, wd)) = seen.filter(|s| *s != input_size) {
-        notes.push(format!(
-            "preprocessor_config.json resizes to {h}x{wd} but the model takes {}x{}; using {}x{}",
-            input_size.0, input_size.1, input_size.0, input_size.1
-        ));
-    }
-    if mean.is_none() || std.is_none() {
-        notes.push(format!(
-            "image_mean/image_std not given; using ImageNet's {IMAGENET_DEFAULT_MEAN:?} / {IMAGENET_DEFAULT_STD:?}"
-        ));
-    }
+        ..
+    } = pre;
     let labels = hf_labels(
         &ckpt.config_path,
         c.common.id2label.as_ref(),

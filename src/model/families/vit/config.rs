@@ -14,7 +14,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::model::checkpoint::{check, check_flag, Checkpoint};
 use crate::model::config::{
-    hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
+    hf_image_size, hf_labels, timm_labels, Format, HfConfig, HfPreprocessing, HfPreprocessor, Preprocess, Size, TimmConfig,
     IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD,
 };
 use crate::model::weights::{grid_of, Weights};
@@ -1053,15 +1053,7 @@ fn hf(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
     let prefix = facts.prefix();
     // Registers carry no position embedding in transformers; [CLS] and [DIST] do.
     let pos_prefix_candidates = [prefix.len() - facts.regs];
-    let stated = match v.image_size {
-        Some(Size(h, wd)) => Some((h, wd)),
-        None => {
-            notes.push(format!(
-                "image_size not in config.json; using {def_image}, transformers' default"
-            ));
-            Some((def_image, def_image))
-        }
-    };
+    let stated = Some(hf_image_size(v.image_size, def_image, &mut notes));
     let stated_grid = stated.map(|s| grid_of(w, s, facts.patch)).transpose()?;
     let (pos_prefix, pos_grid) = pos_layout(w, &facts, &pos_prefix_candidates, stated_grid)?;
     let built = (pos_grid.0 * facts.patch, pos_grid.1 * facts.patch);
@@ -1073,32 +1065,28 @@ fn hf(ckpt: &Checkpoint, w: &Weights) -> Result<VitConfig> {
         Variant::Clip => (CLIP_MEAN, CLIP_STD),
         _ => (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
     };
+    let pre = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
+    let mut input_size = built;
+    match pre.seen {
+        // DINOv2 interpolates its position embedding to whatever the processor gives.
+        Some(seen) if dynamic && seen != built => {
+            grid_of(w, seen, facts.patch)?;
+            input_size = seen;
+        }
+        _ => pre.note_other_size(built, &mut notes),
+    }
+    pre.note_missing_stats(
+        &format!("the {model_type} image processor default {def_mean:?} / {def_std:?}"),
+        &mut notes,
+    );
     let HfPreprocessing {
         mean,
         std,
         interpolation,
         crop,
         resize_shortest,
-        seen,
-    } = HfPreprocessing::read(pre.as_ref(), ckpt.preprocessor.as_ref().map(|(_, v)| v), &mut notes);
-    let mut input_size = built;
-    if let Some((h, wd)) = seen.filter(|s| *s != built) {
-        if dynamic {
-            // DINOv2 interpolates its position embedding to whatever the processor gives.
-            grid_of(w, (h, wd), facts.patch)?;
-            input_size = (h, wd);
-        } else {
-            notes.push(format!(
-                "preprocessor_config.json resizes to {h}x{wd} but the model takes {}x{}; using {}x{}",
-                built.0, built.1, built.0, built.1
-            ));
-        }
-    }
-    if mean.is_none() || std.is_none() {
-        notes.push(format!(
-            "image_mean/image_std not given; using the {model_type} image processor default {def_mean:?} / {def_std:?}"
-        ));
-    }
+        ..
+    } = pre;
     let labels = hf_labels(
         &ckpt.config_path,
         c.common.id2label.as_ref(),
