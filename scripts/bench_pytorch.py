@@ -14,7 +14,9 @@ Run by hand (CI never runs it). Needs torch and timm:
 It builds timm's `vit_base_patch16_224` (or `vit_tiny_patch16_224` with `--preset tiny`) with
 `pretrained=False` (random weights, as `vitcx bench`), in eval mode under `torch.inference_mode()`,
 with `torch.set_num_threads(--threads)` (default 2), and times the forward pass at each batch size
-in f32 and under `torch.autocast("cpu", dtype=torch.bfloat16)`: one warm-up run (`--warmup`), then
+in f32, under `torch.autocast("cpu", dtype=torch.bfloat16)` and with the blocks' Linear layers
+dynamically quantised to int8 (`torch.ao.quantization.quantize_dynamic`, as `--precision int8`
+leaves the patch embedding and head in f32): one warm-up run (`--warmup`), then
 the median of `--repeats` runs (default 3), as seconds per image and GFLOP/s.
 
 stdout gets one JSON object with the keys of `vitcx bench --json` (`forward_s_per_image`,
@@ -143,6 +145,30 @@ def arch_flops(model):
     return 2.0 * (embed + depth * block + dim * model.num_classes), image
 
 
+def int8_model(torch, model):
+    """The model with its blocks' Linear layers dynamically quantised with PyTorch's default
+    dynamic qconfig (int8 weights per tensor, uint8 activations per tensor at run time), the
+    patch embedding and the head left in f32 as vitcx's --precision int8 leaves them."""
+    import copy
+    q = copy.deepcopy(model)
+    blocks = q.layers if hasattr(q, "layers") else q.blocks
+    quantised = torch.ao.quantization.quantize_dynamic(blocks, {torch.nn.Linear}, dtype=torch.qint8)
+    if hasattr(q, "layers"):
+        q.layers = quantised
+    else:
+        q.blocks = quantised
+    return q
+
+
+def logits_rel_l2(torch, model, qmodel, image):
+    """|l_int8 - l_f32| / |l_f32| on one random image, the error `vitcx bench` reports as
+    int8_fidelity.logits_rel_l2."""
+    x = torch.randn(1, 3, image, image, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = model(x), qmodel(x)
+    return float((b - a).norm() / a.norm())
+
+
 def time_forward(torch, model, batch, repeats, warmup, bf16, image=224):
     x = torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0))
     runs = []
@@ -171,11 +197,13 @@ def bench_pytorch(args):
         model = timm.create_model(name, pretrained=False).eval()
     print(f"pytorch: {name} ({flops / 1e9:.2f} GFLOP per image), {args.threads} threads", file=sys.stderr)
     res = {}
+    qmodel = int8_model(torch, model) if "int8" in args.dtypes else None
     for dtype in args.dtypes:
         bf16 = dtype == "bf16"
+        m = qmodel if dtype == "int8" else model
         s, g, r = {}, {}, {}
         for b in args.batch:
-            runs = time_forward(torch, model, b, args.repeats, args.warmup, bf16, image)
+            runs = time_forward(torch, m, b, args.repeats, args.warmup, bf16, image)
             s[b] = statistics.median(runs) / b
             g[b] = flops / s[b] / 1e9
             r[str(b)] = runs
@@ -192,7 +220,7 @@ def bench_pytorch(args):
         "dtype": "f32",
         "threads": args.threads,
     }
-    for dtype, suffix in (("f32", ""), ("bf16", "_bf16")):
+    for dtype, suffix in (("f32", ""), ("bf16", "_bf16"), ("int8", "_int8")):
         if dtype in res:
             s, g, r = res[dtype]
             out[f"forward_s_per_image{suffix}"] = per_batch(s)
@@ -201,6 +229,10 @@ def bench_pytorch(args):
         else:
             out[f"forward_s_per_image{suffix}"] = None
     out["bf16"] = 'torch.autocast("cpu", dtype=torch.bfloat16)' if "bf16" in res else "not run"
+    out["int8"] = ("torch.ao.quantization.quantize_dynamic(blocks, {nn.Linear}, qint8)"
+                   if "int8" in res else "not run")
+    out["int8_fidelity"] = ({"logits_rel_l2": logits_rel_l2(torch, model, qmodel, image)}
+                            if qmodel is not None else None)
     out["explain_s_per_mask"] = None
     out["explain"] = None
     out["peak_rss_bytes"] = peak_rss_bytes()
@@ -240,7 +272,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtypes", nargs="+", choices=["f32", "bf16"], default=["f32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", choices=["f32", "bf16", "int8"],
+                    default=["f32", "bf16", "int8"])
     ap.add_argument("--vitcx", metavar="PATH", help="vitcx binary to run right after, for ratios")
     ap.add_argument("--vitcx-args", nargs=argparse.REMAINDER, default=[],
                     help="extra arguments for `vitcx bench` (must come last)")
@@ -257,9 +290,12 @@ def main():
     ptbf = as_map(pt.get("forward_s_per_image_bf16"), args.batch)
     vx32 = as_map(vx.get("forward_s_per_image"), args.batch)
     vxbf = as_map(vx.get("forward_s_per_image_bf16"), args.batch)
+    pti8 = as_map(pt.get("forward_s_per_image_int8"), args.batch)
+    vxi8 = as_map(vx.get("forward_s_per_image_int8"), args.batch)
     speedup = {}
     for name, a, b in (("f32_vs_pytorch_f32", pt32, vx32), ("f32_vs_pytorch_bf16", ptbf, vx32),
-                       ("bf16_vs_pytorch_bf16", ptbf, vxbf)):
+                       ("bf16_vs_pytorch_bf16", ptbf, vxbf), ("int8_vs_pytorch_int8", pti8, vxi8),
+                       ("int8_vs_vitcx_f32", vx32, vxi8)):
         speedup[name] = {str(k): a[k] / b[k] for k in args.batch if a.get(k) and b.get(k)} or None
     print(json.dumps({"pytorch": pt, "vitcx": vx, "speedup": speedup}, indent=2))
 
@@ -268,23 +304,33 @@ def main():
 
     print(f"\n{pt['model']}, s/image (median of {args.repeats}); speedup = PyTorch s / vitcx s; "
           f"load {pt['machine']['loadavg']}", file=sys.stderr)
-    print(f"{'batch':>5} {'torch f32':>10} {'torch bf16':>10} {'vitcx f32':>10} {'vitcx bf16':>10} "
-          f"{'f32 x':>7} {'bf16 x':>7}", file=sys.stderr)
+    print(f"{'batch':>5} {'torch f32':>10} {'torch bf16':>10} {'torch int8':>10} {'vitcx f32':>10} "
+          f"{'vitcx bf16':>10} {'vitcx int8':>10} {'f32 x':>7} {'bf16 x':>7} {'int8 x':>7} "
+          f"{'i8/f32':>7}", file=sys.stderr)
+    nan = float("nan")
     for k in args.batch:
-        s1 = speedup["f32_vs_pytorch_f32"] or {}
-        s3 = speedup["bf16_vs_pytorch_bf16"] or {}
-        print(f"{k:>5} {cell(pt32, k):>10} {cell(ptbf, k):>10} {cell(vx32, k):>10} {cell(vxbf, k):>10} "
-              f"{s1.get(str(k), float('nan')):>7.2f} {s3.get(str(k), float('nan')):>7.2f}", file=sys.stderr)
-    print("f32 x = PyTorch f32 s / vitcx f32 s; bf16 x = PyTorch bf16 autocast s / vitcx bf16 s",
+        s1, s3, s4, s5 = (speedup[n] or {} for n in ("f32_vs_pytorch_f32", "bf16_vs_pytorch_bf16",
+                                                       "int8_vs_pytorch_int8", "int8_vs_vitcx_f32"))
+        print(f"{k:>5} {cell(pt32, k):>10} {cell(ptbf, k):>10} {cell(pti8, k):>10} {cell(vx32, k):>10} "
+              f"{cell(vxbf, k):>10} {cell(vxi8, k):>10} {s1.get(str(k), nan):>7.2f} "
+              f"{s3.get(str(k), nan):>7.2f} {s4.get(str(k), nan):>7.2f} {s5.get(str(k), nan):>7.2f}",
+              file=sys.stderr)
+    print("f32 x = PyTorch f32 s / vitcx f32 s; bf16 x = PyTorch bf16 autocast s / vitcx bf16 s; "
+          "int8 x = PyTorch quantize_dynamic s / vitcx int8 s; i8/f32 = vitcx f32 s / vitcx int8 s",
           file=sys.stderr)
-    for key, name in (("explain", "f32"), ("explain_bf16", "bf16")):
+    for key, name in (("explain", "f32"), ("explain_bf16", "bf16"), ("explain_int8", "int8")):
         if vx.get(key):
             print(f"vitcx explanation, {name} perturbed passes: {vx[key]['explain_s_per_mask']:.4f} s/mask "
                   f"({vx[key]['n_masks']} masks)", file=sys.stderr)
-    if vx.get("bf16_fidelity"):
-        f = vx["bf16_fidelity"]
-        print(f"vitcx bf16 vs f32: saliency pearson {f['saliency_pearson']:.6f}, "
-              f"top-1 {f['top1_bf16']} vs {f['top1_f32']}", file=sys.stderr)
+    for p in ("bf16", "int8"):
+        f = vx.get(f"{p}_fidelity")
+        if f:
+            print(f"vitcx {p} vs f32: saliency pearson {f['saliency_pearson']:.6f}, "
+                  f"top-1 {f[f'top1_{p}']} vs {f['top1_f32']}, logits relative L2 error "
+                  f"{f.get('logits_rel_l2', nan):.2e}", file=sys.stderr)
+    if pt.get("int8_fidelity"):
+        print(f"PyTorch quantize_dynamic vs f32: logits relative L2 error "
+              f"{pt['int8_fidelity']['logits_rel_l2']:.2e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

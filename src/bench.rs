@@ -438,45 +438,62 @@ pub fn time_explanation(
     })
 }
 
-/// How far bf16 perturbed passes move the answer on one image.
+/// How far reduced-precision (bf16 or int8) perturbed passes move the answer on one image.
 #[derive(Debug, Clone, Serialize)]
-pub struct Bf16Fidelity {
-    /// Pearson correlation of the f32 and the bf16 saliency maps.
+pub struct Fidelity {
+    /// The precision compared with f32.
+    pub precision: Precision,
+    /// Pearson correlation of the f32 saliency map and the one at `precision`.
     pub saliency_pearson: f64,
     /// Top-1 class of an f32 pass over the clean image.
     pub top1_f32: usize,
-    /// Top-1 class of a bf16 pass over the clean image.
-    pub top1_bf16: usize,
+    /// Top-1 class of a pass at `precision` over the clean image.
+    pub top1: usize,
     /// Whether the two agree.
     pub same_top1: bool,
     /// Largest difference between the two passes' class probabilities.
     pub max_abs_prob_diff: f32,
+    /// Relative L2 error of the logits at `precision` against f32, `|l - l32| / |l32|`.
+    pub logits_rel_l2: f64,
 }
 
-/// Compares the f32 and bf16 saliency maps of `x` `(3, H, W)` and both precisions' clean pass.
-pub fn bf16_fidelity(
+/// Compares the f32 saliency map of `x` `(3, H, W)` with the one computed at `precision`, and
+/// both precisions' clean pass.
+pub fn fidelity(
     model: &dyn Backbone,
     x: &[f32],
+    precision: Precision,
     saliency_f32: &[f32],
-    saliency_bf16: &[f32],
-) -> Result<Bf16Fidelity> {
+    saliency: &[f32],
+) -> Result<Fidelity> {
     let (h, w) = model.spec().input_size;
     crate::methods::driver::check_input(x, (h, w))?;
     let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
+    let logits =
+        |p| -> Result<Vec<f32>> { Ok(model.logits_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
+    let (l32, lp) = (logits(Precision::F32)?, logits(precision)?);
     let probs =
         |p| -> Result<Vec<f32>> { Ok(model.probs_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
-    let (p32, p16) = (probs(Precision::F32)?, probs(Precision::Bf16)?);
-    let (top1_f32, top1_bf16) = (argmax(&p32), argmax(&p16));
-    Ok(Bf16Fidelity {
-        saliency_pearson: pearson(saliency_f32, saliency_bf16),
+    let (p32, pp) = (probs(Precision::F32)?, probs(precision)?);
+    let (top1_f32, top1) = (argmax(&p32), argmax(&pp));
+    let err: f64 = l32
+        .iter()
+        .zip(&lp)
+        .map(|(a, b)| f64::from(a - b).powi(2))
+        .sum();
+    let norm: f64 = l32.iter().map(|a| f64::from(*a).powi(2)).sum();
+    Ok(Fidelity {
+        precision,
+        saliency_pearson: pearson(saliency_f32, saliency),
         top1_f32,
-        top1_bf16,
-        same_top1: top1_f32 == top1_bf16,
+        top1,
+        same_top1: top1_f32 == top1,
         max_abs_prob_diff: p32
             .iter()
-            .zip(&p16)
+            .zip(&pp)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max),
+        logits_rel_l2: (err / norm.max(f64::MIN_POSITIVE)).sqrt(),
     })
 }
 

@@ -105,8 +105,9 @@ pub fn resolve_layer(layer: i64, depth: usize) -> Result<usize> {
 /// The arithmetic of a forward pass.
 ///
 /// `Bf16` rounds the inputs and weights of the transformer blocks' linear layers to bf16 and
-/// accumulates in f32; everything else stays f32. ViT-CX uses it for its perturbed passes, where
-/// it trades a small, measured loss of fidelity for speed on CPUs with AVX512-BF16.
+/// accumulates in f32; `Int8` quantises them to int8 and sums exactly; everything else stays
+/// f32. ViT-CX uses them for its perturbed passes, where they trade a small, measured loss of
+/// fidelity for speed (bf16 on CPUs with AVX512-BF16, int8 on CPUs with AVX512-VNNI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -115,6 +116,9 @@ pub enum Precision {
     F32,
     /// bf16 products with f32 accumulation in the linear layers.
     Bf16,
+    /// int8 products with exact i32 sums in the linear layers: weights quantised per output
+    /// channel, inputs per token, as PyTorch's dynamic quantisation of `nn.Linear`.
+    Int8,
 }
 
 impl Precision {
@@ -123,16 +127,18 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 
-    /// Parses `f32` or `bf16`.
+    /// Parses `f32`, `bf16` or `int8`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "int8" | "qint8" => Ok(Precision::Int8),
             other => Err(Error::invalid(format!(
-                "unknown precision {other:?}; expected f32 or bf16"
+                "unknown precision {other:?}; expected f32, bf16 or int8"
             ))),
         }
     }
@@ -140,6 +146,16 @@ impl Precision {
     /// Which bf16 kernel this CPU runs (`vitcx bench` reports it).
     pub fn bf16_kernel() -> &'static str {
         super::kernels::bf16::Kernel::detect().name()
+    }
+
+    /// Which int8 kernel this CPU runs (`vitcx bench` reports it).
+    pub fn int8_kernel() -> &'static str {
+        super::kernels::int8::Kernel::detect().name()
+    }
+
+    /// Whether this CPU has a byte dot product (AVX512-VNNI), where `Int8` pays.
+    pub fn int8_is_native() -> bool {
+        super::kernels::int8::Kernel::detect() == super::kernels::int8::Kernel::Vnni
     }
 
     /// Whether this CPU has a bf16 dot product (AVX512-BF16), the only case where `Bf16` is
@@ -201,14 +217,25 @@ pub trait Backbone {
         Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
     }
 
-    /// Softmax probabilities `(B, C)` computed at `precision`. Models without a bf16 path answer
-    /// `Bf16` with [`Error::Unsupported`].
+    /// Logits `(B, C)` computed at `precision`. Models without a bf16 or int8 path answer those
+    /// with [`Error::Unsupported`].
+    fn logits_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
+        match precision {
+            Precision::F32 => Ok(self.forward(px, None)?.logits),
+            other => Err(Error::Unsupported(format!(
+                "this model has no {} forward pass",
+                other.name()
+            ))),
+        }
+    }
+
+    /// Softmax probabilities `(B, C)` computed at `precision`.
     fn probs_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
         match precision {
             Precision::F32 => self.probs(px),
-            Precision::Bf16 => Err(Error::Unsupported(
-                "this model has no bf16 forward pass".into(),
-            )),
+            _ => Ok(candle_nn::ops::softmax_last_dim(
+                &self.logits_at(px, precision)?,
+            )?),
         }
     }
 
@@ -253,6 +280,10 @@ impl<T: Backbone + ?Sized> Backbone for Box<T> {
 
     fn probs(&self, px: &Tensor) -> Result<Tensor> {
         (**self).probs(px)
+    }
+
+    fn logits_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
+        (**self).logits_at(px, precision)
     }
 
     fn probs_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {

@@ -1,5 +1,5 @@
 //! Layers every family builds from: a linear layer (weight pre-transposed, the bias and the
-//! activation fused, bf16 products packed on first use) and LayerNorm, both on vitcx's CPU
+//! activation fused, bf16 and int8 products packed on first use) and LayerNorm, both on vitcx's CPU
 //! kernels. One copy, so that a kernel change reaches every family at once.
 
 use std::sync::OnceLock;
@@ -8,17 +8,20 @@ use candle_core::{DType, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::backbone::Precision;
-use crate::model::kernels::bf16::{Bf16Linear, PackedBf16};
+use crate::model::kernels::bf16::PackedBf16;
 pub(crate) use crate::model::kernels::gelu::Activation;
+use crate::model::kernels::int8::PackedI8;
+use crate::model::kernels::{Packed, PackedLinear};
 use crate::model::weights::Weights;
 
 /// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous, and packed
-/// for the bf16 product the first time a bf16 pass needs it.
+/// for the bf16 (int8) product the first time a bf16 (int8) pass needs it.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
     wt: Tensor,
     b: Option<Tensor>,
     packed: OnceLock<PackedBf16>,
+    quantised: OnceLock<PackedI8>,
 }
 
 impl Linear {
@@ -42,6 +45,7 @@ impl Linear {
             wt,
             b,
             packed: OnceLock::new(),
+            quantised: OnceLock::new(),
         })
     }
 
@@ -57,6 +61,7 @@ impl Linear {
             wt: w.t()?.contiguous()?,
             b,
             packed: OnceLock::new(),
+            quantised: OnceLock::new(),
         })
     }
 
@@ -72,6 +77,7 @@ impl Linear {
             let ys = match precision {
                 Precision::F32 => xs.matmul(&self.wt)?,
                 Precision::Bf16 => self.product_bf16(xs, false)?,
+                Precision::Int8 => self.product_int8(xs, false)?,
             };
             let zeros;
             let bias = match &self.b {
@@ -90,6 +96,7 @@ impl Linear {
         self.on_rows(xs, |xs| {
             Ok(match (precision, &self.b) {
                 (Precision::Bf16, _) => self.product_bf16(xs, true)?,
+                (Precision::Int8, _) => self.product_int8(xs, true)?,
                 (Precision::F32, Some(b)) => {
                     crate::model::kernels::linear::linear(xs, &self.wt, b)?
                 }
@@ -123,25 +130,40 @@ impl Linear {
                 None => ys,
             });
         }
-        let packed = match self.packed.get() {
-            Some(p) => p,
-            None => {
-                let (k, n) = self.wt.dims2()?;
-                let wt = self.wt.flatten_all()?.to_vec1::<f32>()?;
-                let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-                let p = PackedBf16::new(&wt, k, n, b)?;
-                // Another thread may have packed it first; either copy is the same.
-                let _ = self.packed.set(p);
-                self.packed
-                    .get()
-                    .ok_or_else(|| Error::invalid("bf16 weights not packed"))?
-            }
-        };
-        let op = Bf16Linear {
-            packed,
+        let op = PackedLinear {
+            packed: self.packed_in(&self.packed)?,
             bias: with_bias,
         };
         Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+
+    /// `xs (rows, in) @ wt` with int8 products and exact sums, plus the bias if `with_bias`
+    /// ([`crate::model::kernels::int8`]); the weights are quantised once, on first use.
+    fn product_int8(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
+        if !xs.device().is_cpu() {
+            return Err(Error::Unsupported(
+                "--precision int8 runs on the CPU only; use f32 or bf16 on a GPU".into(),
+            ));
+        }
+        let op = PackedLinear {
+            packed: self.packed_in(&self.quantised)?,
+            bias: with_bias,
+        };
+        Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
+    }
+
+    /// The weight packed as `P` in `cell`, packed on first use (another thread may pack it
+    /// first; either copy is the same).
+    fn packed_in<'a, P: Packed>(&self, cell: &'a OnceLock<P>) -> Result<&'a P> {
+        if let Some(p) = cell.get() {
+            return Ok(p);
+        }
+        let (k, n) = self.wt.dims2()?;
+        let wt = self.wt.flatten_all()?.to_vec1::<f32>()?;
+        let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+        let _ = cell.set(P::pack(&wt, k, n, b)?);
+        cell.get()
+            .ok_or_else(|| Error::invalid(format!("{}: weights not packed", P::NAME)))
     }
 }
 

@@ -71,6 +71,21 @@ fn bench_tiny_json() {
     assert!((0.99..=1.0).contains(&r), "bf16 saliency pearson {r}");
     assert_eq!(f["same_top1"], true, "{f}");
     assert_eq!(f["top1_f32"], v["explain"]["class"]);
+    // int8 (the default `--precision all` times it too): timed, explained, compared. On this
+    // random-weight ViT-Ti the probabilities are nearly uniform, so the top-1 class may flip;
+    // the map and the logits stay close.
+    positive(&v, "forward_s_per_image_int8");
+    assert!(
+        v["int8_kernel"].as_str().unwrap().contains("int8")
+            || v["int8_kernel"].as_str().unwrap().contains("vnni")
+    );
+    assert_eq!(v["explain_int8"]["n_masks"], 4);
+    let f = &v["int8_fidelity"];
+    let r = f["saliency_pearson"].as_f64().unwrap();
+    assert!((0.9..=1.0).contains(&r), "int8 saliency pearson {r}");
+    let e = f["logits_rel_l2"].as_f64().unwrap();
+    assert!(e > 0.0 && e < 0.2, "int8 logits relative error {e}");
+    assert!(f["top1_int8"].is_u64(), "{f}");
     positive(&v, "explain_s_per_mask");
     positive(&v, "perturbed_forward_s_per_image");
     let e = &v["explain"];

@@ -121,3 +121,54 @@ fn a_model_built_for_another_size_matches_pytorch_at_that_size() {
         "{e}"
     );
 }
+
+/// `--precision int8` on every zoo case: the clean pass keeps its top-1 class and the explained
+/// class, and the ViT-CX map of the reference input stays close to f32's (same seeded noise).
+///
+/// The zoo misses issue 18's bar of Pearson 0.999 (the golden cases and the demo model meet it):
+/// measured 0.84 to 1.000, median about 0.997, on these random-weight models of width 48 to 96,
+/// whose nearly uniform probabilities leave maps made of small differences that int8's error
+/// moves. The bound below guards what is measured; the README says so.
+#[test]
+fn int8_perturbed_passes_keep_every_zoo_map() {
+    use vitcx::methods::vitcx::{VitCx, VitCxParams};
+    use vitcx::methods::NoProgress;
+    use vitcx::model::Precision;
+    for dir in crate::common::case_dirs(&zoo()) {
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let model = vitcx::model::load(&dir, &Device::Cpu).unwrap();
+        let input = read_npy(dir.join("reference/input.npy")).unwrap();
+        let (h, w) = model.spec().input_size;
+        if input.shape[2..] != [h, w] {
+            continue; // the dynamic-size case, run at another size (see above)
+        }
+        let one: usize = input.shape[1..].iter().product();
+        let x = input.to_f32()[..one].to_vec();
+        let explain = |precision| {
+            let params = VitCxParams {
+                precision,
+                ..Default::default()
+            };
+            let method = VitCx::new(&params, &model).unwrap();
+            method.explain(&model, &x, &[], &mut NoProgress).unwrap()
+        };
+        let (f32_map, int8_map) = (explain(Precision::F32), explain(Precision::Int8));
+        let r = crate::common::pearson(&f32_map.saliency[0], &int8_map.saliency[0]);
+        eprintln!("{name}: int8 pearson {r:.6}");
+        assert!(r >= 0.8, "{name}: int8 pearson {r}");
+        assert_eq!(int8_map.classes, f32_map.classes, "{name}: explained class");
+        let px = Tensor::from_vec(x.clone(), input.shape[1..].to_vec(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let top1 = |p| {
+            let probs = model.probs_at(&px, p).unwrap().to_vec2::<f32>().unwrap();
+            vitcx::target::argmax(&probs[0])
+        };
+        assert_eq!(
+            top1(Precision::Int8),
+            top1(Precision::F32),
+            "{name}: int8 top-1"
+        );
+    }
+}

@@ -373,9 +373,9 @@ pub struct BenchArgs {
     /// Skip the timed explanation.
     #[arg(long)]
     pub no_explain: bool,
-    /// Which precisions to time: f32, bf16 or both (side by side, and their saliency maps
-    /// compared).
-    #[arg(long, default_value = "both")]
+    /// Which precisions to time: f32, bf16, int8, both (f32 and bf16) or all (side by side, and
+    /// their saliency maps compared with f32's).
+    #[arg(long, default_value = "all")]
     pub precision: String,
     /// Print one JSON object instead of text.
     #[arg(long)]
@@ -405,8 +405,9 @@ pub struct VitCxArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
-    /// Arithmetic of ViT-CX's perturbed passes: f32 (as the reference) or bf16 (bf16 products,
-    /// f32 sums in the linear layers; fast on CPUs with AVX512-BF16).
+    /// Arithmetic of ViT-CX's perturbed passes: f32 (as the reference), bf16 (bf16 products,
+    /// f32 sums in the linear layers; fast on CPUs with AVX512-BF16) or int8 (weights per
+    /// channel and tokens quantised to int8, exact sums; fast on CPUs with AVX512-VNNI).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: vitcx::model::Precision,
 }

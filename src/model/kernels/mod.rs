@@ -1,15 +1,108 @@
 //! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the bf16
-//! product) and the plumbing they share.
+//! and int8 products) and the plumbing they share.
 
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod gelu;
+pub(crate) mod int8;
 pub(crate) mod layer_norm;
 pub(crate) mod linear;
 pub(crate) mod softmax;
 mod vecmath;
 
 use candle_core::Tensor;
+
+/// A linear layer's weight packed for one of the reduced-precision products (bf16, int8).
+pub(crate) trait Packed: Sized {
+    /// The operation's name in errors.
+    const NAME: &'static str;
+    /// Packs `wt (k, n)` row-major and an optional bias of `n`.
+    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self>;
+    /// `(k, n)`.
+    fn dims(&self) -> (usize, usize);
+    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`.
+    fn product(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>>;
+}
+
+/// `xs (rows, k) @ W` (+ the packed bias if `bias`) on the CPU as a candle op, for any packed
+/// weight. No backward: only the perturbed, inference-only passes run in reduced precision.
+pub(crate) struct PackedLinear<'a, P> {
+    pub(crate) packed: &'a P,
+    pub(crate) bias: bool,
+}
+
+impl<P: Packed> candle_core::CustomOp1 for PackedLinear<'_, P> {
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let x = f32_slice(s, l, P::NAME, "input")?;
+        let (rows, k) = l.shape().dims2()?;
+        let (pk, n) = self.packed.dims();
+        if k != pk {
+            candle_core::bail!("{}: rows of {k} for a weight of ({pk}, {n})", P::NAME)
+        }
+        let dst = self.packed.product(x, self.bias)?;
+        Ok((
+            candle_core::CpuStorage::F32(dst),
+            candle_core::Shape::from_dims(&[rows, n]),
+        ))
+    }
+}
+
+/// Where a micro-tile of a packed product sits: `rows` rows from `row`, `blocks` column blocks
+/// (of 16 outputs) from `block`.
+#[derive(Clone, Copy)]
+pub(crate) struct Tile {
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
+    pub(crate) block: usize,
+    pub(crate) blocks: usize,
+}
+
+/// The tiling the packed products share: `dst (rows, n)` in tasks of `mc` rows run in parallel,
+/// each task in micro-tiles of `mr` rows by `nb` column blocks of 16 (single rows and single
+/// blocks at the edges). `tile(t, c)` computes one micro-tile, `c` pointing at the start of its
+/// first row in `dst`; the tile lies inside `dst` (its blocks within `n.div_ceil(16)`).
+pub(crate) fn for_each_tile(
+    dst: &mut [f32],
+    n: usize,
+    (mc, mr, nb): (usize, usize, usize),
+    tile: impl Fn(Tile, *mut f32) + Sync,
+) {
+    use rayon::prelude::*;
+    let blocks = n.div_ceil(16);
+    if n == 0 {
+        return;
+    }
+    dst.par_chunks_mut(mc * n)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let (row0, count) = (t * mc, chunk.len() / n);
+            let mut b = 0;
+            while b < blocks {
+                let bs = if blocks - b >= nb { nb } else { 1 };
+                let mut r = 0;
+                while r < count {
+                    let rs = if count - r >= mr { mr } else { 1 };
+                    let at = Tile {
+                        row: row0 + r,
+                        rows: rs,
+                        block: b,
+                        blocks: bs,
+                    };
+                    tile(at, chunk[r * n..].as_mut_ptr());
+                    r += rs;
+                }
+                b += bs;
+            }
+        });
+}
 
 /// The f32 values of a contiguous CPU storage, for the CPU kernels' `cpu_fwd`; `op` and `what`
 /// name the operation and operand in the error.

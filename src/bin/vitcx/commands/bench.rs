@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use vitcx::bench::{
-    bf16_fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_model, synthetic_image,
-    time_explanation, time_forward, Bf16Fidelity, ExplainTiming, ForwardTiming, Preset,
+    fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_model, synthetic_image,
+    time_explanation, time_forward, ExplainTiming, Fidelity, ForwardTiming, Preset,
 };
 use vitcx::methods::vitcx::VitCxParams;
 use vitcx::model::{Backbone, Precision};
@@ -41,9 +41,11 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         },
     };
     let precisions = match a.precision.as_str() {
+        "all" => vec![Precision::F32, Precision::Bf16, Precision::Int8],
         "both" => vec![Precision::F32, Precision::Bf16],
-        p => vec![Precision::parse(p)
-            .map_err(|_| anyhow::anyhow!("precision '{p}' unknown; expected f32, bf16 or both"))?],
+        p => vec![Precision::parse(p).map_err(|_| {
+            anyhow::anyhow!("precision '{p}' unknown; expected f32, bf16, int8, both or all")
+        })?],
     };
     let arch = preset.arch();
     let flops = arch.flops_per_image();
@@ -101,13 +103,15 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
             explain.push((p, e));
         }
     }
-    let fidelity = match explain.as_slice() {
-        [(Precision::F32, e32), (Precision::Bf16, e16)] => Some(
-            bf16_fidelity(&model, &x, &e32.saliency, &e16.saliency)
-                .context("cannot compare the precisions")?,
-        ),
-        _ => None,
-    };
+    // Each reduced precision against f32, when both were explained.
+    let mut fidelities = Vec::new();
+    if let Some((_, e32)) = explain.iter().find(|(p, _)| *p == Precision::F32) {
+        for (p, e) in explain.iter().filter(|(p, _)| *p != Precision::F32) {
+            let f = fidelity(&model, &x, *p, &e32.saliency, &e.saliency)
+                .context("cannot compare the precisions")?;
+            fidelities.push(f);
+        }
+    }
 
     let bf16_kernel = if device.is_cpu() {
         Precision::bf16_kernel()
@@ -120,9 +124,10 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         Measured {
             forward: &forward,
             explain: &explain,
-            fidelity: fidelity.as_ref(),
+            fidelities: &fidelities,
             peak,
             bf16_kernel,
+            int8_kernel: Precision::int8_kernel(),
         },
     );
     let mut out = std::io::stdout().lock();
@@ -188,23 +193,36 @@ fn explain_json(e: &ExplainTiming) -> Value {
 struct Measured<'a> {
     forward: &'a [(Precision, ForwardTiming)],
     explain: &'a [(Precision, ExplainTiming)],
-    fidelity: Option<&'a Bf16Fidelity>,
+    fidelities: &'a [Fidelity],
     peak: Option<f64>,
     bf16_kernel: &'static str,
+    int8_kernel: &'static str,
+}
+
+/// One precision's fidelity as `vitcx bench --json` gives it (`top1_bf16`, `top1_int8`).
+fn fidelity_json(f: &Fidelity) -> Value {
+    json!({
+        "saliency_pearson": f.saliency_pearson,
+        "top1_f32": f.top1_f32,
+        format!("top1_{}", f.precision.name()): f.top1,
+        "same_top1": f.same_top1,
+        "max_abs_prob_diff": f.max_abs_prob_diff,
+        "logits_rel_l2": f.logits_rel_l2,
+    })
 }
 
 fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
     let Measured {
         forward,
         explain,
-        fidelity,
+        fidelities,
         peak,
         bf16_kernel,
+        int8_kernel,
     } = m;
     let arch = preset.arch();
     let ex = |p: Precision| explain.iter().find(|(q, _)| *q == p).map(|(_, e)| e);
-    let (e32, e16) = (ex(Precision::F32), ex(Precision::Bf16));
-    json!({
+    let mut report = json!({
         "tool": "vitcx",
         "version": env!("CARGO_PKG_VERSION"),
         "build_profile": if cfg!(debug_assertions) { "debug" } else { "release" },
@@ -222,20 +240,39 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
             json!(peak.map(|p| t.gflops / p))
         }),
         "forward_runs_s": runs_map(forward, Precision::F32),
-        "forward_s_per_image_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.s_per_image)),
-        "forward_gflops_bf16": per_batch(forward, Precision::Bf16, |t| json!(t.gflops)),
-        "forward_runs_s_bf16": runs_map(forward, Precision::Bf16),
         "bf16_kernel": bf16_kernel,
-        "explain_s_per_mask": e32.map(|e| e.explain_s_per_mask),
-        "perturbed_forward_s_per_image": e32.map(|e| e.perturbed_forward_s_per_image),
-        "explain": e32.map(explain_json),
-        "explain_s_per_mask_bf16": e16.map(|e| e.explain_s_per_mask),
-        "perturbed_forward_s_per_image_bf16": e16.map(|e| e.perturbed_forward_s_per_image),
-        "explain_bf16": e16.map(explain_json),
-        "bf16_fidelity": fidelity,
+        "int8_kernel": int8_kernel,
+        "explain_s_per_mask": ex(Precision::F32).map(|e| e.explain_s_per_mask),
+        "perturbed_forward_s_per_image": ex(Precision::F32).map(|e| e.perturbed_forward_s_per_image),
+        "explain": ex(Precision::F32).map(explain_json),
         "peak_rss_bytes": peak_rss_bytes(),
         "machine": machine_info(),
-    })
+    });
+    // The reduced precisions' keys: the f32 ones with `_bf16` / `_int8` appended.
+    for p in [Precision::Bf16, Precision::Int8] {
+        let n = p.name();
+        let e = ex(p);
+        let keys = [
+            (
+                "forward_s_per_image",
+                per_batch(forward, p, |t| json!(t.s_per_image)),
+            ),
+            ("forward_gflops", per_batch(forward, p, |t| json!(t.gflops))),
+            ("forward_runs_s", runs_map(forward, p)),
+            ("explain_s_per_mask", json!(e.map(|e| e.explain_s_per_mask))),
+            (
+                "perturbed_forward_s_per_image",
+                json!(e.map(|e| e.perturbed_forward_s_per_image)),
+            ),
+            ("explain", json!(e.map(explain_json))),
+        ];
+        for (k, v) in keys {
+            report[format!("{k}_{n}")] = v;
+        }
+        let f = fidelities.iter().find(|f| f.precision == p);
+        report[format!("{n}_fidelity")] = json!(f.map(fidelity_json));
+    }
+    report
 }
 
 fn write_text(
@@ -280,8 +317,9 @@ fn write_text(
     }
     writeln!(
         out,
-        "bf16 kernel: {}",
-        report["bf16_kernel"].as_str().unwrap_or("?")
+        "bf16 kernel: {}; int8 kernel: {}",
+        report["bf16_kernel"].as_str().unwrap_or("?"),
+        report["int8_kernel"].as_str().unwrap_or("?")
     )?;
     writeln!(out)?;
     writeln!(out, "batch   dtype   s/image   GFLOP/s   runs (s)")?;
@@ -321,15 +359,19 @@ fn write_text(
             )?;
         }
     }
-    if let Some(f) = report["bf16_fidelity"].as_object() {
-        writeln!(
-            out,
-            "\nbf16 vs f32: saliency pearson {:.6}; top-1 {} vs {}; largest probability difference {:.2e}",
-            f["saliency_pearson"].as_f64().unwrap_or(f64::NAN),
-            f["top1_bf16"],
-            f["top1_f32"],
-            f["max_abs_prob_diff"].as_f64().unwrap_or(f64::NAN)
-        )?;
+    for p in [Precision::Bf16, Precision::Int8] {
+        let n = p.name();
+        if let Some(f) = report[format!("{n}_fidelity")].as_object() {
+            writeln!(
+                out,
+                "\n{n} vs f32: saliency pearson {:.6}; top-1 {} vs {}; largest probability difference {:.2e}; logits relative L2 error {:.2e}",
+                f["saliency_pearson"].as_f64().unwrap_or(f64::NAN),
+                f[&format!("top1_{n}")],
+                f["top1_f32"],
+                f["max_abs_prob_diff"].as_f64().unwrap_or(f64::NAN),
+                f["logits_rel_l2"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
     }
     match report["peak_rss_bytes"].as_u64() {
         Some(b) => writeln!(

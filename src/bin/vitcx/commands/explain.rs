@@ -32,6 +32,18 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             Precision::bf16_kernel()
         );
     }
+    if a.vitcx.precision == Precision::Int8 {
+        if !device.is_cpu() {
+            anyhow::bail!("--precision int8 runs on the CPU only; use f32 or bf16 on a GPU");
+        }
+        if !Precision::int8_is_native() {
+            eprintln!(
+                "vitcx: --precision int8: this CPU has no int8 dot product (AVX512-VNNI), so the \
+                 int8 passes may be slower than f32 ({})",
+                Precision::int8_kernel()
+            );
+        }
+    }
     crate::inputs::refuse_out_holding_inputs(&a.out, &inputs.files)?;
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create output directory {}", a.out.display()))?;

@@ -399,9 +399,8 @@ impl Backbone for SwinTransformer {
         self.run(px, tap, Precision::F32)
     }
 
-    fn probs_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
-        let out = self.run(px, None, precision)?;
-        Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
+    fn logits_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
+        Ok(self.run(px, None, precision)?.logits)
     }
 
     fn attention(&self, px: &Tensor) -> Result<AttentionMaps> {
