@@ -52,12 +52,13 @@ struct Args {
     /// Blocks.
     #[arg(long)]
     depth: Option<usize>,
-    /// Print the running loss every this many steps.
-    #[arg(long, default_value_t = 100)]
-    log_every: usize,
-    /// Check validation accuracy and save a checkpoint every this many steps (0: never).
-    #[arg(long, default_value_t = 0)]
-    val_every: usize,
+    /// Print the running loss every this many steps [default: 100; with --resume, the run's].
+    #[arg(long)]
+    log_every: Option<usize>,
+    /// Check validation accuracy every this many steps (0: never) [default: 0; with --resume,
+    /// the run's].
+    #[arg(long)]
+    val_every: Option<usize>,
     /// Warm-up steps.
     #[arg(long)]
     warmup: Option<usize>,
@@ -88,7 +89,7 @@ struct Args {
     init_from: Option<PathBuf>,
     /// Continue the run checkpointed in DIR exactly where it stopped: its settings, weights,
     /// optimiser state and step (the other training flags are taken from the checkpoint; only
-    /// --stop-after, --out and the logging flags apply).
+    /// --stop-after, --out and the logging flags apply; unset, those are the run's too).
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Start from timm's random weights instead of the sine-cosine position embedding and the
@@ -119,8 +120,8 @@ fn main() -> anyhow::Result<()> {
         args = Args {
             stop_after: args.stop_after,
             out: args.out.or(Some(dir.clone())),
-            log_every: args.log_every,
-            val_every: args.val_every,
+            log_every: args.log_every.or(stored.log_every),
+            val_every: args.val_every.or(stored.val_every),
             checkpoint_minutes: args.checkpoint_minutes,
             eval_count: args.eval_count,
             resume: Some(dir),
@@ -133,6 +134,10 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("models/demo"));
     let params = params_of(&args);
+    let (log_every, val_every) = (
+        args.log_every.unwrap_or(100).max(1),
+        args.val_every.unwrap_or(0),
+    );
     eprintln!("training {:?}", params);
     let device = Device::Cpu;
     if params.pool > 0 {
@@ -190,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             r.lr
         ));
         bar.inc(1);
-        if r.step % args.log_every == 0 {
+        if r.step % log_every == 0 {
             say(
                 &bar,
                 format!(
@@ -201,7 +206,7 @@ fn main() -> anyhow::Result<()> {
                 ),
             );
         }
-        if args.val_every > 0 && r.step % args.val_every == 0 && r.step < params.steps {
+        if val_every > 0 && r.step % val_every == 0 && r.step < params.steps {
             // Monitoring only, on a validation stream disjoint from the held-out test stream.
             let val = accuracy(&trainer.model()?, VALIDATION_SEED, 300, 50, &mut |_| {})?;
             say(
