@@ -469,12 +469,16 @@ pub fn fidelity(
     let (h, w) = model.spec().input_size;
     crate::methods::driver::check_input(x, (h, w))?;
     let px = Tensor::from_slice(x, (1, 3, h, w), model.device())?;
-    let logits =
-        |p| -> Result<Vec<f32>> { Ok(model.logits_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
-    let (l32, lp) = (logits(Precision::F32)?, logits(precision)?);
-    let probs =
-        |p| -> Result<Vec<f32>> { Ok(model.probs_at(&px, p)?.flatten_all()?.to_vec1::<f32>()?) };
-    let (p32, pp) = (probs(Precision::F32)?, probs(precision)?);
+    // One pass per precision: the probabilities are the logits' softmax.
+    let pass = |p| -> Result<(Vec<f32>, Vec<f32>)> {
+        let logits = model.logits_at(&px, p)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        Ok((
+            logits.flatten_all()?.to_vec1::<f32>()?,
+            probs.flatten_all()?.to_vec1::<f32>()?,
+        ))
+    };
+    let ((l32, p32), (lp, pp)) = (pass(Precision::F32)?, pass(precision)?);
     let (top1_f32, top1) = (argmax(&p32), argmax(&pp));
     let err: f64 = l32
         .iter()

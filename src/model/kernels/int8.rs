@@ -6,8 +6,8 @@
 //! and the sum scaled back to f32 with the bias added.
 //!
 //! The CPU's byte dot product (`vpdpbusd`, AVX512-VNNI) multiplies unsigned by signed bytes, so
-//! the input is stored as `q + 128` and `128 * sum(q_w)` of each column (the row's zero point
-//! times the column's weight sum) is subtracted after the sum. Integer sums are exact, so every kernel gives the same bits:
+//! the input is stored as `q + 128` and `128 * sum(q_w)` of each column is subtracted after the
+//! sum. Integer sums are exact, so every kernel gives the same bits:
 //! - AVX512-VNNI (Intel Cascade Lake and later, AMD Zen 4 and later): `vpdpbusd`, four
 //!   multiply-adds per 32-bit lane per instruction;
 //! - anything else: the same sums in portable code (compiled once more for AVX2, where the
@@ -44,8 +44,8 @@ fn quantise(v: f32, inv_scale: f32) -> i8 {
     (((v * inv_scale).clamp(-QMAX, QMAX) + MAGIC) - MAGIC) as i8
 }
 
-/// An input row's quantisation: `x ~ scale * (u - zero)` with `u` in 0..=255, symmetric
-/// (`zero` 128, scale `max|x| / 127`, so `u - 128` is the int8 PyTorch would use). A row
+/// An input row's quantisation: `x ~ scale * (u - 128)` with `u` in 1..=255, symmetric (scale
+/// `max|x| / 127`, so `u - 128` is the int8 PyTorch would use). A row
 /// holding a NaN or an infinity gets a NaN scale, so its outputs are NaN as the f32 product's
 /// would be.
 ///
@@ -55,7 +55,6 @@ fn quantise(v: f32, inv_scale: f32) -> i8 {
 struct RowQuant {
     scale: f32,
     inv: f32,
-    zero: i32,
 }
 
 impl RowQuant {
@@ -65,21 +64,16 @@ impl RowQuant {
             return RowQuant {
                 scale: f32::NAN,
                 inv: 0.0,
-                zero: 128,
             };
         }
         let (scale, inv) = scale_of(amax);
-        RowQuant {
-            scale,
-            inv,
-            zero: 128,
-        }
+        RowQuant { scale, inv }
     }
 
     /// `v` as its unsigned byte.
     #[inline(always)]
     fn byte(self, v: f32) -> u8 {
-        (i32::from(quantise(v, self.inv)) + self.zero) as u8
+        (i32::from(quantise(v, self.inv)) + 128) as u8
     }
 }
 
@@ -107,9 +101,8 @@ pub(crate) struct PackedI8 {
     panels: Vec<i32>,
     /// Per column: `max|w| / 127` (padded with zeros to whole blocks).
     scale: Vec<f32>,
-    /// Per column: `sum(q_w)`, which times an input row's zero point is what the zero point
-    /// adds to the sum.
-    colsum: Vec<i32>,
+    /// Per column: `128 * sum(q_w)`, what the `+ 128` of the inputs adds to the sum.
+    offset: Vec<i32>,
     /// The bias, padded with zeros to whole blocks.
     bias: Option<Vec<f32>>,
 }
@@ -147,7 +140,7 @@ impl PackedI8 {
             let amax = (0..k).fold(0f32, |m, t| m.max(wt[t * n + j].abs()));
             (scale[j], inv[j]) = scale_of(amax);
         }
-        let mut colsum = vec![0i32; padded];
+        let mut offset = vec![0i32; padded];
         let mut panels = vec![0i32; blocks * quads * LANES];
         for (bi, block) in panels.chunks_exact_mut(quads * LANES).enumerate() {
             for (q, quad) in block.chunks_exact_mut(LANES).enumerate() {
@@ -161,7 +154,7 @@ impl PackedI8 {
                         let t = 4 * q + e;
                         if t < k {
                             *byte = quantise(wt[t * n + j], inv[j]);
-                            colsum[j] += i32::from(*byte);
+                            offset[j] += 128 * i32::from(*byte);
                         }
                     }
                     *v = i32::from_le_bytes(bytes.map(|b| b as u8));
@@ -178,7 +171,7 @@ impl PackedI8 {
             quads,
             panels,
             scale,
-            colsum,
+            offset,
             bias,
         })
     }
@@ -230,12 +223,11 @@ impl PackedI8 {
         let t = TileArgs {
             a: a.bytes.as_ptr().add(tile.row * 4 * self.quads),
             row_scale: a.scale.as_ptr().add(tile.row),
-            row_zero: a.zero.as_ptr().add(tile.row),
             quads: self.quads,
             w: self.panels.as_ptr().add(tile.block * self.quads * LANES),
             ldw: self.quads * LANES,
             col_scale: self.scale.as_ptr().add(col),
-            colsum: self.colsum.as_ptr().add(col),
+            offset: self.offset.as_ptr().add(col),
             bias: bias.map_or(std::ptr::null(), |b| b.as_ptr().add(col)),
             c: c.add(col),
             ldc: self.n,
@@ -262,19 +254,18 @@ impl PackedI8 {
 }
 
 /// One micro-tile's operands: `R` input rows of `4 * quads` bytes from `a` (as many apart)
-/// with their scales and zero points from `row_scale` and `row_zero`; `B` weight panels from `w`,
-/// `ldw` apart, with their columns' scales, weight sums and bias (null: none); the output rows from `c`, `ldc` apart, of
+/// with their scales from `row_scale`; `B` weight panels from `w`, `ldw` apart, with their
+/// columns' scales, offsets and bias (null: none); the output rows from `c`, `ldc` apart, of
 /// whose blocks `valid[b]` columns exist.
 #[derive(Clone, Copy)]
 struct TileArgs<const B: usize> {
     a: *const u8,
     row_scale: *const f32,
-    row_zero: *const i32,
     quads: usize,
     w: *const i32,
     ldw: usize,
     col_scale: *const f32,
-    colsum: *const i32,
+    offset: *const i32,
     bias: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -287,12 +278,11 @@ impl TileArgs<0> {
         TileArgs {
             a: self.a,
             row_scale: self.row_scale,
-            row_zero: self.row_zero,
             quads: self.quads,
             w: self.w,
             ldw: self.ldw,
             col_scale: self.col_scale,
-            colsum: self.colsum,
+            offset: self.offset,
             bias: self.bias,
             c: self.c,
             ldc: self.ldc,
@@ -301,11 +291,11 @@ impl TileArgs<0> {
     }
 }
 
-/// The f32 result of one exact sum: `(sum - zero * colsum) * (row scale * column scale) +
-/// bias`, in this order in every kernel so that all give the same bits.
+/// The f32 result of one exact sum: `(sum - offset) * (row scale * column scale) + bias`, in
+/// this order in every kernel so that all give the same bits.
 #[inline(always)]
-fn epilogue(sum: i32, zero: i32, colsum: i32, row_scale: f32, col_scale: f32, bias: f32) -> f32 {
-    sum.wrapping_sub(zero.wrapping_mul(colsum)) as f32 * (row_scale * col_scale) + bias
+fn epilogue(sum: i32, offset: i32, row_scale: f32, col_scale: f32, bias: f32) -> f32 {
+    sum.wrapping_sub(offset) as f32 * (row_scale * col_scale) + bias
 }
 
 /// Which kernel runs the product.
@@ -361,11 +351,10 @@ impl Kernel {
 }
 
 /// The input rows quantised per row ([`RowQuant`]): unsigned bytes, `4 * quads` per row (the
-/// padding past `k` meets zero weights), and each row's scale and zero point.
+/// padding past `k` meets zero weights), and each row's scale.
 struct Operand {
     bytes: Vec<u8>,
     scale: Vec<f32>,
-    zero: Vec<i32>,
 }
 
 impl Operand {
@@ -389,7 +378,6 @@ impl Operand {
         Operand {
             bytes,
             scale: quant.iter().map(|q| q.scale).collect(),
-            zero: quant.iter().map(|q| q.zero).collect(),
         }
     }
 }
@@ -425,7 +413,7 @@ unsafe fn tile_portable_body<const R: usize, const B: usize>(t: TileArgs<B>) {
         }
     }
     for r in 0..R {
-        let (rs, zero) = (*t.row_scale.add(r), *t.row_zero.add(r));
+        let rs = *t.row_scale.add(r);
         for b in 0..B {
             for l in 0..t.valid[b] {
                 let j = b * LANES + l;
@@ -436,7 +424,7 @@ unsafe fn tile_portable_body<const R: usize, const B: usize>(t: TileArgs<B>) {
                 };
                 let sum = acc[r][b][l];
                 *t.c.add(r * t.ldc + j) =
-                    epilogue(sum, zero, *t.colsum.add(j), rs, *t.col_scale.add(j), bias);
+                    epilogue(sum, *t.offset.add(j), rs, *t.col_scale.add(j), bias);
             }
         }
     }
@@ -475,7 +463,7 @@ unsafe fn tile_vnni<const R: usize, const B: usize>(t: TileArgs<B>) {
         } else {
             (1u16 << t.valid[b]) - 1
         };
-        let colsum = _mm512_loadu_epi32(t.colsum.add(b * LANES));
+        let off = _mm512_loadu_epi32(t.offset.add(b * LANES));
         let cs = _mm512_loadu_ps(t.col_scale.add(b * LANES));
         let bias = if t.bias.is_null() {
             _mm512_setzero_ps()
@@ -484,7 +472,6 @@ unsafe fn tile_vnni<const R: usize, const B: usize>(t: TileArgs<B>) {
         };
         for r in 0..R {
             let rs = _mm512_set1_ps(*t.row_scale.add(r));
-            let off = _mm512_mullo_epi32(_mm512_set1_epi32(*t.row_zero.add(r)), colsum);
             let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], off));
             let y = _mm512_add_ps(_mm512_mul_ps(v, _mm512_mul_ps(rs, cs)), bias);
             _mm512_mask_storeu_ps(t.c.add(r * t.ldc + b * LANES), mask, y);
@@ -533,10 +520,7 @@ mod tests {
         for i in 0..rows {
             let row = &x[i * k..(i + 1) * k];
             let rq = RowQuant::of(row);
-            let qx: Vec<i32> = row
-                .iter()
-                .map(|&v| i32::from(rq.byte(v)) - rq.zero)
-                .collect();
+            let qx: Vec<i32> = row.iter().map(|&v| i32::from(rq.byte(v)) - 128).collect();
             for (j, (qw, sw)) in cols.iter().enumerate() {
                 let dot: i32 = qx.iter().zip(qw).map(|(a, w)| a * w).sum();
                 out[i * n + j] = dot as f32 * (rq.scale * sw) + b[j];
