@@ -9,6 +9,7 @@ holding ViT_CX/) with --reference or VITCX_REFERENCE. Run by hand (CI never runs
 
     VITCX_REFERENCE=/tmp/cxref python scripts/bench_reference.py --vitcx target/release/vitcx
     python scripts/bench_reference.py --reference /tmp/cxref --noise 0 --repeats 3
+    python scripts/bench_reference.py --reference /tmp/cxref --precision int8
 
 Each repeat runs the reference, then vitcx (interleaved, so that a change in the machine's load
 touches both); the script prints every pair, the medians and the ratio reference / vitcx, both
@@ -74,10 +75,11 @@ def run_reference(ref, model, layer, image, reshape, noise):
     return seconds, np.asarray(sal, dtype=np.float32), int(ref.capture["masks"].shape[0])
 
 
-def run_vitcx(binary, ckpt, image_path, noise, threads, out):
+def run_vitcx(binary, ckpt, image_path, noise, threads, out, precision):
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     cmd = [binary, "explain", image_path, "--model", ckpt, "--noise-std", str(noise),
-           "--batch", str(GPU_BATCH), "--out", out, "--no-overlay", "--quiet"]
+           "--batch", str(GPU_BATCH), "--precision", precision, "--out", out, "--no-overlay",
+           "--quiet"]
     # A fresh folder each time: in one that holds this image's results vitcx would resume, not
     # explain.
     shutil.rmtree(out, ignore_errors=True)
@@ -101,6 +103,8 @@ def main():
     ap.add_argument("--image", default=os.path.join(ROOT, "tests", "data", "images", "goldfish.jpg"))
     ap.add_argument("--noise", type=float, default=0.1, choices=[0.0, 0.1])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
+                    help="vitcx's perturbed passes (the reference is always float32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -129,7 +133,8 @@ def main():
         rows = []
         for k in range(a.repeats):
             r_s, r_map, r_n = run_reference(ref, model, layer, image, reshape, a.noise)
-            v_s, v_proc, v_map, v_n = run_vitcx(a.vitcx, ckpt, png, a.noise, a.threads, out)
+            v_s, v_proc, v_map, v_n = run_vitcx(a.vitcx, ckpt, png, a.noise, a.threads, out,
+                                               a.precision)
             r = float(np.corrcoef(r_map.ravel(), v_map.ravel())[0, 1])
             load = os.getloadavg()[0]
             rows.append((r_s, v_s, v_proc, r_n, v_n, r, load))
@@ -140,6 +145,7 @@ def main():
     med = lambda i: statistics.median(row[i] for row in rows)  # noqa: E731
     result = {
         "arch": a.arch, "noise": a.noise, "threads": a.threads, "repeats": a.repeats,
+        "precision": a.precision,
         "torch": torch.__version__,
         "reference_s": med(0), "vitcx_s": med(1), "vitcx_process_s": med(2),
         "n_reference": rows[-1][3], "n_vitcx": rows[-1][4],

@@ -101,6 +101,9 @@ pub struct Row {
     pub insertion: metrics::Curve,
     /// Pointing game, where there is an object mask.
     pub pointing: Option<bool>,
+    /// Pointing game with Zhang et al.'s 15-px tolerance ([`metrics::POINTING_TOLERANCE_PX`]),
+    /// where there is an object mask (absent from rows recorded before vitcx computed it).
+    pub pointing_tolerant: Option<bool>,
     /// Energy-based pointing game on the raw map, where there is an object mask.
     pub energy: Option<f64>,
     /// Energy-based pointing game on the min-max normalised map (Score-CAM's), where there is
@@ -188,6 +191,9 @@ impl Row {
             "pointing": self.pointing,
             "energy": self.energy,
         });
+        if let Some(p) = self.pointing_tolerant {
+            v["pointing_tolerant"] = p.into();
+        }
         if let Some(e) = self.energy_minmax {
             v["energy_minmax"] = e.into();
         }
@@ -216,6 +222,8 @@ impl Row {
             deletion: CurveJson,
             insertion: CurveJson,
             pointing: Option<bool>,
+            #[serde(default)]
+            pointing_tolerant: Option<bool>,
             energy: Option<f64>,
             #[serde(default)]
             energy_minmax: Option<f64>,
@@ -247,6 +255,7 @@ impl Row {
             deletion: curve(r.deletion),
             insertion: curve(r.insertion),
             pointing: r.pointing,
+            pointing_tolerant: r.pointing_tolerant,
             energy: r.energy,
             energy_minmax: r.energy_minmax,
             deletion_background: r.deletion_background.map(curve),
@@ -339,6 +348,10 @@ pub fn evaluate_with(
         predicted,
         correct: input.truth.map(|t| t == predicted),
         pointing: mask.map(|m| metrics::pointing_game(&s.saliency, m)),
+        pointing_tolerant: mask.map(|m| {
+            let width = model.spec().input_size.1;
+            metrics::pointing_game_within(&s.saliency, m, width, metrics::POINTING_TOLERANCE_PX)
+        }),
         energy: mask.map(|m| metrics::energy_pointing_game(&s.saliency, m)),
         energy_minmax: mask.map(|m| metrics::energy_pointing_game_minmax(&s.saliency, m)),
         deletion: s.deletion,
@@ -371,6 +384,7 @@ mod tests {
             deletion: curve(1.0),
             insertion: curve(7.0),
             pointing: None,
+            pointing_tolerant: Some(true),
             energy: Some(std::f64::consts::PI / 7.0),
             energy_minmax: None,
             deletion_background: None,

@@ -268,6 +268,42 @@ pub fn pointing_game(saliency: &[f32], mask: &[u8]) -> bool {
     saliency.iter().zip(mask).any(|(&s, &m)| s == max && m != 0)
 }
 
+/// The pointing game's tolerance as Zhang et al. define it ("Top-down Neural Attention by
+/// Excitation Backprop", ECCV 2016): a hit within 15 px of the object counts, since a map's
+/// maximum is only as precise as its resolution (ViT-CX's is one 16-px patch).
+pub const POINTING_TOLERANCE_PX: f64 = 15.0;
+
+/// Pointing game with a tolerance: is a saliency maximum (any of the tied maxima) within
+/// `tolerance` pixels (Euclidean, pixel centres) of an object pixel? `mask` and `saliency` are
+/// `(H, W)` with `W = width`; [`pointing_game`] is the case `tolerance = 0`. False when the
+/// lengths differ, `width` does not divide them, or the map is empty or all NaN.
+pub fn pointing_game_within(saliency: &[f32], mask: &[u8], width: usize, tolerance: f64) -> bool {
+    if saliency.len() != mask.len() || width == 0 || !saliency.len().is_multiple_of(width) {
+        return false;
+    }
+    let height = saliency.len() / width;
+    let max = saliency
+        .iter()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let reach = tolerance.max(0.0).floor() as usize;
+    let near = |i: usize| {
+        let (y, x) = (i / width, i % width);
+        let rows = y.saturating_sub(reach)..(y + reach + 1).min(height);
+        rows.into_iter().any(|yy| {
+            let cols = x.saturating_sub(reach)..(x + reach + 1).min(width);
+            cols.into_iter().any(|xx| {
+                let (dy, dx) = (yy.abs_diff(y) as f64, xx.abs_diff(x) as f64);
+                mask[yy * width + xx] != 0 && dy * dy + dx * dx <= tolerance * tolerance
+            })
+        })
+    };
+    saliency
+        .iter()
+        .enumerate()
+        .any(|(i, &s)| s == max && near(i))
+}
+
 /// Energy-based pointing game on the map as it is: share of the positive saliency mass inside
 /// the mask (Score-CAM's ratio, with negative values counted as 0), 0 if there is no positive
 /// mass or the lengths differ. NaN values count as 0. A map with an offset (positive
@@ -737,6 +773,34 @@ mod tests {
         assert!(!pointing_game(&[0.9, 0.9, 0.1, 0.3], &mask));
         assert!(!pointing_game(&[0.9, 0.2, 0.1], &mask));
         assert!(pointing_game(&[f32::NAN, 0.2, 0.5, 0.3], &[0, 0, 255, 0]));
+    }
+
+    #[test]
+    fn pointing_game_within_counts_near_misses_only() {
+        // A 5x7 map whose maximum is at (row 2, col 1); the object is the pixel (2, 4).
+        let mut sal = vec![0.0f32; 35];
+        sal[2 * 7 + 1] = 1.0;
+        let mut mask = vec![0u8; 35];
+        mask[2 * 7 + 4] = 255;
+        assert!(!pointing_game(&sal, &mask));
+        assert!(!pointing_game_within(&sal, &mask, 7, 0.0));
+        assert!(!pointing_game_within(&sal, &mask, 7, 2.9));
+        assert!(pointing_game_within(&sal, &mask, 7, 3.0));
+        // Diagonal distance is Euclidean: (0, 0) to (2, 4) is sqrt(20) = 4.47.
+        let mut corner = vec![0.0f32; 35];
+        corner[0] = 1.0;
+        assert!(!pointing_game_within(&corner, &mask, 7, 4.4));
+        assert!(pointing_game_within(&corner, &mask, 7, 4.5));
+        // Tolerance 0 is the strict game, ties included; bad shapes are misses.
+        assert!(pointing_game_within(
+            &[0.9, 0.2, 0.1, 0.9],
+            &[0, 0, 0, 255],
+            2,
+            0.0
+        ));
+        assert!(!pointing_game_within(&sal, &mask, 6, 50.0));
+        assert!(!pointing_game_within(&sal, &mask, 0, 50.0));
+        assert!(!pointing_game_within(&[f32::NAN; 4], &[255; 4], 2, 50.0));
     }
 
     #[test]

@@ -60,7 +60,7 @@ pub fn summaries(rows: &[Row], method: &str) -> Vec<(&'static str, metrics::Summ
     let rows: Vec<&Row> = rows.iter().filter(|r| r.method == method).collect();
     let flag = |b: bool| if b { 1.0 } else { 0.0 };
     let auc = |c: &Option<metrics::Curve>| c.as_ref().map(|c| c.auc);
-    let columns: [(&str, Vec<f64>); 8] = [
+    let columns: [(&str, Vec<f64>); 9] = [
         (
             "deletion_auc",
             rows.iter().map(|r| r.deletion.auc).collect(),
@@ -72,6 +72,12 @@ pub fn summaries(rows: &[Row], method: &str) -> Vec<(&'static str, metrics::Summ
         (
             "pointing_game",
             rows.iter().filter_map(|r| r.pointing.map(flag)).collect(),
+        ),
+        (
+            "pointing_game_15px",
+            rows.iter()
+                .filter_map(|r| r.pointing_tolerant.map(flag))
+                .collect(),
         ),
         (
             "energy_pointing_game",
@@ -103,7 +109,7 @@ pub fn summaries(rows: &[Row], method: &str) -> Vec<(&'static str, metrics::Summ
         .filter(|(_, v)| !v.is_empty())
         .map(|(name, v)| {
             // Shares of hits get an interval that stays inside [0, 1].
-            let share = matches!(name, "pointing_game" | "accuracy");
+            let share = matches!(name, "pointing_game" | "pointing_game_15px" | "accuracy");
             let summary = if share {
                 metrics::summarize_share(&v)
             } else {
@@ -119,10 +125,17 @@ pub fn summaries(rows: &[Row], method: &str) -> Vec<(&'static str, metrics::Summ
 /// has; `energy_pointing_game_minmax` scores it min-max normalised first, as Score-CAM does.
 /// The two `_background` curves exist only where the evaluation ran them
 /// ([`super::harness::Extras::background_curves`]).
-pub const METRICS: [(&str, &str); 8] = [
+pub const METRICS: [(&str, &str); 9] = [
     ("deletion_auc", "lower is better"),
     ("insertion_auc", "higher is better"),
-    ("pointing_game", "higher is better"),
+    (
+        "pointing_game",
+        "higher is better; the maximum on an object pixel",
+    ),
+    (
+        "pointing_game_15px",
+        "higher is better; the maximum within 15 px of the object (Zhang et al. 2016)",
+    ),
     ("energy_pointing_game", "higher is better; raw map"),
     (
         "energy_pointing_game_minmax",
@@ -160,7 +173,7 @@ pub fn write(
     let opt = |v: Option<String>| v.unwrap_or_default();
     let background = has_background_curves(rows);
     let mut csv = String::from(
-        "method,image,class,class_from,predicted,correct,deletion_auc,insertion_auc,pointing_game,energy_pointing_game,energy_pointing_game_minmax",
+        "method,image,class,class_from,predicted,correct,deletion_auc,insertion_auc,pointing_game,pointing_game_15px,energy_pointing_game,energy_pointing_game_minmax",
     );
     if background {
         csv.push_str(",deletion_auc_background,insertion_auc_background");
@@ -168,7 +181,7 @@ pub fn write(
     csv.push('\n');
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{}",
             r.method,
             csv_field(&r.image),
             r.class,
@@ -178,6 +191,7 @@ pub fn write(
             r.deletion.auc,
             r.insertion.auc,
             opt(r.pointing.map(|c| c.to_string())),
+            opt(r.pointing_tolerant.map(|c| c.to_string())),
             opt(r.energy.map(|c| c.to_string())),
             opt(r.energy_minmax.map(|c| c.to_string())),
         ));
@@ -196,12 +210,12 @@ pub fn write(
     let mut report = serde_json::Map::new();
     let mut table_csv = String::from("method,metric,mean,ci95_low,ci95_high,n\n");
     let mut md = String::from(
-        "| method | deletion AUC ↓ | insertion AUC ↑ | pointing game ↑ | energy pointing game ↑ | energy, min-max ↑ |",
+        "| method | deletion AUC ↓ | insertion AUC ↑ | pointing game ↑ | pointing, 15 px ↑ | energy pointing game ↑ | energy, min-max ↑ |",
     );
     if background {
         md.push_str(" deletion AUC, background ↓ | insertion AUC, background ↑ |");
     }
-    md.push_str(" s per image |\n|---|---|---|---|---|---|");
+    md.push_str(" s per image |\n|---|---|---|---|---|---|---|");
     if background {
         md.push_str("---|---|");
     }
@@ -243,11 +257,12 @@ pub fn write(
                 .unwrap_or_else(|| "–".into())
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             ex.title,
             cell("deletion_auc"),
             cell("insertion_auc"),
             cell("pointing_game"),
+            cell("pointing_game_15px"),
             cell("energy_pointing_game"),
             cell("energy_pointing_game_minmax"),
         ));

@@ -567,7 +567,7 @@ fn training_pool(p: &TrainParams) -> Vec<synth::Sample> {
     let data_seed = p.seed.wrapping_add(TRAIN_DATA_SEED_OFFSET);
     (0..p.pool as u64)
         .into_par_iter()
-        .map(|i| synth::sample(data_seed, i, (size, size)))
+        .map(|i| synth::sample_in(&synth::Scene::TRAINING, data_seed, i, (size, size)))
         .collect()
 }
 
@@ -592,11 +592,11 @@ fn training_batch(
         rng.set_stream(index);
         let fresh;
         let s = if pool.is_empty() {
-            fresh = synth::sample_with_clutter(
+            fresh = synth::sample_in(
+                &synth::Scene::TRAINING.with_clutter(p.clutter_at(step)),
                 data_seed,
                 index,
                 (size as u32, size as u32),
-                p.clutter_at(step),
             );
             &fresh
         } else {
@@ -674,10 +674,11 @@ pub fn augment(img: &RgbImage, mask: &GrayImage, rng: &mut ChaCha8Rng) -> (RgbIm
     (out, m)
 }
 
-/// Top-1 accuracy of `model` on samples `0..count` of the synthetic benchmark with `seed`,
-/// in batches of `batch`. `progress` gets the number of images done.
+/// Top-1 accuracy of `model` on samples `0..count` of the synthetic shapes drawn from `scene`
+/// with `seed`, in batches of `batch`. `progress` gets the number of images done.
 pub fn accuracy(
     model: &dyn Backbone,
+    scene: &synth::Scene,
     seed: u64,
     count: usize,
     batch: usize,
@@ -694,7 +695,7 @@ pub fn accuracy(
         let mut px = Vec::with_capacity(n * 3 * h * w);
         let mut truth = Vec::with_capacity(n);
         for i in done..done + n {
-            let s = synth::sample(seed, i as u64, (h as u32, w as u32));
+            let s = synth::sample_in(scene, seed, i as u64, (h as u32, w as u32));
             px.extend(crate::image::to_input(&s.image, MEAN, STD));
             truth.push(s.class_id);
         }

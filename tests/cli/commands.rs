@@ -580,12 +580,15 @@ fn the_readme_first_command_explains_a_bundled_shape_with_the_demo_model() {
     let png = image::open(dir.path().join("cross.png")).unwrap();
     assert!(png.width() >= 224 && png.height() >= 224);
     // Every bundled example is the first image of its class in `vitcx synth --count 24
-    // --seed 11`, as the README says.
+    // --seed 11 --object-size 0.35-0.70` (the training sizes), as the README says.
     for (id, class) in vitcx::eval::synth::CLASSES.iter().enumerate() {
         let p = example.with_file_name(format!("{class}.png"));
         let img = image::open(&p).unwrap().to_rgb8();
         let first = (0..24)
-            .map(|i| vitcx::eval::synth::sample(11, i, (224, 224)))
+            .map(|i| {
+                let scene = vitcx::eval::synth::Scene::TRAINING;
+                vitcx::eval::synth::sample_in(&scene, 11, i, (224, 224))
+            })
             .find(|s| s.class_id == id)
             .unwrap_or_else(|| panic!("no {class} among the first 24 samples of seed 11"));
         assert!(img == first.image, "{} is not that sample", p.display());

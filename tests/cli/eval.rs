@@ -67,6 +67,7 @@ fn eval_writes_csv_summary_and_plots() {
             "deletion_auc",
             "insertion_auc",
             "pointing_game",
+            "pointing_game_15px",
             "energy_pointing_game",
             "energy_pointing_game_minmax"
         ]
@@ -81,7 +82,7 @@ fn eval_writes_csv_summary_and_plots() {
     );
     assert_eq!(rows[3][3], "top1");
     for r in &rows[1..] {
-        assert_eq!(r.len(), 11);
+        assert_eq!(r.len(), 12);
         for v in &r[6..8] {
             let auc: f64 = v.parse().unwrap();
             assert!((0.0..=1.0).contains(&auc), "{v}");
@@ -90,14 +91,20 @@ fn eval_writes_csv_summary_and_plots() {
     for r in &rows[1..3] {
         assert!(["true", "false"].contains(&r[5]));
         assert!(["true", "false"].contains(&r[8]));
-        let e: f64 = r[9].parse().unwrap();
+        // The tolerant game counts every strict hit.
+        assert!(["true", "false"].contains(&r[9]));
+        assert!(r[8] == "false" || r[9] == "true", "{r:?}");
+        let e: f64 = r[10].parse().unwrap();
         assert!((0.0..=1.0).contains(&e));
     }
     // No ground truth for c.png: correct and pointing fields empty.
-    assert_eq!([rows[3][5], rows[3][8], rows[3][9]], ["", "", ""]);
-    assert_eq!(rows[3][10], "");
+    assert_eq!(
+        [rows[3][5], rows[3][8], rows[3][9], rows[3][10]],
+        ["", "", "", ""]
+    );
+    assert_eq!(rows[3][11], "");
     for r in &rows[1..3] {
-        let e: f64 = r[10].parse().unwrap();
+        let e: f64 = r[11].parse().unwrap();
         assert!((0.0..=1.0).contains(&e));
     }
 
@@ -115,7 +122,8 @@ fn eval_writes_csv_summary_and_plots() {
             "energy_pointing_game",
             "energy_pointing_game_minmax",
             "insertion_auc",
-            "pointing_game"
+            "pointing_game",
+            "pointing_game_15px"
         ]
     );
     let n = |k: &str| m[k]["n"].as_u64().unwrap();
@@ -124,9 +132,10 @@ fn eval_writes_csv_summary_and_plots() {
             n("deletion_auc"),
             n("insertion_auc"),
             n("accuracy"),
-            n("pointing_game")
+            n("pointing_game"),
+            n("pointing_game_15px")
         ],
-        [3, 3, 2, 2]
+        [3, 3, 2, 2, 2]
     );
     let del: Vec<f64> = rows[1..].iter().map(|r| r[6].parse().unwrap()).collect();
     let mean = m["deletion_auc"]["mean"].as_f64().unwrap();
@@ -146,7 +155,7 @@ fn eval_writes_csv_summary_and_plots() {
         table.starts_with("method,metric,mean,ci95_low,ci95_high,n\n"),
         "{table}"
     );
-    assert_eq!(table.lines().count(), 7, "{table}");
+    assert_eq!(table.lines().count(), 8, "{table}");
     let md = std::fs::read_to_string(out.path().join("table.md")).unwrap();
     assert!(
         md.lines().nth(2).unwrap().starts_with("| ViT-CX | "),
@@ -352,7 +361,7 @@ fn several_methods_in_one_run_make_one_table() {
         assert!(md.contains(&format!("| {title} | ")), "{title}: {md}");
     }
     let table = std::fs::read_to_string(out.path().join("table.csv")).unwrap();
-    assert_eq!(table.lines().count(), 1 + 6 * methods.len(), "{table}");
+    assert_eq!(table.lines().count(), 1 + 7 * methods.len(), "{table}");
     // The same maps as one method at a time: rollout alone gives the same rows.
     let alone = tempfile::tempdir().unwrap();
     let o = eval_on(

@@ -50,6 +50,7 @@ fn background_curves_and_the_sanity_check_on_synth_data() {
     assert_eq!(
         &rows[0][9..],
         [
+            "pointing_game_15px",
             "energy_pointing_game",
             "energy_pointing_game_minmax",
             "deletion_auc_background",
@@ -59,8 +60,8 @@ fn background_curves_and_the_sanity_check_on_synth_data() {
     assert_eq!(rows.len(), 1 + 2 * 4, "{csv}");
     for r in &rows[1..] {
         // The configured insertion already starts from the background: the same curve.
-        assert_eq!(r[7], r[12], "{r:?}");
-        let del: f64 = r[11].parse().unwrap();
+        assert_eq!(r[7], r[13], "{r:?}");
+        let del: f64 = r[12].parse().unwrap();
         assert!((0.0..=1.0).contains(&del), "{r:?}");
     }
 

@@ -54,7 +54,8 @@ fn synth_writes_images_masks_and_manifest() {
         assert_eq!(e.class_id, sample.class_id);
         let bg = image::open(out.join(e.background.as_deref().unwrap())).unwrap();
         assert_eq!(bg.color(), image::ColorType::Rgb8);
-        let (_, want) = vitcx::eval::synth::sample_with_background(5, i as u64, (224, 224), 1.0);
+        let scene = vitcx::eval::synth::Scene::BENCHMARK;
+        let (_, want) = vitcx::eval::synth::sample_with_background(&scene, 5, i as u64, (224, 224));
         assert_eq!(bg.to_rgb8().as_raw(), want.as_raw());
     }
 
@@ -112,6 +113,27 @@ fn synth_errors_exit_2_with_one_line() {
     assert_eq!(o.status.code(), Some(2));
     let e = stderr(&o);
     assert!(e.starts_with("vitcx: ") && e.contains("file"), "{e}");
+
+    // Object sizes that cannot fit, or are not a range: one line, nothing written.
+    let sized = tmp.path().join("sized");
+    for bad in ["0.5-0.3", "0.2-0.95", "big", "0-0.4"] {
+        let o = vitcx(&[
+            "synth",
+            "--count",
+            "2",
+            "--object-size",
+            bad,
+            "--out",
+            s(&sized),
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("0.35-0.45") || e.contains("object size"),
+            "{bad}: {e}"
+        );
+        assert!(!sized.join("manifest.jsonl").exists(), "{bad}");
+    }
 
     // Usage errors (clap) also exit 2.
     let o = vitcx(&["synth", "--count", "-3", "--out", s(tmp.path())]);

@@ -156,12 +156,16 @@ fn vitcx_eval_reports_the_reference_numbers() {
     assert!((num(6) - del).abs() < 1e-4, "deletion {} vs {del}", num(6));
     assert!((num(7) - ins).abs() < 1e-4, "insertion {} vs {ins}", num(7));
     assert_eq!(row[8], "true", "pointing game");
+    assert_eq!(
+        row[9], "true",
+        "pointing game, 15 px: every strict hit counts"
+    );
     let energy = r["masks"]["object_mask.png"]["energy_pointing_game"]
         .as_f64()
         .unwrap();
     assert!(
-        (num(9) - energy).abs() < 1e-4,
+        (num(10) - energy).abs() < 1e-4,
         "energy {} vs {energy}",
-        num(9)
+        num(10)
     );
 }

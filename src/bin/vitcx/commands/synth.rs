@@ -21,7 +21,11 @@ pub fn run(a: SynthArgs) -> Result<ExitCode> {
         .progress_chars("=> "),
     );
     bar.set_prefix("synth");
-    let result = vitcx::eval::synth::write_dataset(&a.out, a.count, a.seed, a.clutter, &mut |n| {
+    let scene = vitcx::eval::synth::Scene {
+        diameter: a.object_size,
+        clutter: a.clutter,
+    };
+    let result = vitcx::eval::synth::write_dataset(&a.out, a.count, a.seed, &scene, &mut |n| {
         bar.set_position(n as u64)
     });
     bar.finish_and_clear();
