@@ -45,8 +45,8 @@ pub struct Scene {
 
 impl Scene {
     /// The benchmark: objects of 35-45% of the side, on full clutter. Small enough that their
-    /// centres spread over the image (up to 40% of the side from its centre on each axis): with
-    /// the training sizes, always near the middle, a centred blob scored as well as any
+    /// centres spread over the image (up to a third of the side from its centre on each axis):
+    /// with the training sizes, never far from the middle, a centred blob scored as well as any
     /// explanation on insertion from the object-free image (README, "The demo benchmark").
     pub const BENCHMARK: Scene = Scene {
         diameter: (0.35, 0.45),
