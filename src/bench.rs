@@ -776,9 +776,9 @@ mod tests {
             names,
             [
                 "forward",
-                "masks",
                 "similarity",
                 "clustering",
+                "masks",
                 "perturbed_forward",
                 "aggregation"
             ]

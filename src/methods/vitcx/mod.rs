@@ -19,7 +19,7 @@ use rand_distr::{Distribution, StandardNormal};
 use serde_json::json;
 
 use self::cluster::{complete_linkage, Clustering};
-use self::mask::{cosine_distances, merge_clusters, raw_masks, Masks};
+use self::mask::{cosine_distances, merged_masks, Masks};
 use self::score::saliency;
 use super::driver::{explain, Clean, CleanPass, Explanation, Maps, Method, Progress, Run, Stage};
 use crate::error::{Error, Result};
@@ -214,17 +214,15 @@ impl VitCx {
         let (_, d, gh, gw) = features.dims4()?;
         let feature_maps = features.flatten_all()?.to_vec1::<f32>()?;
         let size = run.size;
-        let raw = run.stage(Stage::MASKS, || {
-            Ok(raw_masks(&feature_maps, d, (gh, gw), size))
-        })?;
         let dist = run.stage(SIMILARITY, || {
             Ok(cosine_distances(&feature_maps, d, (gh, gw), size))
         })?;
         let threshold = self.params.params.threshold;
-        let (clustering, masks) = run.stage(CLUSTERING, || {
-            let clustering = complete_linkage(&dist, d, threshold)?;
-            let masks = merge_clusters(&raw, &clustering.labels, clustering.n_clusters);
-            Ok((clustering, masks))
+        let clustering = run.stage(CLUSTERING, || complete_linkage(&dist, d, threshold))?;
+        // Only the merged masks are made; the D raw ones never exist at full size.
+        let masks = run.stage(Stage::MASKS, || {
+            let (labels, n) = (&clustering.labels, clustering.n_clusters);
+            Ok(merged_masks(&feature_maps, d, (gh, gw), size, labels, n))
         })?;
         Ok(Prepared {
             probs: clean.probs,
