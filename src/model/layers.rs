@@ -65,7 +65,8 @@ impl Linear {
         })
     }
 
-    /// `act(self(xs))`, the bias and the activation in one pass.
+    /// `act(self(xs))`, the bias and the activation in one pass; on the CPU in reduced
+    /// precision, fused into the product's epilogue (each block of rows while it is in cache).
     pub(crate) fn forward_act(
         &self,
         xs: &Tensor,
@@ -75,9 +76,12 @@ impl Linear {
         use crate::model::kernels::gelu::bias_act;
         self.on_rows(xs, |xs| {
             let ys = match precision {
+                Precision::Bf16 if xs.device().is_cpu() => {
+                    return self.product_bf16(xs, true, Some(act));
+                }
+                Precision::Int8 => return self.product_int8(xs, true, Some(act)),
                 Precision::F32 => xs.matmul(&self.wt)?,
-                Precision::Bf16 => self.product_bf16(xs, false)?,
-                Precision::Int8 => self.product_int8(xs, false)?,
+                Precision::Bf16 => self.product_bf16(xs, false, None)?,
             };
             let zeros;
             let bias = match &self.b {
@@ -95,8 +99,8 @@ impl Linear {
     pub(crate) fn forward(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
         self.on_rows(xs, |xs| {
             Ok(match (precision, &self.b) {
-                (Precision::Bf16, _) => self.product_bf16(xs, true)?,
-                (Precision::Int8, _) => self.product_int8(xs, true)?,
+                (Precision::Bf16, _) => self.product_bf16(xs, true, None)?,
+                (Precision::Int8, _) => self.product_int8(xs, true, None)?,
                 (Precision::F32, Some(b)) => {
                     crate::model::kernels::linear::linear(xs, &self.wt, b)?
                 }
@@ -116,9 +120,15 @@ impl Linear {
         Ok(ys.reshape(dims)?)
     }
 
-    /// `xs (rows, in) @ wt` with bf16 products and f32 sums, plus the bias if `with_bias`. On the
-    /// CPU this is [`crate::model::kernels::bf16`]'s kernel; elsewhere candle's bf16 matmul.
-    fn product_bf16(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
+    /// `xs (rows, in) @ wt` with bf16 products and f32 sums, plus the bias if `with_bias`, then
+    /// `act` (CPU only). On the CPU this is [`crate::model::kernels::bf16`]'s kernel; elsewhere
+    /// candle's bf16 matmul.
+    fn product_bf16(
+        &self,
+        xs: &Tensor,
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
         let bias = self.b.as_ref().filter(|_| with_bias);
         if !xs.device().is_cpu() {
             let ys = xs
@@ -133,13 +143,19 @@ impl Linear {
         let op = PackedLinear {
             packed: self.packed_in(&self.packed)?,
             bias: with_bias,
+            act,
         };
         Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
     }
 
-    /// `xs (rows, in) @ wt` with int8 products and exact sums, plus the bias if `with_bias`
-    /// ([`crate::model::kernels::int8`]); the weights are quantised once, on first use.
-    fn product_int8(&self, xs: &Tensor, with_bias: bool) -> Result<Tensor> {
+    /// `xs (rows, in) @ wt` with int8 products and exact sums, plus the bias if `with_bias`, then
+    /// `act` ([`crate::model::kernels::int8`]); the weights are quantised once, on first use.
+    fn product_int8(
+        &self,
+        xs: &Tensor,
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> Result<Tensor> {
         if !xs.device().is_cpu() {
             return Err(Error::Unsupported(
                 "--precision int8 runs on the CPU only; use f32 or bf16 on a GPU".into(),
@@ -148,6 +164,7 @@ impl Linear {
         let op = PackedLinear {
             packed: self.packed_in(&self.quantised)?,
             bias: with_bias,
+            act,
         };
         Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
     }

@@ -21,6 +21,7 @@
 
 use rayon::prelude::*;
 
+use super::gelu::{bias_act_in_place, Activation};
 use super::Tile;
 
 /// Output columns per block: one 512-bit vector of f32.
@@ -113,10 +114,15 @@ impl PackedBf16 {
         })
     }
 
-    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, on the fastest kernel
-    /// this CPU has.
-    pub(crate) fn forward(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>> {
-        self.forward_on(Kernel::detect(), x, with_bias)
+    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given, on
+    /// the fastest kernel this CPU has.
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.forward_on(Kernel::detect(), x, with_bias, act)
     }
 
     fn forward_on(
@@ -124,24 +130,38 @@ impl PackedBf16 {
         kernel: Kernel,
         x: &[f32],
         with_bias: bool,
+        act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>> {
         let (k, n) = (self.k, self.n);
         if k == 0 || !x.len().is_multiple_of(k) {
             candle_core::bail!("vitcx bf16: {} input values for rows of {k}", x.len())
         }
         let rows = x.len() / k;
-        let mut dst = match &self.bias {
-            Some(b) if with_bias => b.repeat(rows),
+        // With an activation the bias is added after the sums, as the separate bias-GELU pass
+        // did (the same roundings); without, the sums start from it.
+        let bias = self.bias.as_deref().filter(|_| with_bias);
+        let mut dst = match bias {
+            Some(b) if act.is_none() => b.repeat(rows),
             _ => vec![0f32; rows * n],
         };
         if rows == 0 || n == 0 {
             return Ok(dst);
         }
         let a = Operand::new(kernel, x, k, self.pairs);
-        super::for_each_tile(&mut dst, n, (MC, MR, NB), |t, c| {
-            // SAFETY: `for_each_tile` gives tiles inside `dst`; its blocks in the panels and its input rows in `a`.
-            unsafe { self.tile(kernel, &a, t, c) }
-        });
+        super::for_each_tile(
+            &mut dst,
+            n,
+            (MC, MR, NB),
+            |t, c| {
+                // SAFETY: `for_each_tile` gives tiles inside `dst`; its blocks in the panels and its input rows in `a`.
+                unsafe { self.tile(kernel, &a, t, c) }
+            },
+            |rows| {
+                if let Some(act) = act {
+                    bias_act_in_place(rows, bias, act)
+                }
+            },
+        );
         Ok(dst)
     }
 
@@ -629,8 +649,13 @@ impl super::Packed for PackedBf16 {
         (self.k, self.n)
     }
 
-    fn product(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias)
+    fn product(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.forward(x, with_bias, act)
     }
 }
 
@@ -640,6 +665,39 @@ mod tests {
 
     fn seq(n: usize, k: f32) -> Vec<f32> {
         (0..n).map(|i| ((i as f32) * k).sin() * 1.7).collect()
+    }
+
+    #[test]
+    fn fused_activation_is_the_separate_bias_activation_pass() {
+        use super::super::gelu::bias_act;
+        use candle_core::{Device, Tensor};
+        // Rows spanning several tasks, so every task's rows get the activation.
+        let (rows, k, n) = (150, 40, 35);
+        let x = seq(rows * k, 0.37);
+        let wt = seq(k * n, 0.71);
+        let b = seq(n, 1.3);
+        for bias in [Some(b.clone()), None] {
+            let packed = PackedBf16::new(&wt, k, n, bias.clone()).unwrap();
+            let bias_t = Tensor::new(bias.clone().unwrap_or(vec![0.0; n]), &Device::Cpu).unwrap();
+            for kernel in Kernel::available() {
+                let plain = packed.forward_on(kernel, &x, false, None).unwrap();
+                let plain = Tensor::from_vec(plain, (rows, n), &Device::Cpu).unwrap();
+                for act in [
+                    Activation::Gelu,
+                    Activation::QuickGelu,
+                    Activation::GeluTanh,
+                ] {
+                    let want = bias_act(&plain, &bias_t, act).unwrap();
+                    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let got = packed.forward_on(kernel, &x, true, Some(act)).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g == w || (*g == 0.0 && *w == 0.0));
+                    assert!(same, "{kernel:?} {act:?} bias {}", bias.is_some());
+                }
+            }
+        }
     }
 
     #[test]
@@ -695,7 +753,7 @@ mod tests {
             let b = seq(n, 1.3);
             let packed = PackedBf16::new(&wt, k, n, Some(b.clone())).unwrap();
             let want = reference(&x, &wt, &b, k, n);
-            let portable = packed.forward_on(Kernel::Portable, &x, true).unwrap();
+            let portable = packed.forward_on(Kernel::Portable, &x, true, None).unwrap();
             for (i, (&got, &w)) in portable.iter().zip(&want).enumerate() {
                 assert!(
                     (f64::from(got) - w).abs() < 1e-5 * (k as f64 + 1.0),
@@ -705,7 +763,7 @@ mod tests {
             for kernel in Kernel::available() {
                 // The instruction itself included: on an AMD Zen 5 `vdpbf16ps` gave the bits of
                 // Intel's pseudocode (odd product first, each addition rounded, DAZ/FTZ).
-                let got = packed.forward_on(kernel, &x, true).unwrap();
+                let got = packed.forward_on(kernel, &x, true, None).unwrap();
                 assert_eq!(got, portable, "{kernel:?} ({rows}, {k}, {n})");
             }
         }
@@ -716,11 +774,11 @@ mod tests {
         assert!(PackedBf16::new(&[1.0; 6], 2, 4, None).is_err());
         assert!(PackedBf16::new(&[1.0; 8], 2, 4, Some(vec![0.0; 3])).is_err());
         let p = PackedBf16::new(&[1.0; 8], 2, 4, None).unwrap();
-        assert!(p.forward(&[1.0; 3], true).is_err());
-        assert_eq!(p.forward(&[], true).unwrap(), Vec::<f32>::new());
+        assert!(p.forward(&[1.0; 3], true, None).is_err());
+        assert_eq!(p.forward(&[], true, None).unwrap(), Vec::<f32>::new());
         // Without the bias flag the packed bias is left out.
         let p = PackedBf16::new(&[1.0; 8], 2, 4, Some(vec![5.0; 4])).unwrap();
-        assert_eq!(p.forward(&[1.0, 2.0], false).unwrap(), vec![3.0; 4]);
-        assert_eq!(p.forward(&[1.0, 2.0], true).unwrap(), vec![8.0; 4]);
+        assert_eq!(p.forward(&[1.0, 2.0], false, None).unwrap(), vec![3.0; 4]);
+        assert_eq!(p.forward(&[1.0, 2.0], true, None).unwrap(), vec![8.0; 4]);
     }
 }

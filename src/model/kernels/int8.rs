@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::gelu::{bias_act_in_place, Activation};
 use super::Tile;
 
 /// Output columns per block: one 512-bit vector of i32.
@@ -176,10 +177,15 @@ impl PackedI8 {
         })
     }
 
-    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, on the fastest kernel
-    /// this CPU has.
-    pub(crate) fn forward(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>> {
-        self.forward_on(Kernel::detect(), x, with_bias)
+    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given, on
+    /// the fastest kernel this CPU has.
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.forward_on(Kernel::detect(), x, with_bias, act)
     }
 
     fn forward_on(
@@ -187,6 +193,7 @@ impl PackedI8 {
         kernel: Kernel,
         x: &[f32],
         with_bias: bool,
+        act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>> {
         let (k, n) = (self.k, self.n);
         if k == 0 || !x.len().is_multiple_of(k) {
@@ -199,10 +206,22 @@ impl PackedI8 {
         }
         let a = Operand::new(x, k, self.quads);
         let bias = self.bias.as_deref().filter(|_| with_bias);
-        super::for_each_tile(&mut dst, n, (MC, MR, NB), |t, c| {
-            // SAFETY: `for_each_tile` gives tiles inside `dst`; its blocks in the panels and column vectors (all padded to whole blocks) and its input rows in `a`.
-            unsafe { self.tile(kernel, &a, bias, t, c) }
-        });
+        // The epilogue adds the bias (`sum * scale + bias`, one rounding each, as a separate
+        // bias pass would), so the fused activation gets no bias of its own.
+        super::for_each_tile(
+            &mut dst,
+            n,
+            (MC, MR, NB),
+            |t, c| {
+                // SAFETY: `for_each_tile` gives tiles inside `dst`; its blocks in the panels and column vectors (all padded to whole blocks) and its input rows in `a`.
+                unsafe { self.tile(kernel, &a, bias, t, c) }
+            },
+            |rows| {
+                if let Some(act) = act {
+                    bias_act_in_place(rows, None, act)
+                }
+            },
+        );
         Ok(dst)
     }
 
@@ -490,8 +509,13 @@ impl super::Packed for PackedI8 {
         (self.k, self.n)
     }
 
-    fn product(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias)
+    fn product(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.forward(x, with_bias, act)
     }
 }
 
@@ -530,6 +554,39 @@ mod tests {
     }
 
     #[test]
+    fn fused_activation_is_the_separate_bias_activation_pass() {
+        use super::super::gelu::bias_act;
+        use candle_core::{Device, Tensor};
+        // Rows spanning several tasks, so every task's rows get the activation.
+        let (rows, k, n) = (150, 40, 35);
+        let x = seq(rows * k, 0.37);
+        let wt = seq(k * n, 0.71);
+        let b = seq(n, 1.3);
+        for bias in [Some(b.clone()), None] {
+            let packed = PackedI8::new(&wt, k, n, bias.clone()).unwrap();
+            let bias_t = Tensor::new(bias.clone().unwrap_or(vec![0.0; n]), &Device::Cpu).unwrap();
+            for kernel in Kernel::available() {
+                let plain = packed.forward_on(kernel, &x, false, None).unwrap();
+                let plain = Tensor::from_vec(plain, (rows, n), &Device::Cpu).unwrap();
+                for act in [
+                    Activation::Gelu,
+                    Activation::QuickGelu,
+                    Activation::GeluTanh,
+                ] {
+                    let want = bias_act(&plain, &bias_t, act).unwrap();
+                    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let got = packed.forward_on(kernel, &x, true, Some(act)).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(g, w)| g == w || (*g == 0.0 && *w == 0.0));
+                    assert!(same, "{kernel:?} {act:?} bias {}", bias.is_some());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_kernel_gives_the_plain_quantised_product() {
         // k not a multiple of 4 (a padded quad), n not a multiple of 16, rows spanning tasks and
         // tile tails, and a ViT-B reduction.
@@ -548,7 +605,7 @@ mod tests {
             let packed = PackedI8::new(&wt, k, n, Some(b.clone())).unwrap();
             let want = reference(&x, &wt, &b, k, n);
             for kernel in Kernel::available() {
-                let got = packed.forward_on(kernel, &x, true).unwrap();
+                let got = packed.forward_on(kernel, &x, true, None).unwrap();
                 assert_eq!(got, want, "{kernel:?} ({rows}, {k}, {n})");
             }
             // And close to the f32 product: each operand is off by at most half a step.
@@ -580,7 +637,7 @@ mod tests {
         x[k..].copy_from_slice(&seq(2 * k, 0.3));
         x[2 * k + 2] = f32::NAN;
         for kernel in Kernel::available() {
-            let y = p.forward_on(kernel, &x, true).unwrap();
+            let y = p.forward_on(kernel, &x, true, None).unwrap();
             assert_eq!(
                 &y[..3],
                 &[1.0, 2.0, 3.0],
@@ -591,7 +648,7 @@ mod tests {
                 y[6..].iter().all(|v| v.is_nan()),
                 "{kernel:?}: NaN row stays NaN"
             );
-            let no_bias = p.forward_on(kernel, &x[..k], false).unwrap();
+            let no_bias = p.forward_on(kernel, &x[..k], false, None).unwrap();
             assert_eq!(no_bias, vec![0.0; 3]);
         }
     }
@@ -602,7 +659,7 @@ mod tests {
         assert!(PackedI8::new(&[1.0; 8], 2, 4, Some(vec![0.0; 3])).is_err());
         assert!(PackedI8::new(&[1.0, f32::INFINITY, 0.0, 0.0], 2, 2, None).is_err());
         let p = PackedI8::new(&[1.0; 8], 2, 4, None).unwrap();
-        assert!(p.forward(&[1.0; 3], true).is_err());
-        assert_eq!(p.forward(&[], true).unwrap(), Vec::<f32>::new());
+        assert!(p.forward(&[1.0; 3], true, None).is_err());
+        assert_eq!(p.forward(&[], true, None).unwrap(), Vec::<f32>::new());
     }
 }

@@ -12,6 +12,8 @@ mod vecmath;
 
 use candle_core::Tensor;
 
+use self::gelu::Activation;
+
 /// A linear layer's weight packed for one of the reduced-precision products (bf16, int8).
 pub(crate) trait Packed: Sized {
     /// The operation's name in errors.
@@ -20,15 +22,23 @@ pub(crate) trait Packed: Sized {
     fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self>;
     /// `(k, n)`.
     fn dims(&self) -> (usize, usize);
-    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`.
-    fn product(&self, x: &[f32], with_bias: bool) -> candle_core::Result<Vec<f32>>;
+    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given
+    /// (applied to each block of rows as soon as it is done, while it is in cache).
+    fn product(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>>;
 }
 
-/// `xs (rows, k) @ W` (+ the packed bias if `bias`) on the CPU as a candle op, for any packed
-/// weight. No backward: only the perturbed, inference-only passes run in reduced precision.
+/// `xs (rows, k) @ W` (+ the packed bias if `bias`, then `act` if given) on the CPU as a
+/// candle op, for any packed weight. No backward: only the perturbed, inference-only passes
+/// run in reduced precision.
 pub(crate) struct PackedLinear<'a, P> {
     pub(crate) packed: &'a P,
     pub(crate) bias: bool,
+    pub(crate) act: Option<Activation>,
 }
 
 impl<P: Packed> candle_core::CustomOp1 for PackedLinear<'_, P> {
@@ -47,7 +57,7 @@ impl<P: Packed> candle_core::CustomOp1 for PackedLinear<'_, P> {
         if k != pk {
             candle_core::bail!("{}: rows of {k} for a weight of ({pk}, {n})", P::NAME)
         }
-        let dst = self.packed.product(x, self.bias)?;
+        let dst = self.packed.product(x, self.bias, self.act)?;
         Ok((
             candle_core::CpuStorage::F32(dst),
             candle_core::Shape::from_dims(&[rows, n]),
@@ -69,11 +79,14 @@ pub(crate) struct Tile {
 /// each task in micro-tiles of `mr` rows by `nb` column blocks of 16 (single rows and single
 /// blocks at the edges). `tile(t, c)` computes one micro-tile, `c` pointing at the start of its
 /// first row in `dst`; the tile lies inside `dst` (its blocks within `n.div_ceil(16)`).
+/// `finish(rows)` then runs on each task's rows once all their tiles are done (the fused
+/// activation; a no-op otherwise).
 pub(crate) fn for_each_tile(
     dst: &mut [f32],
     n: usize,
     (mc, mr, nb): (usize, usize, usize),
     tile: impl Fn(Tile, *mut f32) + Sync,
+    finish: impl Fn(&mut [f32]) + Sync,
 ) {
     use rayon::prelude::*;
     let blocks = n.div_ceil(16);
@@ -101,6 +114,7 @@ pub(crate) fn for_each_tile(
                 }
                 b += bs;
             }
+            finish(chunk);
         });
 }
 
