@@ -11,17 +11,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use rayon::prelude::*;
 
 use super::vecmath::{erf, exp_nonpositive, gelu, gelu_tanh, quick_gelu};
-
-/// An MLP activation, fused with the bias by [`bias_act`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Activation {
-    /// Exact (erf) GELU.
-    Gelu,
-    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
-    QuickGelu,
-    /// GELU with the tanh approximation (SigLIP 2, `gelu_pytorch_tanh`).
-    GeluTanh,
-}
+pub(crate) use super::Activation;
 
 /// `act(xs + bias)` with `xs` `(.., N)` and `bias` `(N)`, in one pass on the CPU. The backward
 /// pass of GELU is one fused sweep too (training, Grad-CAM); the others' are composed from

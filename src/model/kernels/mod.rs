@@ -12,7 +12,16 @@ mod vecmath;
 
 use candle_core::Tensor;
 
-use self::gelu::Activation;
+/// An MLP activation, fused with the bias by [`gelu::bias_act`] or into a packed product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    /// Exact (erf) GELU.
+    Gelu,
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu,
+    /// GELU with the tanh approximation (SigLIP 2, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
 
 /// A linear layer's weight packed for one of the reduced-precision products (bf16, int8).
 pub(crate) trait Packed: Sized {
