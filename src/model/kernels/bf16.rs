@@ -669,34 +669,16 @@ mod tests {
 
     #[test]
     fn fused_activation_is_the_separate_bias_activation_pass() {
-        use super::super::gelu::bias_act;
-        use candle_core::{Device, Tensor};
-        // Rows spanning several tasks, so every task's rows get the activation.
-        let (rows, k, n) = (150, 40, 35);
-        let x = seq(rows * k, 0.37);
-        let wt = seq(k * n, 0.71);
-        let b = seq(n, 1.3);
-        for bias in [Some(b.clone()), None] {
-            let packed = PackedBf16::new(&wt, k, n, bias.clone()).unwrap();
-            let bias_t = Tensor::new(bias.clone().unwrap_or(vec![0.0; n]), &Device::Cpu).unwrap();
-            for kernel in Kernel::available() {
-                let plain = packed.forward_on(kernel, &x, false, None).unwrap();
-                let plain = Tensor::from_vec(plain, (rows, n), &Device::Cpu).unwrap();
-                for act in [
-                    Activation::Gelu,
-                    Activation::QuickGelu,
-                    Activation::GeluTanh,
-                ] {
-                    let want = bias_act(&plain, &bias_t, act).unwrap();
-                    let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-                    let got = packed.forward_on(kernel, &x, true, Some(act)).unwrap();
-                    let same = got
-                        .iter()
-                        .zip(&want)
-                        .all(|(g, w)| g == w || (*g == 0.0 && *w == 0.0));
-                    assert!(same, "{kernel:?} {act:?} bias {}", bias.is_some());
-                }
-            }
+        let (_, k, n) = super::super::testing::FUSED_DIMS;
+        for kernel in Kernel::available() {
+            super::super::testing::check_fused_activation(
+                &format!("{kernel:?}"),
+                seq,
+                |x, wt, bias, with_bias, act| {
+                    let packed = PackedBf16::new(wt, k, n, bias).unwrap();
+                    packed.forward_on(kernel, x, with_bias, act).unwrap()
+                },
+            );
         }
     }
 

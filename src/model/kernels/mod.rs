@@ -229,3 +229,45 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
         .expect("tensors of one shape")
 }
+
+/// Test support shared by the packed products' tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Activation;
+    use candle_core::{Device, Tensor};
+
+    /// `(rows, k, n)` of the fused-activation check: rows spanning several tasks.
+    pub(crate) const FUSED_DIMS: (usize, usize, usize) = (150, 40, 35);
+
+    /// Checks a packed product's fused activation against the separate bias-activation pass:
+    /// `product(bias, with_bias, act)` runs one kernel on the inputs of [`FUSED_DIMS`] built
+    /// from `seq`. Equal bits (zeros of either sign).
+    pub(crate) fn check_fused_activation(
+        what: &str,
+        seq: impl Fn(usize, f32) -> Vec<f32>,
+        product: impl Fn(&[f32], &[f32], Option<Vec<f32>>, bool, Option<Activation>) -> Vec<f32>,
+    ) {
+        use super::gelu::bias_act;
+        let (rows, k, n) = FUSED_DIMS;
+        let (x, wt, b) = (seq(rows * k, 0.37), seq(k * n, 0.71), seq(n, 1.3));
+        for bias in [Some(b), None] {
+            let bias_t = Tensor::new(bias.clone().unwrap_or(vec![0.0; n]), &Device::Cpu).unwrap();
+            let plain = product(&x, &wt, bias.clone(), false, None);
+            let plain = Tensor::from_vec(plain, (rows, n), &Device::Cpu).unwrap();
+            for act in [
+                Activation::Gelu,
+                Activation::QuickGelu,
+                Activation::GeluTanh,
+            ] {
+                let want = bias_act(&plain, &bias_t, act).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = product(&x, &wt, bias.clone(), true, Some(act));
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(g, w)| g == w || (*g == 0.0 && *w == 0.0));
+                assert!(same, "{what} {act:?} bias {}", bias.is_some());
+            }
+        }
+    }
+}
