@@ -261,11 +261,17 @@ pub fn pointing_game(saliency: &[f32], mask: &[u8]) -> bool {
     if saliency.len() != mask.len() {
         return false;
     }
-    let max = saliency
+    let max = max_ignoring_nan(saliency);
+    saliency.iter().zip(mask).any(|(&s, &m)| s == max && m != 0)
+}
+
+/// The largest value, NaN ignored; -inf for an empty or all-NaN map (which no value equals
+/// except -inf itself, so the pointing games count no hit there).
+fn max_ignoring_nan(saliency: &[f32]) -> f32 {
+    saliency
         .iter()
         .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    saliency.iter().zip(mask).any(|(&s, &m)| s == max && m != 0)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 /// The pointing game's tolerance as Zhang et al. define it ("Top-down Neural Attention by
@@ -282,10 +288,7 @@ pub fn pointing_game_within(saliency: &[f32], mask: &[u8], width: usize, toleran
         return false;
     }
     let height = saliency.len() / width;
-    let max = saliency
-        .iter()
-        .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let max = max_ignoring_nan(saliency);
     let reach = tolerance.max(0.0).floor() as usize;
     let near = |i: usize| {
         let (y, x) = (i / width, i % width);
