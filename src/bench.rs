@@ -355,6 +355,69 @@ pub fn time_forward(
     })
 }
 
+/// One linear layer's product timed alone, at the shapes of a model's forward pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinearTiming {
+    /// Which layer: `qkv`, `proj`, `fc1`, `fc2`.
+    pub layer: &'static str,
+    /// `(rows, k, n)`: `rows = batch x tokens` inputs of `k` to outputs of `n`.
+    pub shape: (usize, usize, usize),
+    /// Seconds of each timed run (warm-up excluded).
+    pub runs_s: Vec<f64>,
+    /// Floating-point operations per second at the median (`2 rows k n`, bias excluded).
+    pub gflops: f64,
+}
+
+/// The linear layers of a plain-block ViT block at `batch` images: the fused q/k/v projection,
+/// the attention's output projection and the MLP's two layers, as `(layer, rows, k, n)`.
+pub fn vit_linear_shapes(arch: &Arch, batch: usize) -> Vec<(&'static str, usize, usize, usize)> {
+    let (rows, d, m) = (batch * arch.tokens(), arch.dim, arch.mlp_dim);
+    vec![
+        ("qkv", rows, d, 3 * d),
+        ("proj", rows, d, d),
+        ("fc1", rows, d, m),
+        ("fc2", rows, m, d),
+    ]
+}
+
+/// Times the f32 linear-layer product the forward pass runs (`x @ wt + b` on the CPU kernels)
+/// at `(rows, k, n)` on seeded random values: one warm-up run, then `repeats` timed runs.
+pub fn time_linear(
+    layer: &'static str,
+    (rows, k, n): (usize, usize, usize),
+    repeats: usize,
+) -> Result<LinearTiming> {
+    use rand::{Rng, SeedableRng};
+    if rows == 0 || k == 0 || n == 0 || repeats == 0 {
+        return Err(Error::invalid(format!(
+            "linear ({rows}, {k}) x ({k}, {n}) with {repeats} repeats out of range; expected at least 1 each"
+        )));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut draw =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let dev = Device::Cpu;
+    let x = Tensor::from_vec(draw(rows * k), (rows, k), &dev)?;
+    let wt = Tensor::from_vec(draw(k * n), (k, n), &dev)?;
+    let b = Tensor::from_vec(draw(n), n, &dev)?;
+    let mut runs_s = Vec::with_capacity(repeats);
+    for i in 0..=repeats {
+        let t = Instant::now();
+        let y = crate::model::kernels::linear::linear(&x, &wt, &b)?;
+        std::hint::black_box(&y);
+        if i > 0 {
+            runs_s.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let gflops = 2.0 * (rows * k * n) as f64 / median(&runs_s) / 1e9;
+    Ok(LinearTiming {
+        layer,
+        shape: (rows, k, n),
+        runs_s,
+        gflops,
+    })
+}
+
 /// Timing of one explanation of the synthetic image.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExplainTiming {
@@ -739,6 +802,30 @@ mod tests {
         assert!((gmacs - 17.56).abs() < 0.02, "{gmacs}");
         assert!((a.flops_per_image() / 1e9 - 35.1).abs() < 0.05);
         assert!(Preset::Tiny.arch().flops_per_image() < a.flops_per_image() / 10.0);
+    }
+
+    #[test]
+    fn linear_shapes_and_timing() {
+        let shapes = vit_linear_shapes(&Preset::Base.vit_arch(), 8);
+        let want = [
+            ("qkv", 1576, 768, 2304),
+            ("proj", 1576, 768, 768),
+            ("fc1", 1576, 768, 3072),
+            ("fc2", 1576, 3072, 768),
+        ];
+        assert_eq!(shapes, want);
+        // Their multiply-adds are the forward pass's linear layers (all but attention's
+        // products, the patch embedding and the head).
+        let a = Preset::Base.vit_arch();
+        let macs: usize = shapes.iter().map(|(_, r, k, n)| r * k * n).sum();
+        let (t, d) = (a.tokens() as f64, a.dim as f64);
+        let (embed, head) = (196.0 * 768.0 * d, d * 1000.0);
+        let per_block = (a.macs_per_image() - embed - head) / a.depth as f64 - 2.0 * t * t * d;
+        assert!((macs as f64 / 8.0 / per_block - 1.0).abs() < 1e-9);
+        let l = time_linear("fc1", (10, 7, 5), 2).unwrap();
+        assert_eq!((l.layer, l.shape, l.runs_s.len()), ("fc1", (10, 7, 5), 2));
+        assert!(l.gflops > 0.0 && l.gflops.is_finite());
+        assert!(time_linear("fc1", (0, 7, 5), 2).is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ fn bench_tiny_json() {
         "1",
         "--explain-masks",
         "4",
+        "--linears",
         "--json",
     ]);
     let wall = started.elapsed().as_secs_f64();
@@ -62,6 +63,24 @@ fn bench_tiny_json() {
         runs + explained < wall,
         "timed {runs} + {explained} s in a process of {wall} s"
     );
+    // `--linears`: ViT-Ti's four linear layers at batch 1 (197 tokens, width 192, MLP 768).
+    let lin = v["linear_f32"].as_array().expect("linear_f32 is a list");
+    let shapes: Vec<_> = lin
+        .iter()
+        .map(|l| (l["layer"].clone(), l["shape"].clone()))
+        .collect();
+    let want = [
+        ("qkv", [197, 192, 576]),
+        ("proj", [197, 192, 192]),
+        ("fc1", [197, 192, 768]),
+        ("fc2", [197, 768, 192]),
+    ]
+    .map(|(l, s)| (serde_json::json!(l), serde_json::json!(s)));
+    assert_eq!(shapes, want);
+    for l in lin {
+        positive(l, "gflops");
+        assert_eq!(l["batch"], 1);
+    }
     assert!(v["bf16_kernel"].as_str().unwrap().contains("bf16"));
     positive(&v, "explain_s_per_mask_bf16");
     assert_eq!(v["explain_bf16"]["n_masks"], 4);
@@ -127,6 +146,10 @@ fn bench_bad_arguments_exit_2() {
         (
             &["bench", "--preset", "tiny", "--explain-masks", "x"][..],
             "explain masks 'x' invalid",
+        ),
+        (
+            &["bench", "--arch", "swin_tiny", "--linears"][..],
+            "--linears times plain-block ViTs",
         ),
     ] {
         let o = vitcx(args);

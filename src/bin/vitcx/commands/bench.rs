@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use vitcx::bench::{
     fidelity, fma_peak_gflops, machine_info, peak_rss_bytes, random_model, synthetic_image,
-    time_explanation, time_forward, ExplainTiming, Fidelity, ForwardTiming, Preset,
+    time_explanation, time_forward, time_linear, vit_linear_shapes, ExplainTiming, Fidelity,
+    ForwardTiming, LinearTiming, Preset, PresetArch,
 };
 use vitcx::methods::vitcx::VitCxParams;
 use vitcx::model::{Backbone, Precision};
@@ -49,6 +50,17 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     };
     let arch = preset.arch();
     let flops = arch.flops_per_image();
+    let linear_arch = match (&arch, a.linears) {
+        (PresetArch::Vit(v), true) if device.is_cpu() => Some(*v),
+        (_, true) if !device.is_cpu() => bail!("--linears times the CPU kernels; drop --device"),
+        (PresetArch::Swin(_), true) => {
+            bail!(
+                "--linears times plain-block ViTs; {} is a Swin",
+                preset.timm_name()
+            )
+        }
+        _ => None,
+    };
 
     eprintln!(
         "vitcx bench: building {} ({:.2} GFLOP per image) with random weights (seed {})",
@@ -80,6 +92,20 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
                 t.gflops
             );
             forward.push((p, t));
+        }
+    }
+
+    let mut linears: Vec<(usize, LinearTiming)> = Vec::new();
+    if let Some(v) = &linear_arch {
+        for &b in &batches {
+            for (layer, rows, k, n) in vit_linear_shapes(v, b) {
+                let t = time_linear(layer, (rows, k, n), a.repeats)?;
+                eprintln!(
+                    "  linear batch {b:>3} {layer:<4} ({rows} x {k}) @ ({k} x {n}): {:.1} GFLOP/s",
+                    t.gflops
+                );
+                linears.push((b, t));
+            }
         }
     }
 
@@ -123,6 +149,7 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         &a,
         Measured {
             forward: &forward,
+            linears: &linears,
             explain: &explain,
             fidelities: &fidelities,
             peak,
@@ -192,6 +219,7 @@ fn explain_json(e: &ExplainTiming) -> Value {
 /// What one `vitcx bench` run measured.
 struct Measured<'a> {
     forward: &'a [(Precision, ForwardTiming)],
+    linears: &'a [(usize, LinearTiming)],
     explain: &'a [(Precision, ExplainTiming)],
     fidelities: &'a [Fidelity],
     peak: Option<f64>,
@@ -214,6 +242,7 @@ fn fidelity_json(f: &Fidelity) -> Value {
 fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
     let Measured {
         forward,
+        linears,
         explain,
         fidelities,
         peak,
@@ -240,6 +269,14 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
             json!(peak.map(|p| t.gflops / p))
         }),
         "forward_runs_s": runs_map(forward, Precision::F32),
+        "linear_f32": linears.iter().map(|(b, t)| json!({
+            "batch": b,
+            "layer": t.layer,
+            "shape": t.shape,
+            "runs_s": t.runs_s,
+            "gflops": t.gflops,
+            "share_of_peak": peak.map(|p| t.gflops / p),
+        })).collect::<Vec<_>>(),
         "bf16_kernel": bf16_kernel,
         "int8_kernel": int8_kernel,
         "explain_s_per_mask": ex(Precision::F32).map(|e| e.explain_s_per_mask),
@@ -334,6 +371,28 @@ fn write_text(
             t.gflops,
             runs.join(" ")
         )?;
+    }
+    if let Some(lin) = report["linear_f32"].as_array().filter(|l| !l.is_empty()) {
+        writeln!(out)?;
+        writeln!(out, "f32 linear layers alone")?;
+        writeln!(
+            out,
+            "batch   layer   rows x k x n          GFLOP/s   of peak"
+        )?;
+        for l in lin {
+            let s = &l["shape"];
+            let shape = format!("{} x {} x {}", s[0], s[1], s[2]);
+            let share = l["share_of_peak"]
+                .as_f64()
+                .map_or("?".to_string(), |f| format!("{:.0}%", 100.0 * f));
+            writeln!(
+                out,
+                "{:>5}   {:<5}   {shape:<20}  {:>7.1}   {share:>7}",
+                l["batch"].as_u64().unwrap_or(0),
+                l["layer"].as_str().unwrap_or("?"),
+                l["gflops"].as_f64().unwrap_or(f64::NAN),
+            )?;
+        }
     }
     for (p, e) in explain {
         writeln!(out)?;
