@@ -2,11 +2,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
-use vitcx::model::{Backbone, Precision, Spec};
+use vitcx::model::{Precision, Spec};
 use vitcx::run::{Line, Status};
 use vitcx::target::{class_id, top_k, Targets};
 use vitcx::{Explainer, Explanation};
@@ -129,33 +129,77 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             bars.println(&format!("vitcx: {bad}"));
         }
     }
-    for im in todo {
-        bars.images.set_message(
-            im.path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+    // Three stages overlap: the next image is decoded while one is explained, and the last
+    // one's files are written meanwhile (a small model's explanation leaves a core idle). At
+    // most one image waits decoded and one is being written, so memory stays flat.
+    let about = About {
+        name: method.name().to_string(),
+        params: params_json(&a, &spec, &method),
+        model: model_json(&a, &spec),
+    };
+    std::thread::scope(|scope| -> Result<()> {
+        let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
+        let (pre, size, resize) = (
+            &spec.preprocess,
+            spec.input_size,
+            a.resize.resize(&spec.preprocess),
         );
-        let t = Instant::now();
-        match explain_one(
-            model, &spec, &method, &a, &classes, im, &settings, &mut bars,
-        ) {
-            Ok((line, files)) => {
-                record.append(&done_line(im, t.elapsed().as_secs_f64(), files))?;
-                bars.println(&line)
+        let to_load = todo.clone();
+        scope.spawn(move || {
+            for im in to_load {
+                if loaded_tx.send(load(&im.path, pre, size, resize)).is_err() {
+                    break;
+                }
             }
-            Err(e) => {
-                failures += 1;
-                record.append(&Line::Failed {
-                    image: im.key.clone(),
-                    reason: crate::common::one_line(&e),
-                    seconds: t.elapsed().as_secs_f64(),
-                })?;
-                bars.report_failure(&im.path, &e);
+        });
+        let mut writing = None;
+        for (im, loaded) in todo.iter().zip(loaded_rx) {
+            bars.images.set_message(
+                im.path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+            let t = Instant::now();
+            let explained = loaded.and_then(|l| {
+                let ex = method.explain(model, &l.x, &classes, 0, &mut bars)?;
+                let spent = l.load + t.elapsed();
+                Ok((l, ex, spent))
+            });
+            // The previous image's files are written by now, or soon: record it before this
+            // one's writing starts.
+            if let Some(w) = writing.take() {
+                failures += finish(w, &mut record, &bars)?;
+            }
+            match explained {
+                Ok((l, ex, spent)) => {
+                    let (spec, about, a, settings) = (&spec, &about, &a, &settings);
+                    let described = method.describe(&ex);
+                    let handle = scope.spawn(move || {
+                        let t = Instant::now();
+                        let (l, ex) = (&l, &ex);
+                        write(spec, about, a, im, (l, ex, &described), settings, spent)
+                            .map(|done| (done, spent + t.elapsed()))
+                    });
+                    writing = Some((*im, handle));
+                }
+                Err(e) => {
+                    failures += 1;
+                    record.append(&Line::Failed {
+                        image: im.key.clone(),
+                        reason: crate::common::one_line(&e),
+                        seconds: t.elapsed().as_secs_f64(),
+                    })?;
+                    bars.report_failure(&im.path, &e);
+                    bars.images.inc(1);
+                }
             }
         }
-        bars.images.inc(1);
-    }
+        if let Some(w) = writing.take() {
+            failures += finish(w, &mut record, &bars)?;
+        }
+        Ok(())
+    })?;
     bars.finish();
     if failures > 0 {
         eprintln!(
@@ -323,36 +367,93 @@ fn file_stem(path: &Path) -> String {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn explain_one(
-    model: &dyn Backbone,
-    spec: &Spec,
-    method: &Explainer,
-    a: &ExplainArgs,
-    classes: &Targets,
-    im: &Image,
-    settings: &serde_json::Value,
-    bars: &mut Bars,
-) -> Result<(String, Vec<String>)> {
-    let (path, stem) = (im.path.as_path(), im.stem.as_str());
-    let started = Instant::now();
+/// What every image's report says of the method.
+struct About {
+    name: String,
+    params: serde_json::Value,
+    model: serde_json::Value,
+}
+
+/// An image decoded and made into the model's input.
+struct Loaded {
+    /// What the overlay is drawn on: the image as the model saw it (a crop), or the original.
+    img: image::RgbImage,
+    /// The file's own size.
+    original: (u32, u32),
+    /// The model input `(3, H, W)`.
+    x: Vec<f32>,
+    /// Decoding and preprocessing.
+    load: Duration,
+}
+
+fn load(
+    path: &Path,
+    pre: &vitcx::model::Preprocess,
+    size: (usize, usize),
+    resize: vitcx::image::Resize,
+) -> Result<Loaded> {
     let t = Instant::now();
     let img = vitcx::image::load_rgb(path)?;
-    let pre = &spec.preprocess;
     let original = (img.width(), img.height());
-    let resize = a.resize.resize(pre);
-    let (seen, x) =
-        vitcx::image::model_input_with(&img, spec.input_size, pre.mean, pre.std, resize);
+    let (seen, x) = vitcx::image::model_input_with(&img, size, pre.mean, pre.std, resize);
     // A crop explains only what the model saw: draw over that.
     let img = if matches!(resize, vitcx::image::Resize::Stretch) {
         img
     } else {
         seen
     };
-    let load_s = t.elapsed().as_secs_f64();
+    Ok(Loaded {
+        img,
+        original,
+        x,
+        load: t.elapsed(),
+    })
+}
 
-    let ex = method.explain(model, &x, classes, 0, bars)?;
+/// A write under way: the image and the thread writing its files.
+type Writing<'s, 'a> = (
+    &'a Image,
+    std::thread::ScopedJoinHandle<'s, Result<((String, Vec<String>), Duration)>>,
+);
 
-    // Everything is computed: now write the image's files as one set (all or none).
+/// Waits for an image's files and records the outcome; 1 if it failed.
+fn finish((im, handle): Writing, record: &mut vitcx::run::Writer, bars: &Bars) -> Result<usize> {
+    let written = handle
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("writing the files panicked")));
+    let failed = match written {
+        Ok(((line, files), spent)) => {
+            record.append(&done_line(im, spent.as_secs_f64(), files))?;
+            bars.println(&line);
+            0
+        }
+        Err(e) => {
+            record.append(&Line::Failed {
+                image: im.key.clone(),
+                reason: crate::common::one_line(&e),
+                seconds: 0.0,
+            })?;
+            bars.report_failure(&im.path, &e);
+            1
+        }
+    };
+    bars.images.inc(1);
+    Ok(failed)
+}
+
+/// Writes one image's files as one set (all or none): the saliency `.npy` of each class, the
+/// overlay and the JSON report. `spent`: the seconds of decoding and explaining.
+#[allow(clippy::too_many_arguments)]
+fn write(
+    spec: &Spec,
+    about: &About,
+    a: &ExplainArgs,
+    im: &Image,
+    (l, ex, described): (&Loaded, &Explanation, &str),
+    settings: &serde_json::Value,
+    spent: Duration,
+) -> Result<(String, Vec<String>)> {
+    let (path, stem) = (im.path.as_path(), im.stem.as_str());
     let t = Instant::now();
     let (h, w) = ex.size;
     let mut set = vitcx::io::output::OutputSet::new();
@@ -371,10 +472,10 @@ fn explain_one(
     } else {
         let label = |c: usize| spec.labels.get(c).cloned().unwrap_or_default();
         let c = ex.classes[0];
-        let overlay = vitcx::io::render::overlay(&img, &ex.saliency[0], (h, w), 0.5)?;
+        let overlay = vitcx::io::render::overlay(&l.img, &ex.saliency[0], (h, w), 0.5)?;
         let lines = vec![
             format!("class {c} {}  p={:.3}", label(c), ex.probs[c]),
-            method.describe(&ex),
+            described.to_string(),
         ];
         let picture = vitcx::io::render::with_legend(&overlay, &lines);
         let name = format!("{stem}.png");
@@ -383,17 +484,15 @@ fn explain_one(
     };
     let write_s = t.elapsed().as_secs_f64();
     let mut report = report(
-        a,
         spec,
-        method,
+        about,
         path,
-        original,
-        &ex,
+        l.original,
+        ex,
         &files,
         png.as_deref(),
-        load_s,
-        write_s,
-        started.elapsed().as_secs_f64(),
+        (l.load.as_secs_f64(), write_s),
+        spent.as_secs_f64() + write_s,
     );
     report["key"] = json!(im.key);
     report["settings"] = settings.clone();
@@ -406,7 +505,7 @@ fn explain_one(
         path.display(),
         spec.labels.get(c).map(String::as_str).unwrap_or("?"),
         ex.probs[c],
-        method.describe(&ex),
+        described,
         a.out.join(&files[0]).display()
     );
     files.extend(png);
@@ -416,16 +515,14 @@ fn explain_one(
 
 #[allow(clippy::too_many_arguments)]
 fn report(
-    a: &ExplainArgs,
     spec: &Spec,
-    method: &Explainer,
+    about: &About,
     path: &Path,
     (iw, ih): (u32, u32),
     ex: &Explanation,
     files: &[String],
     png: Option<&str>,
-    load_s: f64,
-    write_s: f64,
+    (load_s, write_s): (f64, f64),
     total_s: f64,
 ) -> serde_json::Value {
     let class =
@@ -447,18 +544,17 @@ fn report(
     }
     seconds.insert("write".into(), json!(write_s));
     seconds.insert("total".into(), json!(total_s));
-    let params = params_json(a, spec, method);
     let mut report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
-        "method": method.name(),
+        "method": about.name,
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
-        "model": model_json(a, spec),
+        "model": about.model,
         "targets": targets,
         "top5": top_k(&ex.probs, 5).into_iter().map(class).collect::<Vec<_>>(),
         "saliency_shape": [ex.size.0, ex.size.1],
         "overlay": png,
-        "params": params,
+        "params": about.params,
         "seconds": seconds,
     });
     // The method's own numbers (ViT-CX: n_masks, n_feature_maps) at the top level.
