@@ -67,13 +67,17 @@ impl From<candle_core::Error> for Error {
     }
 }
 
-/// candle's error without the stack trace it wraps around the message.
+/// candle's error without the stack trace it wraps around the message, nor the path it adds
+/// (vitcx's own errors name the file already).
 pub(crate) fn without_backtrace(err: candle_core::Error) -> candle_core::Error {
     let mut err = err;
-    while let candle_core::Error::WithBacktrace { inner, .. } = err {
-        err = *inner;
+    loop {
+        err = match err {
+            candle_core::Error::WithBacktrace { inner, .. }
+            | candle_core::Error::WithPath { inner, .. } => *inner,
+            e => return e,
+        }
     }
-    err
 }
 
 impl Error {

@@ -59,6 +59,21 @@ fn checkpoints_and_their_truncations_never_panic() {
         for cut in cuts(&config) {
             let _ = vitcx::model::load_from_memory(stem, cut, &weights, &dev);
         }
+        // The same cuts as files (read through a memory map, not a buffer): one error line that
+        // names the file once.
+        let work = tempfile::tempdir().unwrap();
+        std::fs::write(work.path().join("config.json"), &config).unwrap();
+        let file = work.path().join("model.safetensors");
+        for cut in cuts(&weights) {
+            std::fs::write(&file, cut).unwrap();
+            if let Err(e) = vitcx::model::load(work.path(), &dev) {
+                let e = e.to_string();
+                assert!(e.contains("model.safetensors") && !e.contains('\n'), "{e}");
+                assert!(!e.contains("path: "), "{e}");
+            }
+        }
+        std::fs::write(&file, &weights).unwrap();
+        assert!(vitcx::model::load(work.path(), &dev).is_ok());
     }
 }
 
