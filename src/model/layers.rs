@@ -11,6 +11,7 @@ use crate::model::backbone::Precision;
 use crate::model::kernels::bf16::PackedBf16;
 pub(crate) use crate::model::kernels::gelu::Activation;
 use crate::model::kernels::int8::PackedI8;
+use crate::model::kernels::transpose::transpose;
 use crate::model::kernels::{Packed, PackedLinear};
 use crate::model::weights::Weights;
 
@@ -32,10 +33,7 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let wt = w
-            .take(&format!("{name}.weight"), &[out, inp])?
-            .t()?
-            .contiguous()?;
+        let wt = transpose(&w.take(&format!("{name}.weight"), &[out, inp])?)?;
         let b = if bias {
             Some(w.take(&format!("{name}.bias"), &[out])?)
         } else {
@@ -58,7 +56,7 @@ impl Linear {
     /// From `(out, in)` weights and an optional bias (qkv assembled from separate q, k, v).
     pub(crate) fn from_parts(w: Tensor, b: Option<Tensor>) -> Result<Self> {
         Ok(Linear {
-            wt: w.t()?.contiguous()?,
+            wt: transpose(&w)?,
             b,
             packed: OnceLock::new(),
             quantised: OnceLock::new(),

@@ -1,5 +1,5 @@
 //! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the bf16
-//! and int8 products) and the plumbing they share.
+//! and int8 products, the weights' transpose) and the plumbing they share.
 
 pub(crate) mod attention;
 pub(crate) mod bf16;
@@ -8,6 +8,7 @@ pub(crate) mod int8;
 pub(crate) mod layer_norm;
 pub(crate) mod linear;
 pub(crate) mod softmax;
+pub(crate) mod transpose;
 mod vecmath;
 
 use candle_core::Tensor;
