@@ -10,10 +10,12 @@ use rayon::prelude::*;
 /// Side of the square tiles.
 const TILE: usize = 32;
 
-/// `w (r, c)` -> `w^T (c, r)`, contiguous. CPU f32 in tiles; anything else through candle.
+/// `w (r, c)` -> `w^T (c, r)`, contiguous. CPU f32 in tiles; anything else, and a weight that
+/// is being trained (a variable, whose gradient must flow back through the transpose), through
+/// candle.
 pub(crate) fn transpose(w: &Tensor) -> candle_core::Result<Tensor> {
     let (r, c) = w.dims2()?;
-    if !(w.device().is_cpu() && w.dtype() == DType::F32) {
+    if !(w.device().is_cpu() && w.dtype() == DType::F32) || w.track_op() {
         return w.t()?.contiguous();
     }
     let w = w.contiguous()?;
@@ -79,6 +81,14 @@ mod tests {
                 "({r}, {c})"
             );
         }
+        // A variable keeps its gradient through the transpose.
+        let v = candle_core::Var::ones((4, 6), DType::F32, &Device::Cpu).unwrap();
+        let t = transpose(v.as_tensor()).unwrap();
+        let grads = (t * 2.0).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = grads
+            .get(v.as_tensor())
+            .expect("a gradient for the variable");
+        assert_eq!(g.to_vec2::<f32>().unwrap(), vec![vec![2.0; 6]; 4]);
         // A non-contiguous input (itself a transposed view) is made contiguous first.
         let w = Tensor::arange(0f32, 12.0, &Device::Cpu)
             .unwrap()
