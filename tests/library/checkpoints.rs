@@ -186,7 +186,15 @@ fn tap_none_and_block_taps() {
     assert!(d > 1e-3);
     let l0: Vec<f32> = none.logits.flatten_all().unwrap().to_vec1().unwrap();
     let l1: Vec<f32> = b.logits.flatten_all().unwrap().to_vec1().unwrap();
-    assert_eq!(l0, l1);
+    // A tap of the last block's output makes that block finish every token, not only the
+    // [CLS] row the head reads: the same logits up to the rounding of the larger products.
+    assert!(
+        l0.iter().zip(&l1).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{l0:?} {l1:?}"
+    );
+    // Any other tap leaves the logits' computation as it is, bit for bit.
+    let l2 = model.forward(&x, Some("blocks.2")).unwrap().logits;
+    assert_eq!(l0, l2.flatten_all().unwrap().to_vec1::<f32>().unwrap());
 }
 
 #[test]

@@ -90,11 +90,14 @@ struct Attention {
 }
 
 impl Attention {
-    /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`.
+    /// `(B, T, D)` -> `(B, T, D)`, and the attention probabilities `(B, H, T, T)` if `keep`;
+    /// with `rows`, the output of the first `rows` tokens only `(B, rows, D)` (every token is
+    /// still attended to).
     fn forward(
         &self,
         xs: &Tensor,
         keep: bool,
+        rows: Option<usize>,
         precision: Precision,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let mut qkv = self.qkv.forward(xs, precision)?;
@@ -114,6 +117,10 @@ impl Attention {
         } else {
             let out = crate::model::kernels::attention::self_attention(&qkv, self.heads, self.scale)?;
             (out, None)
+        };
+        let out = match rows {
+            Some(r) => out.narrow(1, 0, r)?,
+            None => out,
         };
         Ok((self.proj.forward(&out, precision)?, attn))
     }
@@ -207,10 +214,23 @@ impl Block {
         })
     }
 
-    /// `(B, T, D)` -> (block output, norm1 output), both `(B, T, D)`.
-    fn forward(&self, xs: &Tensor, precision: Precision) -> Result<(Tensor, Tensor)> {
+    /// `(B, T, D)` -> (block output, norm1 output), both `(B, T, D)`; with `rows`, the output
+    /// of the first `rows` tokens only, `(B, rows, D)`: the last block of a model whose head
+    /// reads the prefix tokens alone runs its projection and MLP, three quarters of its
+    /// products, on those rows only (each row's result is the same).
+    fn forward(
+        &self,
+        xs: &Tensor,
+        rows: Option<usize>,
+        precision: Precision,
+    ) -> Result<(Tensor, Tensor)> {
         let n1 = self.norm1.forward(xs)?;
-        let (out, _) = self.after_norm1(xs, &n1, false, precision)?;
+        let (a, _) = self.attn.forward(&n1, false, rows, precision)?;
+        let xs = match rows {
+            Some(r) => xs.narrow(1, 0, r)?,
+            None => xs.clone(),
+        };
+        let out = self.after_attention(xs, a, precision)?;
         Ok((out, n1))
     }
 
@@ -223,11 +243,15 @@ impl Block {
         keep: bool,
         precision: Precision,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (a, attn) = self.attn.forward(n1, keep, precision)?;
+        let (a, attn) = self.attn.forward(n1, keep, None, precision)?;
+        Ok((self.after_attention(xs.clone(), a, precision)?, attn))
+    }
+
+    /// The residual of the attention output `a`, then the MLP and its residual.
+    fn after_attention(&self, xs: Tensor, a: Tensor, precision: Precision) -> Result<Tensor> {
         let xs = (xs + scaled(a, &self.ls1)?)?;
         let m = self.mlp.forward(&self.norm2.forward(&xs)?, precision)?;
-        let xs = (&xs + scaled(m, &self.ls2)?)?;
-        Ok((xs, attn))
+        Ok((&xs + scaled(m, &self.ls2)?)?)
     }
 }
 
@@ -639,12 +663,12 @@ impl Backbone for VisionTransformer {
                     out
                 }
                 Tap::Block(l) if l == i => {
-                    let out = Var::from_tensor(&block.forward(&xs, Precision::F32)?.0.detach())?;
+                    let out = Var::from_tensor(&block.forward(&xs, None, Precision::F32)?.0.detach())?;
                     let t = out.as_tensor().clone();
                     tapped = Some(out);
                     t
                 }
-                _ => block.forward(&xs, Precision::F32)?.0,
+                _ => block.forward(&xs, None, Precision::F32)?.0,
             };
         }
         // parse_tap only accepts layers below the depth, so the loop reached the tap.
@@ -781,8 +805,14 @@ impl VisionTransformer {
         let px = px.to_dtype(DType::F32)?;
         let mut xs = self.embed(&px, grid)?;
         let mut features = None;
+        // With token pooling the head reads the prefix tokens alone: unless the last block's
+        // output is tapped, that block finishes only those rows.
+        let last = self.blocks.len().saturating_sub(1);
+        let prefix_only = self.config.pool == Pool::Token
+            && !matches!(tap, Some(Tap::Block(l)) if l == last);
         for (i, block) in self.blocks.iter().enumerate() {
-            let (out, n1) = block.forward(&xs, precision)?;
+            let rows = (prefix_only && i == last).then(|| self.config.num_prefix_tokens());
+            let (out, n1) = block.forward(&xs, rows, precision)?;
             match tap {
                 Some(Tap::Norm1(l)) if l == i => features = Some(self.to_maps(&n1, grid)?),
                 Some(Tap::Block(l)) if l == i => features = Some(self.to_maps(&out, grid)?),
@@ -836,6 +866,44 @@ impl VisionTransformer {
             None => Err(self.spec.tap(name).err().unwrap_or_else(|| {
                 Error::invalid(format!("tap '{name}' is not a tap of this ViT"))
             })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::random::{random_vit, Arch, ArchOptions};
+    use super::*;
+
+    /// The last block finishing only the prefix rows gives the logits of the whole block (the
+    /// path a tap of the last block's output takes), at every precision, with registers too.
+    #[test]
+    fn prefix_rows_of_the_last_block_give_the_same_logits() {
+        for reg_tokens in [0, 2] {
+            let arch = Arch {
+                dim: 64,
+                depth: 2,
+                heads: 2,
+                mlp_dim: 128,
+                patch: 16,
+                image_size: 64,
+                num_classes: 10,
+                layer_norm_eps: 1e-6,
+                options: ArchOptions {
+                    reg_tokens,
+                    ..ArchOptions::default()
+                },
+            };
+            let m = random_vit(&arch, "vit_test", 3, &Device::Cpu).unwrap();
+            let v: Vec<f32> = (0..3 * 3 * 64 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+            let px = Tensor::from_vec(v, (3, 3, 64, 64), &Device::Cpu).unwrap();
+            for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+                let short = m.run(&px, None, p).unwrap();
+                let full = m.run(&px, Some(Tap::Block(1)), p).unwrap();
+                assert_eq!(full.features.unwrap().dims(), &[3, 64, 4, 4]);
+                let d = crate::model::kernels::max_abs_diff(&short.logits, &full.logits);
+                assert!(d < 1e-5, "registers {reg_tokens}, {p:?}: {d}");
+            }
         }
     }
 }
