@@ -360,6 +360,8 @@ pub fn time_forward(
 pub struct LinearTiming {
     /// Which layer: `qkv`, `proj`, `fc1`, `fc2`.
     pub layer: &'static str,
+    /// The product's precision.
+    pub precision: Precision,
     /// `(rows, k, n)`: `rows = batch x tokens` inputs of `k` to outputs of `n`.
     pub shape: (usize, usize, usize),
     /// Seconds of each timed run (warm-up excluded).
@@ -380,13 +382,16 @@ pub fn vit_linear_shapes(arch: &Arch, batch: usize) -> Vec<(&'static str, usize,
     ]
 }
 
-/// Times the f32 linear-layer product the forward pass runs (`x @ wt + b` on the CPU kernels)
-/// at `(rows, k, n)` on seeded random values: one warm-up run, then `repeats` timed runs.
+/// Times the linear-layer product the forward pass runs at `precision` (`x @ wt + b` on the
+/// CPU kernels; bf16 and int8 on weights packed beforehand, as a model packs them once) at
+/// `(rows, k, n)` on seeded random values: one warm-up run, then `repeats` timed runs.
 pub fn time_linear(
     layer: &'static str,
     (rows, k, n): (usize, usize, usize),
+    precision: Precision,
     repeats: usize,
 ) -> Result<LinearTiming> {
+    use crate::model::kernels::{bf16::PackedBf16, int8::PackedI8, Packed};
     use rand::{Rng, SeedableRng};
     if rows == 0 || k == 0 || n == 0 || repeats == 0 {
         return Err(Error::invalid(format!(
@@ -396,15 +401,27 @@ pub fn time_linear(
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut draw =
         |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+    let (xv, wv, bv) = (draw(rows * k), draw(k * n), draw(n));
     let dev = Device::Cpu;
-    let x = Tensor::from_vec(draw(rows * k), (rows, k), &dev)?;
-    let wt = Tensor::from_vec(draw(k * n), (k, n), &dev)?;
-    let b = Tensor::from_vec(draw(n), n, &dev)?;
+    let x = Tensor::from_slice(&xv, (rows, k), &dev)?;
+    let wt = Tensor::from_slice(&wv, (k, n), &dev)?;
+    let b = Tensor::from_slice(&bv, n, &dev)?;
+    let bf16 = (precision == Precision::Bf16)
+        .then(|| PackedBf16::pack(&wv, k, n, Some(bv.clone())))
+        .transpose()?;
+    let int8 = (precision == Precision::Int8)
+        .then(|| PackedI8::pack(&wv, k, n, Some(bv.clone())))
+        .transpose()?;
     let mut runs_s = Vec::with_capacity(repeats);
     for i in 0..=repeats {
         let t = Instant::now();
-        let y = crate::model::kernels::linear::linear(&x, &wt, &b)?;
-        std::hint::black_box(&y);
+        match (&bf16, &int8) {
+            (Some(p), _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
+            (_, Some(p)) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
+            _ => drop(std::hint::black_box(crate::model::kernels::linear::linear(
+                &x, &wt, &b,
+            )?)),
+        }
         if i > 0 {
             runs_s.push(t.elapsed().as_secs_f64());
         }
@@ -412,6 +429,7 @@ pub fn time_linear(
     let gflops = 2.0 * (rows * k * n) as f64 / median(&runs_s) / 1e9;
     Ok(LinearTiming {
         layer,
+        precision,
         shape: (rows, k, n),
         runs_s,
         gflops,
@@ -822,10 +840,13 @@ mod tests {
         let (embed, head) = (196.0 * 768.0 * d, d * 1000.0);
         let per_block = (a.macs_per_image() - embed - head) / a.depth as f64 - 2.0 * t * t * d;
         assert!((macs as f64 / 8.0 / per_block - 1.0).abs() < 1e-9);
-        let l = time_linear("fc1", (10, 7, 5), 2).unwrap();
-        assert_eq!((l.layer, l.shape, l.runs_s.len()), ("fc1", (10, 7, 5), 2));
-        assert!(l.gflops > 0.0 && l.gflops.is_finite());
-        assert!(time_linear("fc1", (0, 7, 5), 2).is_err());
+        for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+            let l = time_linear("fc1", (10, 7, 5), p, 2).unwrap();
+            assert_eq!((l.layer, l.shape, l.runs_s.len()), ("fc1", (10, 7, 5), 2));
+            assert_eq!(l.precision, p);
+            assert!(l.gflops > 0.0 && l.gflops.is_finite());
+        }
+        assert!(time_linear("fc1", (0, 7, 5), Precision::F32, 2).is_err());
     }
 
     #[test]

@@ -81,6 +81,15 @@ fn bench_tiny_json() {
         positive(l, "gflops");
         assert_eq!(l["batch"], 1);
     }
+    // The reduced precisions' packed products, at the same shapes (`--precision all`).
+    for key in ["linear_bf16", "linear_int8"] {
+        let l = v[key].as_array().unwrap_or_else(|| panic!("{key} is a list"));
+        let got: Vec<_> = l.iter().map(|l| (l["layer"].clone(), l["shape"].clone())).collect();
+        assert_eq!(got, want, "{key}");
+        for t in l {
+            positive(t, "gflops");
+        }
+    }
     assert!(v["bf16_kernel"].as_str().unwrap().contains("bf16"));
     positive(&v, "explain_s_per_mask_bf16");
     assert_eq!(v["explain_bf16"]["n_masks"], 4);

@@ -377,8 +377,9 @@ pub struct BenchArgs {
     /// Skip the timed explanation.
     #[arg(long)]
     pub no_explain: bool,
-    /// Also time each f32 linear layer alone (q/k/v, projection, MLP) at the model's shapes and
-    /// the batch sizes timed, with its share of the FMA peak (plain-block ViTs only).
+    /// Also time each linear layer alone (q/k/v, projection, MLP) at the model's shapes, the
+    /// batch sizes and precisions timed, with its share of the f32 FMA peak (plain-block ViTs
+    /// only).
     #[arg(long)]
     pub linears: bool,
     /// Which precisions to time: f32, bf16, int8, both (f32 and bf16) or all (side by side, and

@@ -99,12 +99,15 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
     if let Some(v) = &linear_arch {
         for &b in &batches {
             for (layer, rows, k, n) in vit_linear_shapes(v, b) {
-                let t = time_linear(layer, (rows, k, n), a.repeats)?;
-                eprintln!(
-                    "  linear batch {b:>3} {layer:<4} ({rows} x {k}) @ ({k} x {n}): {:.1} GFLOP/s",
-                    t.gflops
-                );
-                linears.push((b, t));
+                for &p in &precisions {
+                    let t = time_linear(layer, (rows, k, n), p, a.repeats)?;
+                    eprintln!(
+                        "  linear batch {b:>3} {layer:<4} {:>4} ({rows} x {k}) @ ({k} x {n}): {:.1} GFLOP/s",
+                        p.name(),
+                        t.gflops
+                    );
+                    linears.push((b, t));
+                }
             }
         }
     }
@@ -216,6 +219,29 @@ fn explain_json(e: &ExplainTiming) -> Value {
     })
 }
 
+/// The linear layers timed alone at one precision (`--linears`): a list, empty if none. The
+/// share is of the f32 FMA peak for every precision (bf16 and int8 can pass it).
+fn linears_json(
+    linears: &[(usize, LinearTiming)],
+    precision: Precision,
+    peak: Option<f64>,
+) -> Value {
+    linears
+        .iter()
+        .filter(|(_, t)| t.precision == precision)
+        .map(|(b, t)| {
+            json!({
+                "batch": b,
+                "layer": t.layer,
+                "shape": t.shape,
+                "runs_s": t.runs_s,
+                "gflops": t.gflops,
+                "share_of_peak": peak.map(|p| t.gflops / p),
+            })
+        })
+        .collect()
+}
+
 /// What one `vitcx bench` run measured.
 struct Measured<'a> {
     forward: &'a [(Precision, ForwardTiming)],
@@ -269,14 +295,7 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
             json!(peak.map(|p| t.gflops / p))
         }),
         "forward_runs_s": runs_map(forward, Precision::F32),
-        "linear_f32": linears.iter().map(|(b, t)| json!({
-            "batch": b,
-            "layer": t.layer,
-            "shape": t.shape,
-            "runs_s": t.runs_s,
-            "gflops": t.gflops,
-            "share_of_peak": peak.map(|p| t.gflops / p),
-        })).collect::<Vec<_>>(),
+        "linear_f32": linears_json(linears, Precision::F32, peak),
         "bf16_kernel": bf16_kernel,
         "int8_kernel": int8_kernel,
         "explain_s_per_mask": ex(Precision::F32).map(|e| e.explain_s_per_mask),
@@ -306,6 +325,7 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
         for (k, v) in keys {
             report[format!("{k}_{n}")] = v;
         }
+        report[format!("linear_{n}")] = linears_json(linears, p, peak);
         let f = fidelities.iter().find(|f| f.precision == p);
         report[format!("{n}_fidelity")] = json!(f.map(fidelity_json));
     }
@@ -372,9 +392,19 @@ fn write_text(
             runs.join(" ")
         )?;
     }
-    if let Some(lin) = report["linear_f32"].as_array().filter(|l| !l.is_empty()) {
+    for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+        let Some(lin) = report[format!("linear_{}", p.name())]
+            .as_array()
+            .filter(|l| !l.is_empty())
+        else {
+            continue;
+        };
         writeln!(out)?;
-        writeln!(out, "f32 linear layers alone")?;
+        writeln!(
+            out,
+            "{} linear layers alone (share of the f32 FMA peak)",
+            p.name()
+        )?;
         writeln!(
             out,
             "batch   layer   rows x k x n          GFLOP/s   of peak"
