@@ -83,8 +83,13 @@ fn bench_tiny_json() {
     }
     // The reduced precisions' packed products, at the same shapes (`--precision all`).
     for key in ["linear_bf16", "linear_int8"] {
-        let l = v[key].as_array().unwrap_or_else(|| panic!("{key} is a list"));
-        let got: Vec<_> = l.iter().map(|l| (l["layer"].clone(), l["shape"].clone())).collect();
+        let l = v[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key} is a list"));
+        let got: Vec<_> = l
+            .iter()
+            .map(|l| (l["layer"].clone(), l["shape"].clone()))
+            .collect();
         assert_eq!(got, want, "{key}");
         for t in l {
             positive(t, "gflops");
