@@ -132,11 +132,6 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
     // Three stages overlap: the next image is decoded while one is explained, and the last
     // one's files are written meanwhile (a small model's explanation leaves a core idle). At
     // most one image waits decoded and one is being written, so memory stays flat.
-    let about = About {
-        name: method.name().to_string(),
-        params: params_json(&a, &spec, &method),
-        model: model_json(&a, &spec),
-    };
     std::thread::scope(|scope| -> Result<()> {
         let (loaded_tx, loaded_rx) = std::sync::mpsc::sync_channel(1);
         let (pre, size, resize) = (
@@ -173,25 +168,19 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             }
             match explained {
                 Ok((l, ex, spent)) => {
-                    let (spec, about, a, settings) = (&spec, &about, &a, &settings);
+                    let (spec, a, settings) = (&spec, &a, &settings);
                     let described = method.describe(&ex);
                     let handle = scope.spawn(move || {
                         let t = Instant::now();
                         let (l, ex) = (&l, &ex);
-                        write(spec, about, a, im, (l, ex, &described), settings, spent)
-                            .map(|done| (done, spent + t.elapsed()))
+                        let done = write(spec, a, im, (l, ex, &described), settings, spent);
+                        (done, spent + t.elapsed())
                     });
                     writing = Some((*im, handle));
                 }
                 Err(e) => {
                     failures += 1;
-                    record.append(&Line::Failed {
-                        image: im.key.clone(),
-                        reason: crate::common::one_line(&e),
-                        seconds: t.elapsed().as_secs_f64(),
-                    })?;
-                    bars.report_failure(&im.path, &e);
-                    bars.images.inc(1);
+                    record_failure(&mut record, &bars, im, &e, t.elapsed())?;
                 }
             }
         }
@@ -366,14 +355,6 @@ fn file_stem(path: &Path) -> String {
         .unwrap_or_else(|| "image".into())
 }
 
-#[allow(clippy::too_many_arguments)]
-/// What every image's report says of the method.
-struct About {
-    name: String,
-    params: serde_json::Value,
-    model: serde_json::Value,
-}
-
 /// An image decoded and made into the model's input.
 struct Loaded {
     /// What the overlay is drawn on: the image as the model saw it (a crop), or the original.
@@ -410,43 +391,55 @@ fn load(
     })
 }
 
-/// A write under way: the image and the thread writing its files.
+/// A write under way: the image and the thread writing its files, which gives the outcome and
+/// the image's seconds (decoding, explaining and writing).
 type Writing<'s, 'a> = (
     &'a Image,
-    std::thread::ScopedJoinHandle<'s, Result<((String, Vec<String>), Duration)>>,
+    std::thread::ScopedJoinHandle<'s, (Result<(String, Vec<String>)>, Duration)>,
 );
 
 /// Waits for an image's files and records the outcome; 1 if it failed.
 fn finish((im, handle): Writing, record: &mut vitcx::run::Writer, bars: &Bars) -> Result<usize> {
-    let written = handle
-        .join()
-        .unwrap_or_else(|_| Err(anyhow::anyhow!("writing the files panicked")));
-    let failed = match written {
-        Ok(((line, files), spent)) => {
+    let (written, spent) = handle.join().unwrap_or_else(|_| {
+        let e = anyhow::anyhow!("writing the files panicked");
+        (Err(e), Duration::ZERO)
+    });
+    match written {
+        Ok((line, files)) => {
             record.append(&done_line(im, spent.as_secs_f64(), files))?;
             bars.println(&line);
-            0
+            bars.images.inc(1);
+            Ok(0)
         }
         Err(e) => {
-            record.append(&Line::Failed {
-                image: im.key.clone(),
-                reason: crate::common::one_line(&e),
-                seconds: 0.0,
-            })?;
-            bars.report_failure(&im.path, &e);
-            1
+            record_failure(record, bars, im, &e, spent)?;
+            Ok(1)
         }
-    };
+    }
+}
+
+/// Records an image's failure in the run record and on the terminal, and counts it done.
+fn record_failure(
+    record: &mut vitcx::run::Writer,
+    bars: &Bars,
+    im: &Image,
+    e: &anyhow::Error,
+    spent: Duration,
+) -> Result<()> {
+    record.append(&Line::Failed {
+        image: im.key.clone(),
+        reason: crate::common::one_line(e),
+        seconds: spent.as_secs_f64(),
+    })?;
+    bars.report_failure(&im.path, e);
     bars.images.inc(1);
-    Ok(failed)
+    Ok(())
 }
 
 /// Writes one image's files as one set (all or none): the saliency `.npy` of each class, the
 /// overlay and the JSON report. `spent`: the seconds of decoding and explaining.
-#[allow(clippy::too_many_arguments)]
 fn write(
     spec: &Spec,
-    about: &About,
     a: &ExplainArgs,
     im: &Image,
     (l, ex, described): (&Loaded, &Explanation, &str),
@@ -485,7 +478,7 @@ fn write(
     let write_s = t.elapsed().as_secs_f64();
     let mut report = report(
         spec,
-        about,
+        settings,
         path,
         l.original,
         ex,
@@ -516,7 +509,7 @@ fn write(
 #[allow(clippy::too_many_arguments)]
 fn report(
     spec: &Spec,
-    about: &About,
+    settings: &serde_json::Value,
     path: &Path,
     (iw, ih): (u32, u32),
     ex: &Explanation,
@@ -546,15 +539,15 @@ fn report(
     seconds.insert("total".into(), json!(total_s));
     let mut report = json!({
         "vitcx_version": env!("CARGO_PKG_VERSION"),
-        "method": about.name,
+        "method": settings["method"],
         "image": path.display().to_string(),
         "image_size": { "width": iw, "height": ih },
-        "model": about.model,
+        "model": settings["model"],
         "targets": targets,
         "top5": top_k(&ex.probs, 5).into_iter().map(class).collect::<Vec<_>>(),
         "saliency_shape": [ex.size.0, ex.size.1],
         "overlay": png,
-        "params": about.params,
+        "params": settings["params"],
         "seconds": seconds,
     });
     // The method's own numbers (ViT-CX: n_masks, n_feature_maps) at the top level.
