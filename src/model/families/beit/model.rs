@@ -334,11 +334,10 @@ impl Beit {
         let (d, p) = (cfg.dim, cfg.patch);
         let grid = cfg.grid();
         let n = grid.0 * grid.1;
-        let patch_wt = w
-            .take("patch_embed.proj.weight", &[d, 3, p, p])?
-            .reshape((d, 3 * p * p))?
-            .t()?
-            .contiguous()?;
+        let patch_wt = crate::model::kernels::transpose::transpose(
+            &w.take("patch_embed.proj.weight", &[d, 3, p, p])?
+                .reshape((d, 3 * p * p))?,
+        )?;
         let patch_b = if w.contains("patch_embed.proj.bias") {
             w.take("patch_embed.proj.bias", &[d])?
         } else {

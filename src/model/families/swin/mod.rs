@@ -234,11 +234,10 @@ impl SwinTransformer {
         let config = config::read(&ckpt, &w)?;
         let cfg = &config;
         let (p, d0) = (cfg.patch, cfg.stages[0].dim);
-        let patch_wt = w
-            .take("patch_embed.proj.weight", &[d0, 3, p, p])?
-            .reshape((d0, 3 * p * p))?
-            .t()?
-            .contiguous()?;
+        let patch_wt = crate::model::kernels::transpose::transpose(
+            &w.take("patch_embed.proj.weight", &[d0, 3, p, p])?
+                .reshape((d0, 3 * p * p))?,
+        )?;
         let patch_b = w.take("patch_embed.proj.bias", &[d0])?;
         let ln_eps = config::TORCH_LAYER_NORM_EPS;
         let patch_norm = LayerNorm::new(&mut w, "patch_embed.norm", d0, ln_eps)?;

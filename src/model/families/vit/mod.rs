@@ -416,11 +416,10 @@ impl VisionTransformer {
         let cfg = &config;
         let (d, p) = (cfg.dim, cfg.patch);
         let grid = (cfg.input_size.0 / p, cfg.input_size.1 / p);
-        let patch_wt = w
-            .take("patch_embed.proj.weight", &[d, 3, p, p])?
-            .reshape((d, 3 * p * p))?
-            .t()?
-            .contiguous()?;
+        let patch_wt = crate::model::kernels::transpose::transpose(
+            &w.take("patch_embed.proj.weight", &[d, 3, p, p])?
+                .reshape((d, 3 * p * p))?,
+        )?;
         let patch_b = cfg
             .patch_bias
             .then(|| w.take("patch_embed.proj.bias", &[d]))
