@@ -368,6 +368,22 @@ pub struct LinearTiming {
     pub runs_s: Vec<f64>,
     /// Floating-point operations per second at the median (`2 rows k n`, bias excluded).
     pub gflops: f64,
+    /// The kernel timed: the one the forward pass runs at this precision on this CPU.
+    pub kernel: &'static str,
+    /// f32 on the packed kernel only: `gemm` (candle's matmul path, the anchor) on the same
+    /// operands, each run right after the packed one.
+    pub gemm: Option<GemmAnchor>,
+}
+
+/// The same f32 product through `gemm`, timed pair by pair against the packed kernel.
+#[derive(Debug, Clone, Serialize)]
+pub struct GemmAnchor {
+    /// Seconds of each timed run.
+    pub runs_s: Vec<f64>,
+    /// GFLOP/s at the median.
+    pub gflops: f64,
+    /// Median over the pairs of gemm's seconds / the packed kernel's.
+    pub speedup: f64,
 }
 
 /// The linear layers of a plain-block ViT block at `batch` images: the fused q/k/v projection,
@@ -383,14 +399,16 @@ pub fn vit_linear_shapes(arch: &Arch, batch: usize) -> Vec<(&'static str, usize,
 }
 
 /// Times the linear-layer product the forward pass runs at `precision` (`x @ wt + b` on the
-/// CPU kernels; bf16 and int8 on weights packed beforehand, as a model packs them once) at
-/// `(rows, k, n)` on seeded random values: one warm-up run, then `repeats` timed runs.
+/// CPU kernels, on weights packed beforehand as a model packs them once) at `(rows, k, n)` on
+/// seeded random values: one warm-up run, then `repeats` timed runs. In f32 on the packed
+/// kernel, each run is followed by one of `gemm` on the same operands (the anchor).
 pub fn time_linear(
     layer: &'static str,
     (rows, k, n): (usize, usize, usize),
     precision: Precision,
     repeats: usize,
 ) -> Result<LinearTiming> {
+    use crate::model::kernels::packed_f32::PackedF32;
     use crate::model::kernels::{bf16::PackedBf16, int8::PackedI8, Packed};
     use rand::{Rng, SeedableRng};
     if rows == 0 || k == 0 || n == 0 || repeats == 0 {
@@ -412,27 +430,57 @@ pub fn time_linear(
     let int8 = (precision == Precision::Int8)
         .then(|| PackedI8::pack(&wv, k, n, Some(bv.clone())))
         .transpose()?;
-    let mut runs_s = Vec::with_capacity(repeats);
+    let f32 = (precision == Precision::F32 && PackedF32::available())
+        .then(|| PackedF32::pack(&wv, k, n, Some(bv.clone())))
+        .transpose()?;
+    let gemm = || -> Result<()> {
+        let y = crate::model::kernels::linear::linear(&x, &wt, &b)?;
+        drop(std::hint::black_box(y));
+        Ok(())
+    };
+    let (mut runs_s, mut gemm_s) = (Vec::with_capacity(repeats), Vec::new());
     for i in 0..=repeats {
         let t = Instant::now();
-        match (&bf16, &int8) {
-            (Some(p), _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
-            (_, Some(p)) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
-            _ => drop(std::hint::black_box(crate::model::kernels::linear::linear(
-                &x, &wt, &b,
-            )?)),
+        match (&bf16, &int8, &f32) {
+            (Some(p), _, _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
+            (_, Some(p), _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
+            (_, _, Some(p)) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
+            _ => gemm()?,
+        }
+        let first = t.elapsed().as_secs_f64();
+        if f32.is_some() {
+            let t = Instant::now();
+            gemm()?;
+            if i > 0 {
+                gemm_s.push(t.elapsed().as_secs_f64());
+            }
         }
         if i > 0 {
-            runs_s.push(t.elapsed().as_secs_f64());
+            runs_s.push(first);
         }
     }
-    let gflops = 2.0 * (rows * k * n) as f64 / median(&runs_s) / 1e9;
+    let flop = 2.0 * (rows * k * n) as f64;
+    let gemm = f32.as_ref().map(|_| {
+        let ratios: Vec<f64> = gemm_s.iter().zip(&runs_s).map(|(g, p)| g / p).collect();
+        GemmAnchor {
+            gflops: flop / median(&gemm_s) / 1e9,
+            speedup: median(&ratios),
+            runs_s: gemm_s,
+        }
+    });
+    let kernel = match precision {
+        Precision::F32 => Precision::f32_kernel(),
+        Precision::Bf16 => Precision::bf16_kernel(),
+        Precision::Int8 => Precision::int8_kernel(),
+    };
     Ok(LinearTiming {
         layer,
         precision,
         shape: (rows, k, n),
+        gflops: flop / median(&runs_s) / 1e9,
         runs_s,
-        gflops,
+        kernel,
+        gemm,
     })
 }
 

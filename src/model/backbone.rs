@@ -143,6 +143,15 @@ impl Precision {
         }
     }
 
+    /// Which f32 kernel the linear layers run on this CPU (`vitcx bench` reports it).
+    pub fn f32_kernel() -> &'static str {
+        if super::kernels::packed_f32::PackedF32::available() {
+            "avx512f (weights packed at load, 8 x 48 tiles)"
+        } else {
+            "gemm (candle's matmul)"
+        }
+    }
+
     /// Which bf16 kernel this CPU runs (`vitcx bench` reports it).
     pub fn bf16_kernel() -> &'static str {
         super::kernels::bf16::Kernel::detect().name()

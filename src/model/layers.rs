@@ -11,18 +11,34 @@ use crate::model::backbone::Precision;
 use crate::model::kernels::bf16::PackedBf16;
 pub(crate) use crate::model::kernels::gelu::Activation;
 use crate::model::kernels::int8::PackedI8;
+use crate::model::kernels::packed_f32::PackedF32;
 use crate::model::kernels::transpose::transpose;
 use crate::model::kernels::{Packed, PackedLinear};
 use crate::model::weights::Weights;
 
-/// A linear layer with its weight stored pre-transposed `(in, out)` and contiguous, and packed
-/// for the bf16 (int8) product the first time a bf16 (int8) pass needs it.
+/// A linear layer: its f32 weight packed for vitcx's AVX-512F kernel at load (CPU inference),
+/// or stored pre-transposed `(in, out)` and contiguous (GPU, training, other CPUs); packed for
+/// the bf16 (int8) product the first time a bf16 (int8) pass needs it.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    wt: Tensor,
+    wt: Weight,
+    out: usize,
     b: Option<Tensor>,
     packed: OnceLock<PackedBf16>,
     quantised: OnceLock<PackedI8>,
+}
+
+/// The f32 weight in the form its products read.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// `(in, out)` for candle's matmul and `gemm`.
+    Plain(Tensor),
+    /// Packed once at load; the plain `(in, out)` tensor is rebuilt from it the first time a
+    /// pass that needs gradients (Grad-CAM) runs through the layer.
+    Packed {
+        f32: PackedF32,
+        plain: OnceLock<Tensor>,
+    },
 }
 
 impl Linear {
@@ -33,18 +49,13 @@ impl Linear {
         inp: usize,
         bias: bool,
     ) -> Result<Self> {
-        let wt = transpose(&w.take(&format!("{name}.weight"), &[out, inp])?)?;
+        let weight = w.take(&format!("{name}.weight"), &[out, inp])?;
         let b = if bias {
             Some(w.take(&format!("{name}.bias"), &[out])?)
         } else {
             None
         };
-        Ok(Linear {
-            wt,
-            b,
-            packed: OnceLock::new(),
-            quantised: OnceLock::new(),
-        })
+        Self::from_parts(weight, b)
     }
 
     /// As [`Linear::new`], with the bias when the checkpoint has one.
@@ -54,13 +65,62 @@ impl Linear {
     }
 
     /// From `(out, in)` weights and an optional bias (qkv assembled from separate q, k, v).
+    /// Packed for the f32 kernel where it runs: an f32 CPU weight that is not being trained,
+    /// on a CPU with AVX-512F.
     pub(crate) fn from_parts(w: Tensor, b: Option<Tensor>) -> Result<Self> {
+        let (out, inp) = w.dims2()?;
+        let packable = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
+        let wt = if PackedF32::available() && packable(&w) && b.as_ref().is_none_or(packable) {
+            let w = w.contiguous()?;
+            let bias = b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            let (storage, layout) = w.storage_and_layout();
+            let candle_core::Storage::Cpu(s) = &*storage else {
+                return Err(Error::invalid("linear weight not on the CPU"));
+            };
+            let values = crate::model::kernels::f32_slice(s, layout, "vitcx f32", "weight")?;
+            Weight::Packed {
+                f32: PackedF32::from_out_in(values, out, inp, bias)?,
+                plain: OnceLock::new(),
+            }
+        } else {
+            Weight::Plain(transpose(&w)?)
+        };
         Ok(Linear {
-            wt: transpose(&w)?,
+            wt,
+            out,
             b,
             packed: OnceLock::new(),
             quantised: OnceLock::new(),
         })
+    }
+
+    /// The `(in, out)` weight as a tensor (rebuilt once from the packed panels if need be).
+    fn plain(&self) -> Result<&Tensor> {
+        match &self.wt {
+            Weight::Plain(t) => Ok(t),
+            Weight::Packed { f32, plain } => {
+                if let Some(t) = plain.get() {
+                    return Ok(t);
+                }
+                let (k, n) = f32.dims();
+                let _ = plain.set(Tensor::from_vec(
+                    f32.unpack(),
+                    (k, n),
+                    &candle_core::Device::Cpu,
+                )?);
+                plain
+                    .get()
+                    .ok_or_else(|| Error::invalid("vitcx f32: weight not unpacked"))
+            }
+        }
+    }
+
+    /// The packed f32 weight when `xs` may use it (no gradient to carry back through it).
+    fn packed_f32(&self, xs: &Tensor) -> Option<&PackedF32> {
+        match &self.wt {
+            Weight::Packed { f32, .. } if !xs.track_op() && xs.device().is_cpu() => Some(f32),
+            _ => None,
+        }
     }
 
     /// `act(self(xs))`, the bias and the activation in one pass; on the CPU in reduced
@@ -78,7 +138,10 @@ impl Linear {
                     return self.product_bf16(xs, true, Some(act));
                 }
                 Precision::Int8 => return self.product_int8(xs, true, Some(act)),
-                Precision::F32 => xs.matmul(&self.wt)?,
+                Precision::F32 => match self.packed_f32(xs) {
+                    Some(p) => return apply_packed(xs, p, true, Some(act)),
+                    None => xs.matmul(self.plain()?)?,
+                },
                 Precision::Bf16 => self.product_bf16(xs, false, None)?,
             };
             let zeros;
@@ -99,10 +162,14 @@ impl Linear {
             Ok(match (precision, &self.b) {
                 (Precision::Bf16, _) => self.product_bf16(xs, true, None)?,
                 (Precision::Int8, _) => self.product_int8(xs, true, None)?,
-                (Precision::F32, Some(b)) => {
-                    crate::model::kernels::linear::linear(xs, &self.wt, b)?
+                (Precision::F32, _) if self.packed_f32(xs).is_some() => {
+                    let p = self.packed_f32(xs).expect("checked just above");
+                    apply_packed(xs, p, true, None)?
                 }
-                (Precision::F32, None) => xs.matmul(&self.wt)?,
+                (Precision::F32, Some(b)) => {
+                    crate::model::kernels::linear::linear(xs, self.plain()?, b)?
+                }
+                (Precision::F32, None) => xs.matmul(self.plain()?)?,
             })
         })
     }
@@ -114,7 +181,7 @@ impl Linear {
         let inp = dims.pop().unwrap_or(1);
         let rows = xs.elem_count() / inp.max(1);
         let ys = f(&xs.reshape((rows, inp))?)?;
-        dims.push(self.wt.dim(1)?);
+        dims.push(self.out);
         Ok(ys.reshape(dims)?)
     }
 
@@ -131,19 +198,14 @@ impl Linear {
         if !xs.device().is_cpu() {
             let ys = xs
                 .to_dtype(DType::BF16)?
-                .matmul(&self.wt.to_dtype(DType::BF16)?)?
+                .matmul(&self.plain()?.to_dtype(DType::BF16)?)?
                 .to_dtype(DType::F32)?;
             return Ok(match bias {
                 Some(b) => ys.broadcast_add(b)?,
                 None => ys,
             });
         }
-        let op = PackedLinear {
-            packed: self.packed_in(&self.packed)?,
-            bias: with_bias,
-            act,
-        };
-        Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
+        apply_packed(xs, self.packed_in(&self.packed)?, with_bias, act)
     }
 
     /// `xs (rows, in) @ wt` with int8 products and exact sums, plus the bias if `with_bias`, then
@@ -159,12 +221,7 @@ impl Linear {
                 "--precision int8 runs on the CPU only; use f32 or bf16 on a GPU".into(),
             ));
         }
-        let op = PackedLinear {
-            packed: self.packed_in(&self.quantised)?,
-            bias: with_bias,
-            act,
-        };
-        Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
+        apply_packed(xs, self.packed_in(&self.quantised)?, with_bias, act)
     }
 
     /// The weight packed as `P` in `cell`, packed on first use (another thread may pack it
@@ -173,13 +230,26 @@ impl Linear {
         if let Some(p) = cell.get() {
             return Ok(p);
         }
-        let (k, n) = self.wt.dims2()?;
-        let wt = self.wt.flatten_all()?.to_vec1::<f32>()?;
+        let (wt, (k, n)) = match &self.wt {
+            Weight::Packed { f32, .. } => (f32.unpack(), f32.dims()),
+            Weight::Plain(t) => (t.flatten_all()?.to_vec1::<f32>()?, t.dims2()?),
+        };
         let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
         let _ = cell.set(P::pack(&wt, k, n, b)?);
         cell.get()
             .ok_or_else(|| Error::invalid(format!("{}: weights not packed", P::NAME)))
     }
+}
+
+/// `xs (rows, in)` through a packed product (inference only: no gradient flows back).
+fn apply_packed<P: Packed>(
+    xs: &Tensor,
+    packed: &P,
+    bias: bool,
+    act: Option<Activation>,
+) -> Result<Tensor> {
+    let op = PackedLinear { packed, bias, act };
+    Ok(xs.contiguous()?.apply_op1_no_bwd(&op)?)
 }
 
 /// LayerNorm over the last dimension, two-pass (mean, then variance of the centred values) as

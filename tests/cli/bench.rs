@@ -77,9 +77,21 @@ fn bench_tiny_json() {
     ]
     .map(|(l, s)| (serde_json::json!(l), serde_json::json!(s)));
     assert_eq!(shapes, want);
+    // On the packed f32 kernel each shape also went through gemm, run by run (the anchor).
+    let packed = v["f32_kernel"].as_str().unwrap().starts_with("avx512f");
     for l in lin {
         positive(l, "gflops");
         assert_eq!(l["batch"], 1);
+        assert_eq!(l["kernel"], v["f32_kernel"]);
+        assert_eq!(l["gemm"].is_object(), packed, "{l}");
+        if packed {
+            positive(&l["gemm"], "gflops");
+            positive(&l["gemm"], "speedup");
+            assert_eq!(
+                l["gemm"]["runs_s"].as_array().unwrap().len(),
+                l["runs_s"].as_array().unwrap().len()
+            );
+        }
     }
     // The reduced precisions' packed products, at the same shapes (`--precision all`).
     for key in ["linear_bf16", "linear_int8"] {

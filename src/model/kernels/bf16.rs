@@ -452,58 +452,6 @@ unsafe fn tile_fma<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
     tile_portable_body::<R, B>(t)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn lane_mask(valid: usize) -> u16 {
-    if valid >= LANES {
-        u16::MAX
-    } else {
-        (1u16 << valid) - 1
-    }
-}
-
-/// The `R x B` accumulators of a tile read from `c` (`ldc` apart; lanes outside `masks` zero).
-///
-/// # Safety
-/// `c` must hold `R` rows `ldc` apart with the masked lanes of `B` blocks.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn load_tile<const R: usize, const B: usize>(
-    c: *const f32,
-    ldc: usize,
-    masks: [u16; B],
-) -> [[std::arch::x86_64::__m512; B]; R] {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); B]; R];
-    for r in 0..R {
-        for b in 0..B {
-            acc[r][b] = _mm512_maskz_loadu_ps(masks[b], c.add(r * ldc + b * LANES));
-        }
-    }
-    acc
-}
-
-/// Writes the accumulators back where [`load_tile`] read them.
-///
-/// # Safety
-/// As [`load_tile`], and `c` writable.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn store_tile<const R: usize, const B: usize>(
-    c: *mut f32,
-    ldc: usize,
-    masks: [u16; B],
-    acc: &[[std::arch::x86_64::__m512; B]; R],
-) {
-    use std::arch::x86_64::*;
-    for r in 0..R {
-        for b in 0..B {
-            _mm512_mask_storeu_ps(c.add(r * ldc + b * LANES), masks[b], acc[r][b]);
-        }
-    }
-}
-
 /// AVX-512F micro-tile, same contract and same bits as [`tile_portable_body`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
@@ -519,8 +467,8 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
         valid,
     } = t;
     use std::arch::x86_64::*;
-    let masks = valid.map(lane_mask);
-    let mut acc = load_tile::<R, B>(c, ldc, masks);
+    let masks = valid.map(super::lane_mask);
+    let mut acc = super::load_tile::<R, B>(c, ldc, masks);
     let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
     for p in 0..pairs {
         let mut lo = [_mm512_setzero_ps(); B];
@@ -538,7 +486,7 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(t: TileArgs<f32, B>) {
             }
         }
     }
-    store_tile(c, ldc, masks, &acc);
+    super::store_tile(c, ldc, masks, &acc);
 }
 
 /// Micro-tiles over packed pairs: `a` holds `R` rows of `pairs` packed bf16 pairs, `lda` apart;
@@ -565,8 +513,8 @@ macro_rules! pair_tile {
                 valid,
             } = t;
             use std::arch::x86_64::*;
-            let masks = valid.map(lane_mask);
-            let mut acc = load_tile::<R, B>(c, ldc, masks);
+            let masks = valid.map(super::lane_mask);
+            let mut acc = super::load_tile::<R, B>(c, ldc, masks);
             for p in 0..pairs {
                 let mut wv = [_mm512_setzero_si512(); B];
                 for b in 0..B {
@@ -579,7 +527,7 @@ macro_rules! pair_tile {
                     }
                 }
             }
-            store_tile(c, ldc, masks, &acc);
+            super::store_tile(c, ldc, masks, &acc);
         }
     };
 }

@@ -7,6 +7,7 @@ pub(crate) mod gelu;
 pub(crate) mod int8;
 pub(crate) mod layer_norm;
 pub(crate) mod linear;
+pub(crate) mod packed_f32;
 pub(crate) mod softmax;
 pub(crate) mod transpose;
 mod vecmath;
@@ -126,6 +127,61 @@ pub(crate) fn for_each_tile(
             }
             finish(chunk);
         });
+}
+
+/// The mask of the first `valid` of a vector's 16 f32 lanes.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn lane_mask(valid: usize) -> u16 {
+    if valid >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << valid) - 1
+    }
+}
+
+/// The `R x B` accumulators of a tile read from `c` (`ldc` apart; lanes outside `masks` zero).
+///
+/// # Safety
+/// `c` must hold `R` rows `ldc` apart with the masked lanes of `B` blocks.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // rows x blocks by position, as the micro-kernels index them
+pub(crate) unsafe fn load_tile<const R: usize, const B: usize>(
+    c: *const f32,
+    ldc: usize,
+    masks: [u16; B],
+) -> [[std::arch::x86_64::__m512; B]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    for r in 0..R {
+        for b in 0..B {
+            acc[r][b] = _mm512_maskz_loadu_ps(masks[b], c.add(r * ldc + b * 16));
+        }
+    }
+    acc
+}
+
+/// Writes the accumulators back where [`load_tile`] read them.
+///
+/// # Safety
+/// As [`load_tile`], and `c` writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)]
+pub(crate) unsafe fn store_tile<const R: usize, const B: usize>(
+    c: *mut f32,
+    ldc: usize,
+    masks: [u16; B],
+    acc: &[[std::arch::x86_64::__m512; B]; R],
+) {
+    use std::arch::x86_64::*;
+    for r in 0..R {
+        for b in 0..B {
+            _mm512_mask_storeu_ps(c.add(r * ldc + b * 16), masks[b], acc[r][b]);
+        }
+    }
 }
 
 /// The f32 values of a contiguous CPU storage, for the CPU kernels' `cpu_fwd`; `op` and `what`

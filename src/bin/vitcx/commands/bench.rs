@@ -237,6 +237,8 @@ fn linears_json(
                 "runs_s": t.runs_s,
                 "gflops": t.gflops,
                 "share_of_peak": peak.map(|p| t.gflops / p),
+                "kernel": t.kernel,
+                "gemm": t.gemm,
             })
         })
         .collect()
@@ -296,6 +298,7 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
         }),
         "forward_runs_s": runs_map(forward, Precision::F32),
         "linear_f32": linears_json(linears, Precision::F32, peak),
+        "f32_kernel": Precision::f32_kernel(),
         "bf16_kernel": bf16_kernel,
         "int8_kernel": int8_kernel,
         "explain_s_per_mask": ex(Precision::F32).map(|e| e.explain_s_per_mask),
@@ -374,7 +377,8 @@ fn write_text(
     }
     writeln!(
         out,
-        "bf16 kernel: {}; int8 kernel: {}",
+        "f32 kernel: {}; bf16 kernel: {}; int8 kernel: {}",
+        report["f32_kernel"].as_str().unwrap_or("?"),
         report["bf16_kernel"].as_str().unwrap_or("?"),
         report["int8_kernel"].as_str().unwrap_or("?")
     )?;
@@ -405,9 +409,16 @@ fn write_text(
             "{} linear layers alone (share of the f32 FMA peak)",
             p.name()
         )?;
+        // f32 on the packed kernel: gemm on the same operands, run by run (the anchor).
+        let anchored = lin.iter().any(|l| l["gemm"].is_object());
         writeln!(
             out,
-            "batch   layer   rows x k x n          GFLOP/s   of peak"
+            "batch   layer   rows x k x n          GFLOP/s   of peak{}",
+            if anchored {
+                "   gemm GFLOP/s   gemm s / ours (median of pairs)"
+            } else {
+                ""
+            }
         )?;
         for l in lin {
             let s = &l["shape"];
@@ -415,9 +426,13 @@ fn write_text(
             let share = l["share_of_peak"]
                 .as_f64()
                 .map_or("?".to_string(), |f| format!("{:.0}%", 100.0 * f));
+            let gemm = match (l["gemm"]["gflops"].as_f64(), l["gemm"]["speedup"].as_f64()) {
+                (Some(g), Some(r)) => format!("   {g:>12.1}   {r:>5.3}"),
+                _ => String::new(),
+            };
             writeln!(
                 out,
-                "{:>5}   {:<5}   {shape:<20}  {:>7.1}   {share:>7}",
+                "{:>5}   {:<5}   {shape:<20}  {:>7.1}   {share:>7}{gemm}",
                 l["batch"].as_u64().unwrap_or(0),
                 l["layer"].as_str().unwrap_or("?"),
                 l["gflops"].as_f64().unwrap_or(f64::NAN),

@@ -1,0 +1,368 @@
+//! The f32 product of the linear layers on CPUs with AVX-512F, with the weight packed once at
+//! load into panels of 16 output columns (the layout the micro-kernel streams).
+//!
+//! `gemm` (what candle's matmul calls) packs both operands on every call and picks its blocking
+//! from the matrix sizes. With the weight packed once and an 8-row by 48-column micro-tile (24
+//! of the 32 vector registers accumulate; three weight loads and eight broadcasts per step), the
+//! ViT-B/16 shapes run 3-10% faster here (`vitcx bench --linears`, docs/performance.md).
+//!
+//! Each output is one chain of multiply-adds along `k` in order, started from the bias (or from
+//! zero when an activation follows, which then adds the bias as the separate pass does): a row's
+//! result does not depend on the other rows, the batch size or the thread count, where `gemm`'s
+//! blocking, and so its rounding, depends on all three.
+
+// The micro-kernel indexes its register tile (rows x blocks) by position.
+#![allow(clippy::needless_range_loop)]
+
+use super::gelu::{bias_act_in_place, Activation};
+use super::Tile;
+
+/// Output columns per block: one 512-bit vector of f32.
+const LANES: usize = 16;
+/// Rows per micro-tile.
+const MR: usize = 8;
+/// Column blocks per micro-tile: `MR * NB` = 24 accumulators.
+const NB: usize = 3;
+/// Rows per parallel task at most: the task's input rows stay in L2 while it sweeps the panels.
+const MC: usize = 96;
+
+/// A linear layer's weight `(k, n)` packed for the AVX-512F kernel: `panels[(block * k + i) *
+/// 16 + lane]` is element `i` of column `16 * block + lane` (zero past `n`).
+#[derive(Debug, Clone)]
+pub(crate) struct PackedF32 {
+    k: usize,
+    n: usize,
+    panels: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl PackedF32 {
+    /// Whether this CPU runs the kernel (AVX-512F); elsewhere the layers keep `gemm`.
+    pub(crate) fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Packs `wt (k, n)` row-major and an optional bias of `n`.
+    pub(crate) fn new(
+        wt: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<Vec<f32>>,
+    ) -> candle_core::Result<Self> {
+        Self::packed(k, n, bias, wt.len(), |panel, j0, width| {
+            for (row, dst) in wt.chunks_exact(n).zip(panel.chunks_exact_mut(LANES)) {
+                dst[..width].copy_from_slice(&row[j0..j0 + width]);
+            }
+        })
+    }
+
+    /// Packs a checkpoint's `w (n, k)` (PyTorch's `(out, in)`) directly, without the
+    /// transposed copy in between.
+    pub(crate) fn from_out_in(
+        w: &[f32],
+        n: usize,
+        k: usize,
+        bias: Option<Vec<f32>>,
+    ) -> candle_core::Result<Self> {
+        Self::packed(k, n, bias, w.len(), |panel, j0, width| {
+            // One output column at a time: a contiguous source row written 16 apart into a
+            // panel that stays in L2.
+            for l in 0..width {
+                let src = &w[(j0 + l) * k..(j0 + l + 1) * k];
+                for (dst, &v) in panel.chunks_exact_mut(LANES).zip(src) {
+                    dst[l] = v;
+                }
+            }
+        })
+    }
+
+    /// The panels of `(k, n)` filled in parallel by `fill(panel, first_column, width)`.
+    fn packed(
+        k: usize,
+        n: usize,
+        bias: Option<Vec<f32>>,
+        len: usize,
+        fill: impl Fn(&mut [f32], usize, usize) + Sync,
+    ) -> candle_core::Result<Self> {
+        use rayon::prelude::*;
+        if len != k * n || bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "vitcx f32: weight of {len} values for ({k}, {n}), bias of {:?}",
+                bias.as_ref().map(Vec::len)
+            )
+        }
+        let blocks = n.div_ceil(LANES);
+        let mut panels = vec![0f32; blocks * k * LANES];
+        if k > 0 {
+            panels
+                .par_chunks_mut(k * LANES)
+                .enumerate()
+                .for_each(|(b, panel)| fill(panel, b * LANES, (n - b * LANES).min(LANES)));
+        }
+        Ok(PackedF32 { k, n, panels, bias })
+    }
+
+    /// The weight back as `(k, n)` row-major (for the gradient path and the other precisions'
+    /// packing): the same values.
+    pub(crate) fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut wt = vec![0f32; k * n];
+        for (b, panel) in self.panels.chunks_exact(k.max(1) * LANES).enumerate() {
+            let (j0, width) = (b * LANES, (n - b * LANES).min(LANES));
+            for (row, src) in wt.chunks_exact_mut(n).zip(panel.chunks_exact(LANES)) {
+                row[j0..j0 + width].copy_from_slice(&src[..width]);
+            }
+        }
+        wt
+    }
+
+    /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given
+    /// (each task's rows while they are in cache).
+    pub(crate) fn forward(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (k, n) = (self.k, self.n);
+        if k == 0 || !x.len().is_multiple_of(k) {
+            candle_core::bail!("vitcx f32: {} input values for rows of {k}", x.len())
+        }
+        let bias = self.bias.as_deref().filter(|_| with_bias);
+        if !Self::available() {
+            candle_core::bail!("vitcx f32: the packed kernel needs AVX-512F")
+        }
+        let rows = x.len() / k;
+        // Without an activation the sums start from the bias (as `addmm`); with one, from zero,
+        // and the activation's pass adds the bias as the separate bias-GELU pass does.
+        let mut dst = match bias {
+            Some(b) if act.is_none() => b.repeat(rows),
+            _ => vec![0f32; rows * n],
+        };
+        if rows == 0 || n == 0 {
+            return Ok(dst);
+        }
+        super::for_each_tile(
+            &mut dst,
+            n,
+            (task_rows(rows, rayon::current_num_threads()), MR, NB),
+            |t, c| {
+                // SAFETY: AVX-512F was checked above; `for_each_tile` gives tiles inside `dst`,
+                // whose blocks lie in the panels and whose rows lie in `x`.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    self.tile(x, t, c)
+                }
+            },
+            |rows| {
+                if let Some(act) = act {
+                    bias_act_in_place(rows, bias, act)
+                }
+            },
+        );
+        Ok(dst)
+    }
+
+    /// One micro-tile; `c` points at the tile's first output row.
+    ///
+    /// # Safety
+    /// AVX-512F; `c` valid for `tile.rows` rows of `n`, the tile inside `x` and the panels.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn tile(&self, x: &[f32], tile: Tile, c: *mut f32) {
+        let (k, n) = (self.k, self.n);
+        let a = x.as_ptr().add(tile.row * k);
+        let w = self.panels.as_ptr().add(tile.block * k * LANES);
+        let c = c.add(tile.block * LANES);
+        let mask = |b: usize| super::lane_mask((n - (tile.block + b) * LANES).min(LANES));
+        let args = (a, k, w, c, n);
+        match (tile.rows, tile.blocks) {
+            (MR, NB) => tile_avx512::<MR, NB>(args, [mask(0), mask(1), mask(2)]),
+            (MR, _) => tile_avx512::<MR, 1>(args, [mask(0)]),
+            (_, NB) => tile_avx512::<1, NB>(args, [mask(0), mask(1), mask(2)]),
+            _ => tile_avx512::<1, 1>(args, [mask(0)]),
+        }
+    }
+}
+
+/// Rows per parallel task: at most [`MC`], a multiple of [`MR`], and as many tasks per thread
+/// as possible so that the two cores finish together.
+fn task_rows(rows: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let tasks = rows.div_ceil(threads * MC).max(1) * threads;
+    rows.div_ceil(tasks).div_ceil(MR).max(1) * MR
+}
+
+/// `c (R rows, ldc apart) += a (R rows of k, k apart) @ w (B panels of k x 16, k * 16 apart)`,
+/// the blocks' lanes limited to `masks`; each output one chain of FMAs along `k` from `c`.
+///
+/// # Safety
+/// AVX-512F; the operands as described, `c` writable at the masked lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512<const R: usize, const B: usize>(
+    (a, k, w, c, ldc): (*const f32, usize, *const f32, *mut f32, usize),
+    masks: [u16; B],
+) {
+    use std::arch::x86_64::*;
+    let mut acc = super::load_tile::<R, B>(c, ldc, masks);
+    for i in 0..k {
+        let mut wv = [_mm512_setzero_ps(); B];
+        for b in 0..B {
+            wv[b] = _mm512_loadu_ps(w.add((b * k + i) * LANES));
+        }
+        for r in 0..R {
+            let av = _mm512_set1_ps(*a.add(r * k + i));
+            for b in 0..B {
+                acc[r][b] = _mm512_fmadd_ps(av, wv[b], acc[r][b]);
+            }
+        }
+    }
+    super::store_tile(c, ldc, masks, &acc);
+}
+
+impl super::Packed for PackedF32 {
+    const NAME: &'static str = "vitcx f32";
+
+    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
+        Self::new(wt, k, n, bias)
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        (self.k, self.n)
+    }
+
+    fn product(
+        &self,
+        x: &[f32],
+        with_bias: bool,
+        act: Option<Activation>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.forward(x, with_bias, act)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn seq(n: usize, k: f32) -> Vec<f32> {
+        (0..n).map(|i| ((i as f32) * k).sin()).collect()
+    }
+
+    /// The plain product, one chain from the bias per output in `k` order (what the kernel
+    /// computes, so bits can be compared).
+    fn reference(x: &[f32], wt: &[f32], b: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
+        let rows = x.len() / k;
+        let mut out = vec![0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut s = b.map_or(0.0, |b| b[j]);
+                for i in 0..k {
+                    s = x[r * k + i].mul_add(wt[i * n + j], s);
+                }
+                out[r * n + j] = s;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn packs_and_unpacks_the_same_values() {
+        for (k, n) in [(5, 37), (16, 16), (3, 1), (1, 48), (0, 3)] {
+            let wt = seq(k * n, 0.7);
+            let p = PackedF32::new(&wt, k, n, None).unwrap();
+            assert_eq!(p.unpack(), wt, "({k}, {n})");
+            // From the checkpoint's (out, in) layout: the same panels.
+            let mut w = vec![0f32; k * n];
+            for i in 0..k {
+                for j in 0..n {
+                    w[j * k + i] = wt[i * n + j];
+                }
+            }
+            let q = PackedF32::from_out_in(&w, n, k, None).unwrap();
+            assert_eq!(q.panels, p.panels, "({k}, {n})");
+        }
+        assert!(PackedF32::new(&[0.0; 5], 2, 3, None).is_err());
+        assert!(PackedF32::new(&[0.0; 6], 2, 3, Some(vec![0.0; 2])).is_err());
+    }
+
+    #[test]
+    fn every_tile_shape_gives_the_chain_of_fmas() {
+        if !PackedF32::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        // Rows: full tiles, tail rows and several tasks; columns: full 48-column tiles, single
+        // blocks and a partial block.
+        for (rows, k, n) in [
+            (1, 3, 1),
+            (7, 19, 37),
+            (200, 40, 35),
+            (300, 64, 150),
+            (17, 5, 96),
+        ] {
+            let (x, wt, b) = (seq(rows * k, 0.37), seq(k * n, 0.71), seq(n, 1.3));
+            let p = PackedF32::new(&wt, k, n, Some(b.clone())).unwrap();
+            for with_bias in [true, false] {
+                let got = p.forward(&x, with_bias, None).unwrap();
+                let want = reference(&x, &wt, Some(&b[..]).filter(|_| with_bias), k, n);
+                assert_eq!(got, want, "({rows}, {k}, {n}) bias {with_bias}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_does_not_depend_on_the_batch() {
+        if !PackedF32::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let (k, n) = (64, 100);
+        let (x, wt) = (seq(500 * k, 0.37), seq(k * n, 0.71));
+        let p = PackedF32::new(&wt, k, n, None).unwrap();
+        let all = p.forward(&x, false, None).unwrap();
+        let one = p.forward(&x[123 * k..124 * k], false, None).unwrap();
+        assert_eq!(&all[123 * n..124 * n], &one[..]);
+    }
+
+    #[test]
+    fn close_to_candles_matmul_and_fuses_the_activation() {
+        if !PackedF32::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let (rows, k, n) = (150, 300, 70);
+        let (x, wt, b) = (seq(rows * k, 0.37), seq(k * n, 0.71), seq(n, 1.3));
+        let p = PackedF32::new(&wt, k, n, Some(b.clone())).unwrap();
+        let got =
+            Tensor::from_vec(p.forward(&x, true, None).unwrap(), (rows, n), &Device::Cpu).unwrap();
+        let xt = Tensor::from_vec(x.clone(), (rows, k), &Device::Cpu).unwrap();
+        let wtt = Tensor::from_vec(wt.clone(), (k, n), &Device::Cpu).unwrap();
+        let bt = Tensor::from_vec(b.clone(), n, &Device::Cpu).unwrap();
+        let want = xt.matmul(&wtt).unwrap().broadcast_add(&bt).unwrap();
+        assert!(super::super::max_abs_diff(&got, &want) < 1e-4);
+        super::super::testing::check_fused_activation("f32", seq, |x, wt, bias, with_bias, act| {
+            let (rows, k, n) = super::super::testing::FUSED_DIMS;
+            assert_eq!(x.len(), rows * k);
+            let p = PackedF32::new(wt, k, n, bias).unwrap();
+            p.forward(x, with_bias, act).unwrap()
+        });
+        assert!(p.forward(&x[..k + 1], true, None).is_err());
+    }
+
+    #[test]
+    fn tasks_split_the_rows_evenly() {
+        assert_eq!(task_rows(1576, 2), 88); // 18 tasks of 88 (the last 80)
+        assert_eq!(task_rows(197, 2), 56); // 4 tasks (the last 29)
+        assert_eq!(task_rows(3, 2), 8);
+        assert_eq!(task_rows(6304, 1), 96);
+    }
+}
