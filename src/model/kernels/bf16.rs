@@ -586,26 +586,7 @@ fn dot_modelled(
     _mm512_fmadd_ps(even(a), even(w), acc)
 }
 
-impl super::Packed for PackedBf16 {
-    const NAME: &'static str = "vitcx bf16 linear";
-
-    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
-        Self::new(wt, k, n, bias)
-    }
-
-    fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    fn product(
-        &self,
-        x: &[f32],
-        with_bias: bool,
-        act: Option<Activation>,
-    ) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias, act)
-    }
-}
+packed_by_inherent_methods!(PackedBf16, "vitcx bf16 linear");
 
 #[cfg(test)]
 mod tests {

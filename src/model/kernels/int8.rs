@@ -498,26 +498,7 @@ unsafe fn tile_vnni<const R: usize, const B: usize>(t: TileArgs<B>) {
     }
 }
 
-impl super::Packed for PackedI8 {
-    const NAME: &'static str = "vitcx int8 linear";
-
-    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
-        Self::new(wt, k, n, bias)
-    }
-
-    fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    fn product(
-        &self,
-        x: &[f32],
-        with_bias: bool,
-        act: Option<Activation>,
-    ) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias, act)
-    }
-}
+packed_by_inherent_methods!(PackedI8, "vitcx int8 linear");
 
 #[cfg(test)]
 mod tests {

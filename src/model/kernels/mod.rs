@@ -1,6 +1,38 @@
 //! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the bf16
 //! and int8 products, the weights' transpose) and the plumbing they share.
 
+/// [`Packed`] for a packed weight type whose module defines `new(wt, k, n, bias)`,
+/// `forward(x, with_bias, act)` and the fields `k` and `n`: the three packed products share it.
+macro_rules! packed_by_inherent_methods {
+    ($t:ty, $name:literal) => {
+        impl $crate::model::kernels::Packed for $t {
+            const NAME: &'static str = $name;
+
+            fn pack(
+                wt: &[f32],
+                k: usize,
+                n: usize,
+                bias: Option<Vec<f32>>,
+            ) -> candle_core::Result<Self> {
+                Self::new(wt, k, n, bias)
+            }
+
+            fn dims(&self) -> (usize, usize) {
+                (self.k, self.n)
+            }
+
+            fn product(
+                &self,
+                x: &[f32],
+                with_bias: bool,
+                act: Option<$crate::model::kernels::Activation>,
+            ) -> candle_core::Result<Vec<f32>> {
+                self.forward(x, with_bias, act)
+            }
+        }
+    };
+}
+
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod gelu;

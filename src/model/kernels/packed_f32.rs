@@ -227,26 +227,7 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     super::store_tile(c, ldc, masks, &acc);
 }
 
-impl super::Packed for PackedF32 {
-    const NAME: &'static str = "vitcx f32";
-
-    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
-        Self::new(wt, k, n, bias)
-    }
-
-    fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    fn product(
-        &self,
-        x: &[f32],
-        with_bias: bool,
-        act: Option<Activation>,
-    ) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias, act)
-    }
-}
+packed_by_inherent_methods!(PackedF32, "vitcx f32");
 
 #[cfg(test)]
 mod tests {
