@@ -133,17 +133,10 @@ impl PackedBf16 {
         act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>> {
         let (k, n) = (self.k, self.n);
-        if k == 0 || !x.len().is_multiple_of(k) {
-            candle_core::bail!("vitcx bf16: {} input values for rows of {k}", x.len())
-        }
-        let rows = x.len() / k;
         // With an activation the bias is added after the sums, as the separate bias-GELU pass
         // did (the same roundings); without, the sums start from it.
         let bias = self.bias.as_deref().filter(|_| with_bias);
-        let mut dst = match bias {
-            Some(b) if act.is_none() => b.repeat(rows),
-            _ => vec![0f32; rows * n],
-        };
+        let (rows, mut dst) = super::packed_output("vitcx bf16", x, (k, n), bias, act)?;
         if rows == 0 || n == 0 {
             return Ok(dst);
         }

@@ -196,11 +196,8 @@ impl PackedI8 {
         act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>> {
         let (k, n) = (self.k, self.n);
-        if k == 0 || !x.len().is_multiple_of(k) {
-            candle_core::bail!("vitcx int8: {} input values for rows of {k}", x.len())
-        }
-        let rows = x.len() / k;
-        let mut dst = vec![0f32; rows * n];
+        // Zeros: the epilogue adds the bias.
+        let (rows, mut dst) = super::packed_output("vitcx int8", x, (k, n), None, act)?;
         if rows == 0 || n == 0 {
             return Ok(dst);
         }

@@ -108,6 +108,29 @@ impl<P: Packed> candle_core::CustomOp1 for PackedLinear<'_, P> {
     }
 }
 
+/// The checks and the output a packed product starts from: `x` as rows of `k`, and `(rows, n)`
+/// holding the bias in every row when the sums start from it (a bias and no activation after),
+/// zeros otherwise (the activation's pass adds the bias, as the separate bias-GELU pass does).
+pub(crate) fn packed_output(
+    name: &str,
+    x: &[f32],
+    (k, n): (usize, usize),
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+) -> candle_core::Result<(usize, Vec<f32>)> {
+    if k == 0 || !x.len().is_multiple_of(k) {
+        candle_core::bail!("{name}: {} input values for rows of {k}", x.len())
+    }
+    let rows = x.len() / k;
+    Ok((
+        rows,
+        match bias {
+            Some(b) if act.is_none() => b.repeat(rows),
+            _ => vec![0f32; rows * n],
+        },
+    ))
+}
+
 /// Where a micro-tile of a packed product sits: `rows` rows from `row`, `blocks` column blocks
 /// (of 16 outputs) from `block`.
 #[derive(Clone, Copy)]

@@ -131,21 +131,13 @@ impl PackedF32 {
         with_bias: bool,
         act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>> {
-        let (k, n) = (self.k, self.n);
-        if k == 0 || !x.len().is_multiple_of(k) {
-            candle_core::bail!("vitcx f32: {} input values for rows of {k}", x.len())
-        }
-        let bias = self.bias.as_deref().filter(|_| with_bias);
+        let n = self.n;
         if !Self::available() {
             candle_core::bail!("vitcx f32: the packed kernel needs AVX-512F")
         }
-        let rows = x.len() / k;
-        // Without an activation the sums start from the bias (as `addmm`); with one, from zero,
-        // and the activation's pass adds the bias as the separate bias-GELU pass does.
-        let mut dst = match bias {
-            Some(b) if act.is_none() => b.repeat(rows),
-            _ => vec![0f32; rows * n],
-        };
+        // Without an activation the sums start from the bias (as `addmm`).
+        let bias = self.bias.as_deref().filter(|_| with_bias);
+        let (rows, mut dst) = super::packed_output("vitcx f32", x, (self.k, n), bias, act)?;
         if rows == 0 || n == 0 {
             return Ok(dst);
         }
