@@ -4,12 +4,13 @@
 //! `gemm` (what candle's matmul calls) packs both operands on every call and picks its blocking
 //! from the matrix sizes. With the weight packed once and an 8-row by 48-column micro-tile (24
 //! of the 32 vector registers accumulate; three weight loads and eight broadcasts per step), the
-//! ViT-B/16 shapes run 3-10% faster here (`vitcx bench --linears`, docs/performance.md).
+//! ViT-B/16 shapes run 2-4% faster than `gemm` here, fc1 level (`vitcx bench --linears`,
+//! docs/performance.md).
 //!
-//! Each output is one chain of multiply-adds along `k` in order, started from the bias (or from
-//! zero when an activation follows, which then adds the bias as the separate pass does): a row's
-//! result does not depend on the other rows, the batch size or the thread count, where `gemm`'s
-//! blocking, and so its rounding, depends on all three.
+//! Each output sums its products in a fixed order (partial sums of [`KC`] along `k`, each added
+//! to the bias, or to zero when an activation follows, which then adds the bias as the separate
+//! pass does): a row's result does not depend on the other rows, the batch size or the thread
+//! count, where `gemm`'s blocking, and so its rounding, depends on all three.
 
 // The micro-kernel indexes its register tile (rows x blocks) by position.
 #![allow(clippy::needless_range_loop)]
@@ -23,6 +24,9 @@ const LANES: usize = 16;
 const MR: usize = 8;
 /// Column blocks per micro-tile: `MR * NB` = 24 accumulators.
 const NB: usize = 3;
+/// Products summed per partial sum along k (a fixed number, so that the rounding does not
+/// depend on the matrix sizes).
+const KC: usize = 256;
 /// Rows per parallel task at most: the task's input rows stay in L2 while it sweeps the panels.
 const MC: usize = 96;
 
@@ -192,7 +196,10 @@ fn task_rows(rows: usize, threads: usize) -> usize {
 }
 
 /// `c (R rows, ldc apart) += a (R rows of k, k apart) @ w (B panels of k x 16, k * 16 apart)`,
-/// the blocks' lanes limited to `masks`; each output one chain of FMAs along `k` from `c`.
+/// the blocks' lanes limited to `masks`. Each output sums [`KC`] products at a time in a chain
+/// of FMAs from zero, and each partial sum is added to `c`, as `gemm` blocks along k: one chain
+/// over all of k rounded worse (the golden cases' probabilities up to 1.5e-6 off the
+/// reference's, against 4.2e-7 blocked), for about 2% of the speed.
 ///
 /// # Safety
 /// AVX-512F; the operands as described, `c` writable at the masked lanes.
@@ -203,20 +210,30 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     masks: [u16; B],
 ) {
     use std::arch::x86_64::*;
-    let mut acc = super::load_tile::<R, B>(c, ldc, masks);
-    for i in 0..k {
-        let mut wv = [_mm512_setzero_ps(); B];
-        for b in 0..B {
-            wv[b] = _mm512_loadu_ps(w.add((b * k + i) * LANES));
-        }
-        for r in 0..R {
-            let av = _mm512_set1_ps(*a.add(r * k + i));
+    let mut k0 = 0;
+    while k0 < k {
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        for i in k0..(k0 + KC).min(k) {
+            let mut wv = [_mm512_setzero_ps(); B];
             for b in 0..B {
-                acc[r][b] = _mm512_fmadd_ps(av, wv[b], acc[r][b]);
+                wv[b] = _mm512_loadu_ps(w.add((b * k + i) * LANES));
+            }
+            for r in 0..R {
+                let av = _mm512_set1_ps(*a.add(r * k + i));
+                for b in 0..B {
+                    acc[r][b] = _mm512_fmadd_ps(av, wv[b], acc[r][b]);
+                }
             }
         }
+        let mut sum = super::load_tile::<R, B>(c, ldc, masks);
+        for r in 0..R {
+            for b in 0..B {
+                sum[r][b] = _mm512_add_ps(sum[r][b], acc[r][b]);
+            }
+        }
+        super::store_tile(c, ldc, masks, &sum);
+        k0 += KC;
     }
-    super::store_tile(c, ldc, masks, &acc);
 }
 
 packed_by_inherent_methods!(PackedF32, "vitcx f32");
@@ -230,16 +247,20 @@ mod tests {
         (0..n).map(|i| ((i as f32) * k).sin()).collect()
     }
 
-    /// The plain product, one chain from the bias per output in `k` order (what the kernel
-    /// computes, so bits can be compared).
+    /// The plain product, partial sums of `KC` products added to the bias in `k` order (what
+    /// the kernel computes, so bits can be compared).
     fn reference(x: &[f32], wt: &[f32], b: Option<&[f32]>, k: usize, n: usize) -> Vec<f32> {
         let rows = x.len() / k;
         let mut out = vec![0f32; rows * n];
         for r in 0..rows {
             for j in 0..n {
                 let mut s = b.map_or(0.0, |b| b[j]);
-                for i in 0..k {
-                    s = x[r * k + i].mul_add(wt[i * n + j], s);
+                for k0 in (0..k).step_by(KC) {
+                    let mut part = 0f32;
+                    for i in k0..(k0 + KC).min(k) {
+                        part = x[r * k + i].mul_add(wt[i * n + j], part);
+                    }
+                    s += part;
                 }
                 out[r * n + j] = s;
             }
@@ -268,7 +289,7 @@ mod tests {
     }
 
     #[test]
-    fn every_tile_shape_gives_the_chain_of_fmas() {
+    fn every_tile_shape_gives_the_blocked_sums() {
         if !PackedF32::available() {
             eprintln!("skipped: no AVX-512F");
             return;
