@@ -424,15 +424,22 @@ pub fn time_linear(
     let x = Tensor::from_slice(&xv, (rows, k), &dev)?;
     let wt = Tensor::from_slice(&wv, (k, n), &dev)?;
     let b = Tensor::from_slice(&bv, n, &dev)?;
-    let bf16 = (precision == Precision::Bf16)
-        .then(|| PackedBf16::pack(&wv, k, n, Some(bv.clone())))
-        .transpose()?;
-    let int8 = (precision == Precision::Int8)
-        .then(|| PackedI8::pack(&wv, k, n, Some(bv.clone())))
-        .transpose()?;
-    let f32 = (precision == Precision::F32 && PackedF32::available())
-        .then(|| PackedF32::pack(&wv, k, n, Some(bv.clone())))
-        .transpose()?;
+    // The packed product the forward pass runs at `precision`; `None` where that is `gemm`.
+    type Product<'a> = Box<dyn Fn() -> candle_core::Result<Vec<f32>> + 'a>;
+    fn packed<'a, P: Packed + 'a>(p: P, x: &'a [f32]) -> Product<'a> {
+        Box::new(move || p.product(x, true, None))
+    }
+    let bias = Some(bv.clone());
+    let product = match precision {
+        Precision::Bf16 => Some(packed(PackedBf16::pack(&wv, k, n, bias)?, &xv)),
+        Precision::Int8 => Some(packed(PackedI8::pack(&wv, k, n, bias)?, &xv)),
+        Precision::F32 if PackedF32::available() => {
+            Some(packed(PackedF32::pack(&wv, k, n, bias)?, &xv))
+        }
+        Precision::F32 => None,
+    };
+    // The anchor on f32: `gemm` right after each run of the packed kernel.
+    let anchored = precision == Precision::F32 && product.is_some();
     let gemm = || -> Result<()> {
         let y = crate::model::kernels::linear::linear(&x, &wt, &b)?;
         drop(std::hint::black_box(y));
@@ -441,14 +448,12 @@ pub fn time_linear(
     let (mut runs_s, mut gemm_s) = (Vec::with_capacity(repeats), Vec::new());
     for i in 0..=repeats {
         let t = Instant::now();
-        match (&bf16, &int8, &f32) {
-            (Some(p), _, _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
-            (_, Some(p), _) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
-            (_, _, Some(p)) => drop(std::hint::black_box(p.product(&xv, true, None)?)),
-            _ => gemm()?,
+        match &product {
+            Some(p) => drop(std::hint::black_box(p()?)),
+            None => gemm()?,
         }
         let first = t.elapsed().as_secs_f64();
-        if f32.is_some() {
+        if anchored {
             let t = Instant::now();
             gemm()?;
             if i > 0 {
@@ -460,7 +465,7 @@ pub fn time_linear(
         }
     }
     let flop = 2.0 * (rows * k * n) as f64;
-    let gemm = f32.as_ref().map(|_| {
+    let gemm = anchored.then(|| {
         let ratios: Vec<f64> = gemm_s.iter().zip(&runs_s).map(|(g, p)| g / p).collect();
         GemmAnchor {
             gflops: flop / median(&gemm_s) / 1e9,

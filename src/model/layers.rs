@@ -13,6 +13,7 @@ pub(crate) use crate::model::kernels::gelu::Activation;
 use crate::model::kernels::int8::PackedI8;
 use crate::model::kernels::packed_f32::PackedF32;
 use crate::model::kernels::transpose::transpose;
+use crate::model::kernels::with_cpu_f32;
 use crate::model::kernels::{Packed, PackedLinear};
 use crate::model::weights::Weights;
 
@@ -71,15 +72,12 @@ impl Linear {
         let (out, inp) = w.dims2()?;
         let packable = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && !t.track_op();
         let wt = if PackedF32::available() && packable(&w) && b.as_ref().is_none_or(packable) {
-            let w = w.contiguous()?;
             let bias = b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            let (storage, layout) = w.storage_and_layout();
-            let candle_core::Storage::Cpu(s) = &*storage else {
-                return Err(Error::invalid("linear weight not on the CPU"));
-            };
-            let values = crate::model::kernels::f32_slice(s, layout, "vitcx f32", "weight")?;
+            let f32 = with_cpu_f32(&w, "vitcx f32", "weight", |v| {
+                PackedF32::from_out_in(v, out, inp, bias)
+            })??;
             Weight::Packed {
-                f32: PackedF32::from_out_in(values, out, inp, bias)?,
+                f32,
                 plain: OnceLock::new(),
             }
         } else {
@@ -98,20 +96,13 @@ impl Linear {
     fn plain(&self) -> Result<&Tensor> {
         match &self.wt {
             Weight::Plain(t) => Ok(t),
-            Weight::Packed { f32, plain } => {
-                if let Some(t) = plain.get() {
-                    return Ok(t);
-                }
-                let (k, n) = f32.dims();
-                let _ = plain.set(Tensor::from_vec(
+            Weight::Packed { f32, plain } => get_or_make(plain, || {
+                Ok(Tensor::from_vec(
                     f32.unpack(),
-                    (k, n),
+                    f32.dims(),
                     &candle_core::Device::Cpu,
-                )?);
-                plain
-                    .get()
-                    .ok_or_else(|| Error::invalid("vitcx f32: weight not unpacked"))
-            }
+                )?)
+            }),
         }
     }
 
@@ -159,17 +150,14 @@ impl Linear {
     /// `(.., in)` -> `(.., out)`.
     pub(crate) fn forward(&self, xs: &Tensor, precision: Precision) -> Result<Tensor> {
         self.on_rows(xs, |xs| {
-            Ok(match (precision, &self.b) {
-                (Precision::Bf16, _) => self.product_bf16(xs, true, None)?,
-                (Precision::Int8, _) => self.product_int8(xs, true, None)?,
-                (Precision::F32, _) if self.packed_f32(xs).is_some() => {
-                    let p = self.packed_f32(xs).expect("checked just above");
-                    apply_packed(xs, p, true, None)?
-                }
-                (Precision::F32, Some(b)) => {
-                    crate::model::kernels::linear::linear(xs, self.plain()?, b)?
-                }
-                (Precision::F32, None) => xs.matmul(self.plain()?)?,
+            Ok(match precision {
+                Precision::Bf16 => self.product_bf16(xs, true, None)?,
+                Precision::Int8 => self.product_int8(xs, true, None)?,
+                Precision::F32 => match (self.packed_f32(xs), &self.b) {
+                    (Some(p), _) => apply_packed(xs, p, true, None)?,
+                    (None, Some(b)) => crate::model::kernels::linear::linear(xs, self.plain()?, b)?,
+                    (None, None) => xs.matmul(self.plain()?)?,
+                },
             })
         })
     }
@@ -227,18 +215,26 @@ impl Linear {
     /// The weight packed as `P` in `cell`, packed on first use (another thread may pack it
     /// first; either copy is the same).
     fn packed_in<'a, P: Packed>(&self, cell: &'a OnceLock<P>) -> Result<&'a P> {
-        if let Some(p) = cell.get() {
-            return Ok(p);
-        }
-        let (wt, (k, n)) = match &self.wt {
-            Weight::Packed { f32, .. } => (f32.unpack(), f32.dims()),
-            Weight::Plain(t) => (t.flatten_all()?.to_vec1::<f32>()?, t.dims2()?),
-        };
-        let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-        let _ = cell.set(P::pack(&wt, k, n, b)?);
-        cell.get()
-            .ok_or_else(|| Error::invalid(format!("{}: weights not packed", P::NAME)))
+        get_or_make(cell, || {
+            let (wt, (k, n)) = match &self.wt {
+                Weight::Packed { f32, .. } => (f32.unpack(), f32.dims()),
+                Weight::Plain(t) => (t.flatten_all()?.to_vec1::<f32>()?, t.dims2()?),
+            };
+            let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+            Ok(P::pack(&wt, k, n, b)?)
+        })
     }
+}
+
+/// The value in `cell`, made by `make` the first time (another thread may set it first; either
+/// value is the same).
+fn get_or_make<T>(cell: &OnceLock<T>, make: impl FnOnce() -> Result<T>) -> Result<&T> {
+    if let Some(v) = cell.get() {
+        return Ok(v);
+    }
+    let _ = cell.set(make()?);
+    cell.get()
+        .ok_or_else(|| Error::invalid("a weight's packed form was not kept"))
 }
 
 /// `xs (rows, in)` through a packed product (inference only: no gradient flows back).

@@ -1,5 +1,5 @@
-//! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the bf16
-//! and int8 products, the weights' transpose) and the plumbing they share.
+//! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the packed
+//! f32, bf16 and int8 products, the weights' transpose) and the plumbing they share.
 
 /// [`Packed`] for a packed weight type whose module defines `new(wt, k, n, bias)`,
 /// `forward(x, with_bias, act)` and the fields `k` and `n`: the three packed products share it.
@@ -237,6 +237,22 @@ pub(crate) unsafe fn store_tile<const R: usize, const B: usize>(
             _mm512_mask_storeu_ps(c.add(r * ldc + b * 16), masks[b], acc[r][b]);
         }
     }
+}
+
+/// `f` on the values of `t` read in place (load-time work on weights): `t` made contiguous,
+/// which must be f32 on the CPU (`op` and `what` name the operation and operand in the error).
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    op: &str,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> R,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*storage else {
+        candle_core::bail!("{op}: {what} not on the CPU")
+    };
+    Ok(f(f32_slice(s, layout, op, what)?))
 }
 
 /// The f32 values of a contiguous CPU storage, for the CPU kernels' `cpu_fwd`; `op` and `what`

@@ -188,10 +188,11 @@ impl PackedF32 {
 }
 
 /// Rows per parallel task: a multiple of [`MR`] from half of [`MC`] (smaller tasks would sweep
-/// the weights more often) up to [`MC`], the one whose busiest thread gets the least work when the tasks are dealt out in turn (ties to the larger). Rows past the last
-/// multiple of [`MR`] count four times: they run one row per tile. ViT-B/16 at batch 1 (197
-/// rows) gets two tasks of 104 and 93 rows, not four of 56 (the last 29), which left one core
-/// 112 rows and the other 85.
+/// the weights more often) up to [`MC`], the one whose busiest thread gets the least work when
+/// the tasks are dealt out in turn (ties to the larger). Rows past the last multiple of [`MR`]
+/// count four times: they run one row per tile. ViT-B/16 at batch 1 (197 rows) gets two tasks
+/// of 104 and 93 rows, not four of 56 (the last 29), which left one core 112 rows and the
+/// other 85.
 fn task_rows(rows: usize, threads: usize) -> usize {
     let threads = threads.max(1);
     let cost = |size: usize| size + 3 * (size % MR);
@@ -230,8 +231,7 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
     masks: [u16; B],
 ) {
     use std::arch::x86_64::*;
-    let mut k0 = 0;
-    while k0 < k {
+    for k0 in (0..k).step_by(KC) {
         let mut acc = [[_mm512_setzero_ps(); B]; R];
         for i in k0..(k0 + KC).min(k) {
             let mut wv = [_mm512_setzero_ps(); B];
@@ -252,7 +252,6 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
             }
         }
         super::store_tile(c, ldc, masks, &sum);
-        k0 += KC;
     }
 }
 

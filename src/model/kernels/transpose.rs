@@ -18,18 +18,7 @@ pub(crate) fn transpose(w: &Tensor) -> candle_core::Result<Tensor> {
     if !(w.device().is_cpu() && w.dtype() == DType::F32) || w.track_op() {
         return w.t()?.contiguous();
     }
-    let w = w.contiguous()?;
-    let out = {
-        let (storage, layout) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(s) = &*storage else {
-            candle_core::bail!("vitcx transpose: weight not on the CPU")
-        };
-        transpose_slice(
-            super::f32_slice(s, layout, "vitcx transpose", "weight")?,
-            r,
-            c,
-        )
-    };
+    let out = super::with_cpu_f32(w, "vitcx transpose", "weight", |v| transpose_slice(v, r, c))?;
     Tensor::from_vec(out, (c, r), w.device())
 }
 
