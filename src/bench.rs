@@ -409,7 +409,11 @@ pub fn time_linear(
     repeats: usize,
 ) -> Result<LinearTiming> {
     use crate::model::kernels::packed_f32::PackedF32;
-    use crate::model::kernels::{bf16::PackedBf16, int8::PackedI8, Packed};
+    use crate::model::kernels::{
+        bf16::PackedBf16,
+        integer::{PackedI16, PackedI8},
+        Packed,
+    };
     use rand::{Rng, SeedableRng};
     if rows == 0 || k == 0 || n == 0 || repeats == 0 {
         return Err(Error::invalid(format!(
@@ -433,6 +437,7 @@ pub fn time_linear(
     let product = match precision {
         Precision::Bf16 => Some(packed(PackedBf16::pack(&wv, k, n, bias)?, &xv)),
         Precision::Int8 => Some(packed(PackedI8::pack(&wv, k, n, bias)?, &xv)),
+        Precision::Int16 => Some(packed(PackedI16::pack(&wv, k, n, bias)?, &xv)),
         Precision::F32 if PackedF32::available() => {
             Some(packed(PackedF32::pack(&wv, k, n, bias)?, &xv))
         }
@@ -477,6 +482,7 @@ pub fn time_linear(
         Precision::F32 => Precision::f32_kernel(),
         Precision::Bf16 => Precision::bf16_kernel(),
         Precision::Int8 => Precision::int8_kernel(),
+        Precision::Int16 => Precision::int16_kernel(),
     };
     Ok(LinearTiming {
         layer,
@@ -572,7 +578,7 @@ pub fn time_explanation(
     })
 }
 
-/// How far reduced-precision (bf16 or int8) perturbed passes move the answer on one image.
+/// How far reduced-precision (bf16, int8 or int16) perturbed passes move the answer on one image.
 #[derive(Debug, Clone, Serialize)]
 pub struct Fidelity {
     /// The precision compared with f32.
@@ -893,7 +899,7 @@ mod tests {
         let (embed, head) = (196.0 * 768.0 * d, d * 1000.0);
         let per_block = (a.macs_per_image() - embed - head) / a.depth as f64 - 2.0 * t * t * d;
         assert!((macs as f64 / 8.0 / per_block - 1.0).abs() < 1e-9);
-        for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+        for p in Precision::ALL {
             let l = time_linear("fc1", (10, 7, 5), p, 2).unwrap();
             assert_eq!((l.layer, l.shape, l.runs_s.len()), ("fc1", (10, 7, 5), 2));
             assert_eq!(l.precision, p);

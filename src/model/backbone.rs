@@ -105,9 +105,10 @@ pub fn resolve_layer(layer: i64, depth: usize) -> Result<usize> {
 /// The arithmetic of a forward pass.
 ///
 /// `Bf16` rounds the inputs and weights of the transformer blocks' linear layers to bf16 and
-/// accumulates in f32; `Int8` quantises them to int8 and sums exactly; everything else stays
-/// f32. ViT-CX uses them for its perturbed passes, where they trade a small, measured loss of
-/// fidelity for speed (bf16 on CPUs with AVX512-BF16, int8 on CPUs with AVX512-VNNI).
+/// accumulates in f32; `Int8` quantises them to int8 and sums exactly, `Int16` to 14-bit inputs
+/// and 12-bit weights; everything else stays f32. ViT-CX uses them for its perturbed passes,
+/// where they trade a small, measured loss of fidelity for speed (bf16 on CPUs with
+/// AVX512-BF16, int8 and int16 on CPUs with AVX512-VNNI).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
@@ -119,26 +120,42 @@ pub enum Precision {
     /// int8 products with exact i32 sums in the linear layers: weights quantised per output
     /// channel, inputs per token, as PyTorch's dynamic quantisation of `nn.Linear`.
     Int8,
+    /// The same with 12-bit weights and 14-bit inputs in 16-bit products: half int8's speed,
+    /// maps within float noise of f32's even where int8's are not (nearly flat maps).
+    Int16,
 }
 
 impl Precision {
+    /// Every precision, f32 first.
+    pub const ALL: [Precision; 4] = [
+        Precision::F32,
+        Precision::Bf16,
+        Precision::Int8,
+        Precision::Int16,
+    ];
+
+    /// The reduced precisions (all but f32).
+    pub const REDUCED: [Precision; 3] = [Precision::Bf16, Precision::Int8, Precision::Int16];
+
     /// The name used on the command line and in output files.
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
             Precision::Int8 => "int8",
+            Precision::Int16 => "int16",
         }
     }
 
-    /// Parses `f32`, `bf16` or `int8`.
+    /// Parses `f32`, `bf16`, `int8` or `int16`.
     pub fn parse(s: &str) -> Result<Self> {
         match s.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
             "int8" | "qint8" => Ok(Precision::Int8),
+            "int16" => Ok(Precision::Int16),
             other => Err(Error::invalid(format!(
-                "unknown precision {other:?}; expected f32, bf16 or int8"
+                "unknown precision {other:?}; expected f32, bf16, int8 or int16"
             ))),
         }
     }
@@ -159,12 +176,26 @@ impl Precision {
 
     /// Which int8 kernel this CPU runs (`vitcx bench` reports it).
     pub fn int8_kernel() -> &'static str {
-        super::kernels::int8::Kernel::detect().name()
+        use super::kernels::integer::{Kernel, I8};
+        Kernel::detect().name::<I8>()
     }
 
-    /// Whether this CPU has a byte dot product (AVX512-VNNI), where `Int8` pays.
+    /// Which int16 kernel this CPU runs (`vitcx bench` reports it).
+    pub fn int16_kernel() -> &'static str {
+        use super::kernels::integer::{Kernel, I16};
+        Kernel::detect().name::<I16>()
+    }
+
+    /// Whether this CPU has the integer dot products (AVX512-VNNI), where `Int8` and `Int16`
+    /// pay.
     pub fn int8_is_native() -> bool {
-        super::kernels::int8::Kernel::detect() == super::kernels::int8::Kernel::Vnni
+        use super::kernels::integer::Kernel;
+        Kernel::detect() == Kernel::Vnni
+    }
+
+    /// Whether this precision runs integer products.
+    pub fn is_integer(self) -> bool {
+        matches!(self, Precision::Int8 | Precision::Int16)
     }
 
     /// Whether this CPU has a bf16 dot product (AVX512-BF16), the only case where `Bf16` is
@@ -226,7 +257,7 @@ pub trait Backbone {
         Ok(candle_nn::ops::softmax_last_dim(&out.logits)?)
     }
 
-    /// Logits `(B, C)` computed at `precision`. Models without a bf16 or int8 path answer those
+    /// Logits `(B, C)` computed at `precision`. Models without a reduced-precision path answer those
     /// with [`Error::Unsupported`].
     fn logits_at(&self, px: &Tensor, precision: Precision) -> Result<Tensor> {
         match precision {

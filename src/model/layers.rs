@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::backbone::Precision;
 use crate::model::kernels::bf16::PackedBf16;
 pub(crate) use crate::model::kernels::gelu::Activation;
-use crate::model::kernels::int8::PackedI8;
+use crate::model::kernels::integer::{PackedI16, PackedI8};
 use crate::model::kernels::packed_f32::PackedF32;
 use crate::model::kernels::transpose::transpose;
 use crate::model::kernels::with_cpu_f32;
@@ -27,6 +27,7 @@ pub(crate) struct Linear {
     b: Option<Tensor>,
     packed: OnceLock<PackedBf16>,
     quantised: OnceLock<PackedI8>,
+    quantised16: OnceLock<PackedI16>,
 }
 
 /// The f32 weight in the form its products read.
@@ -89,6 +90,7 @@ impl Linear {
             b,
             packed: OnceLock::new(),
             quantised: OnceLock::new(),
+            quantised16: OnceLock::new(),
         })
     }
 
@@ -128,7 +130,9 @@ impl Linear {
                 Precision::Bf16 if xs.device().is_cpu() => {
                     return self.product_bf16(xs, true, Some(act));
                 }
-                Precision::Int8 => return self.product_int8(xs, true, Some(act)),
+                Precision::Int8 | Precision::Int16 => {
+                    return self.product_int(xs, precision, true, Some(act))
+                }
                 Precision::F32 => match self.packed_f32(xs) {
                     Some(p) => return apply_packed(xs, p, true, Some(act)),
                     None => xs.matmul(self.plain()?)?,
@@ -152,7 +156,9 @@ impl Linear {
         self.on_rows(xs, |xs| {
             Ok(match precision {
                 Precision::Bf16 => self.product_bf16(xs, true, None)?,
-                Precision::Int8 => self.product_int8(xs, true, None)?,
+                Precision::Int8 | Precision::Int16 => {
+                    self.product_int(xs, precision, true, None)?
+                }
                 Precision::F32 => match (self.packed_f32(xs), &self.b) {
                     (Some(p), _) => apply_packed(xs, p, true, None)?,
                     (None, Some(b)) => crate::model::kernels::linear::linear(xs, self.plain()?, b)?,
@@ -196,20 +202,28 @@ impl Linear {
         apply_packed(xs, self.packed_in(&self.packed)?, with_bias, act)
     }
 
-    /// `xs (rows, in) @ wt` with int8 products and exact sums, plus the bias if `with_bias`, then
-    /// `act` ([`crate::model::kernels::int8`]); the weights are quantised once, on first use.
-    fn product_int8(
+    /// `xs (rows, in) @ wt` with integer products and exact sums (int8 or int16), plus the bias
+    /// if `with_bias`, then `act` ([`crate::model::kernels::integer`]); the weights are
+    /// quantised once, on first use.
+    fn product_int(
         &self,
         xs: &Tensor,
+        precision: Precision,
         with_bias: bool,
         act: Option<Activation>,
     ) -> Result<Tensor> {
         if !xs.device().is_cpu() {
-            return Err(Error::Unsupported(
-                "--precision int8 runs on the CPU only; use f32 or bf16 on a GPU".into(),
-            ));
+            return Err(Error::Unsupported(format!(
+                "--precision {} runs on the CPU only; use f32 or bf16 on a GPU",
+                precision.name()
+            )));
         }
-        apply_packed(xs, self.packed_in(&self.quantised)?, with_bias, act)
+        match precision {
+            Precision::Int16 => {
+                apply_packed(xs, self.packed_in(&self.quantised16)?, with_bias, act)
+            }
+            _ => apply_packed(xs, self.packed_in(&self.quantised)?, with_bias, act),
+        }
     }
 
     /// The weight packed as `P` in `cell`, packed on first use (another thread may pack it

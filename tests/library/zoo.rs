@@ -122,18 +122,21 @@ fn a_model_built_for_another_size_matches_pytorch_at_that_size() {
     );
 }
 
-/// `--precision int8` on every zoo case: the clean pass keeps its top-1 class and the explained
-/// class, and the ViT-CX map of the reference input stays close to f32's (same seeded noise).
+/// `--precision int8` and `int16` on every zoo case: the clean pass keeps its top-1 class and
+/// the explained class, and the ViT-CX map of the reference input stays close to f32's (same
+/// seeded noise).
 ///
-/// The zoo misses issue 18's bar of Pearson 0.999 (the golden cases and the demo model meet it):
-/// measured 0.84 to 1.000, median about 0.997, on these random-weight models of width 48 to 96,
-/// whose nearly uniform probabilities leave maps made of small differences that int8's error
-/// moves. The bound below guards what is measured; the README says so.
+/// int8 misses issue 18's bar of Pearson 0.999 here (the golden cases and the demo model meet
+/// it but for `vit_timm` and the cross): measured 0.84 to 1.000, median about 0.997, on these
+/// random-weight models of width 48 to 96, whose nearly uniform probabilities leave maps made
+/// of small differences that int8's error moves. The bound below guards what is measured; the
+/// README says so. int16 meets the bar on every case.
 #[test]
-fn int8_perturbed_passes_keep_every_zoo_map() {
+fn integer_perturbed_passes_keep_every_zoo_map() {
     use vitcx::methods::vitcx::{VitCx, VitCxParams};
     use vitcx::methods::NoProgress;
     use vitcx::model::Precision;
+    let mut worst = [1f64; 2];
     for dir in crate::common::case_dirs(&zoo()) {
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let model = vitcx::model::load(&dir, &Device::Cpu).unwrap();
@@ -152,11 +155,7 @@ fn int8_perturbed_passes_keep_every_zoo_map() {
             let method = VitCx::new(&params, &model).unwrap();
             method.explain(&model, &x, &[], &mut NoProgress).unwrap()
         };
-        let (f32_map, int8_map) = (explain(Precision::F32), explain(Precision::Int8));
-        let r = crate::common::pearson(&f32_map.saliency[0], &int8_map.saliency[0]);
-        eprintln!("{name}: int8 pearson {r:.6}");
-        assert!(r >= 0.8, "{name}: int8 pearson {r}");
-        assert_eq!(int8_map.classes, f32_map.classes, "{name}: explained class");
+        let f32_map = explain(Precision::F32);
         let px = Tensor::from_vec(x.clone(), input.shape[1..].to_vec(), &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -165,10 +164,19 @@ fn int8_perturbed_passes_keep_every_zoo_map() {
             let probs = model.probs_at(&px, p).unwrap().to_vec2::<f32>().unwrap();
             vitcx::target::argmax(&probs[0])
         };
-        assert_eq!(
-            top1(Precision::Int8),
-            top1(Precision::F32),
-            "{name}: int8 top-1"
-        );
+        for (i, (p, min_r)) in [(Precision::Int8, 0.8), (Precision::Int16, 0.999)]
+            .into_iter()
+            .enumerate()
+        {
+            let map = explain(p);
+            let r = crate::common::pearson(&f32_map.saliency[0], &map.saliency[0]);
+            let n = p.name();
+            eprintln!("{name}: {n} pearson {r:.6}");
+            assert!(r >= min_r, "{name}: {n} pearson {r}");
+            worst[i] = worst[i].min(r);
+            assert_eq!(map.classes, f32_map.classes, "{name}: {n} explained class");
+            assert_eq!(top1(p), top1(Precision::F32), "{name}: {n} top-1");
+        }
     }
+    eprintln!("worst pearson: int8 {:.6}, int16 {:.6}", worst[0], worst[1]);
 }

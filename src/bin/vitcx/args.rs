@@ -382,8 +382,8 @@ pub struct BenchArgs {
     /// only).
     #[arg(long)]
     pub linears: bool,
-    /// Which precisions to time: f32, bf16, int8, both (f32 and bf16) or all (side by side, and
-    /// their saliency maps compared with f32's).
+    /// Which precisions to time: f32, bf16, int8, int16, both (f32 and bf16) or all (side by
+    /// side, and their saliency maps compared with f32's).
     #[arg(long, default_value = "all")]
     pub precision: String,
     /// Print one JSON object instead of text.
@@ -415,8 +415,9 @@ pub struct VitCxArgs {
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Arithmetic of ViT-CX's perturbed passes: f32 (as the reference), bf16 (bf16 products,
-    /// f32 sums in the linear layers; fast on CPUs with AVX512-BF16) or int8 (weights per
-    /// channel and tokens quantised to int8, exact sums; fast on CPUs with AVX512-VNNI).
+    /// f32 sums in the linear layers; fast on CPUs with AVX512-BF16), int8 (weights per
+    /// channel and tokens quantised to int8, exact sums; fast on CPUs with AVX512-VNNI) or
+    /// int16 (12-bit weights, 14-bit tokens: half int8's speed, maps as f32's).
     #[arg(long, default_value = "f32", value_parser = parse_precision)]
     pub precision: vitcx::model::Precision,
 }

@@ -36,7 +36,7 @@ macro_rules! packed_by_inherent_methods {
 pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod gelu;
-pub(crate) mod int8;
+pub(crate) mod integer;
 pub(crate) mod layer_norm;
 pub(crate) mod linear;
 pub(crate) mod packed_f32;

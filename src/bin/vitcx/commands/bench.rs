@@ -42,10 +42,10 @@ pub fn run(a: BenchArgs, device: &candle_core::Device) -> Result<ExitCode> {
         },
     };
     let precisions = match a.precision.as_str() {
-        "all" => vec![Precision::F32, Precision::Bf16, Precision::Int8],
+        "all" => Precision::ALL.to_vec(),
         "both" => vec![Precision::F32, Precision::Bf16],
         p => vec![Precision::parse(p).map_err(|_| {
-            anyhow::anyhow!("precision '{p}' unknown; expected f32, bf16, int8, both or all")
+            anyhow::anyhow!("precision '{p}' unknown; expected f32, bf16, int8, int16, both or all")
         })?],
     };
     let arch = preset.arch();
@@ -301,6 +301,7 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
         "f32_kernel": Precision::f32_kernel(),
         "bf16_kernel": bf16_kernel,
         "int8_kernel": int8_kernel,
+        "int16_kernel": Precision::int16_kernel(),
         "explain_s_per_mask": ex(Precision::F32).map(|e| e.explain_s_per_mask),
         "perturbed_forward_s_per_image": ex(Precision::F32).map(|e| e.perturbed_forward_s_per_image),
         "explain": ex(Precision::F32).map(explain_json),
@@ -308,7 +309,7 @@ fn report_json(preset: Preset, a: &BenchArgs, m: Measured) -> Value {
         "machine": machine_info(),
     });
     // The reduced precisions' keys: the f32 ones with `_bf16` / `_int8` appended.
-    for p in [Precision::Bf16, Precision::Int8] {
+    for p in Precision::REDUCED {
         let n = p.name();
         let e = ex(p);
         let keys = [
@@ -377,10 +378,11 @@ fn write_text(
     }
     writeln!(
         out,
-        "f32 kernel: {}; bf16 kernel: {}; int8 kernel: {}",
+        "f32 kernel: {}; bf16 kernel: {}; int8 kernel: {}; int16 kernel: {}",
         report["f32_kernel"].as_str().unwrap_or("?"),
         report["bf16_kernel"].as_str().unwrap_or("?"),
-        report["int8_kernel"].as_str().unwrap_or("?")
+        report["int8_kernel"].as_str().unwrap_or("?"),
+        report["int16_kernel"].as_str().unwrap_or("?")
     )?;
     writeln!(out)?;
     writeln!(out, "batch   dtype   s/image   GFLOP/s   runs (s)")?;
@@ -396,7 +398,7 @@ fn write_text(
             runs.join(" ")
         )?;
     }
-    for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+    for p in Precision::ALL {
         let Some(lin) = report[format!("linear_{}", p.name())]
             .as_array()
             .filter(|l| !l.is_empty())
@@ -463,7 +465,7 @@ fn write_text(
             )?;
         }
     }
-    for p in [Precision::Bf16, Precision::Int8] {
+    for p in Precision::REDUCED {
         let n = p.name();
         if let Some(f) = report[format!("{n}_fidelity")].as_object() {
             writeln!(

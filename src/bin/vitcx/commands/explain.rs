@@ -32,15 +32,20 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             Precision::bf16_kernel()
         );
     }
-    if a.vitcx.precision == Precision::Int8 {
+    if a.vitcx.precision.is_integer() {
+        let name = a.vitcx.precision.name();
         if !device.is_cpu() {
-            anyhow::bail!("--precision int8 runs on the CPU only; use f32 or bf16 on a GPU");
+            anyhow::bail!("--precision {name} runs on the CPU only; use f32 or bf16 on a GPU");
         }
         if !Precision::int8_is_native() {
             eprintln!(
-                "vitcx: --precision int8: this CPU has no int8 dot product (AVX512-VNNI), so the \
-                 int8 passes may be slower than f32 ({})",
-                Precision::int8_kernel()
+                "vitcx: --precision {name}: this CPU has no integer dot product (AVX512-VNNI), so \
+                 the {name} passes may be slower than f32 ({})",
+                if a.vitcx.precision == Precision::Int16 {
+                    Precision::int16_kernel()
+                } else {
+                    Precision::int8_kernel()
+                }
             );
         }
     }

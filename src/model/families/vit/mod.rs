@@ -896,7 +896,7 @@ mod tests {
             let m = random_vit(&arch, "vit_test", 3, &Device::Cpu).unwrap();
             let v: Vec<f32> = (0..3 * 3 * 64 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
             let px = Tensor::from_vec(v, (3, 3, 64, 64), &Device::Cpu).unwrap();
-            for p in [Precision::F32, Precision::Bf16, Precision::Int8] {
+            for p in Precision::ALL {
                 let short = m.run(&px, None, p).unwrap();
                 let full = m.run(&px, Some(Tap::Block(1)), p).unwrap();
                 assert_eq!(full.features.unwrap().dims(), &[3, 64, 4, 4]);
