@@ -103,7 +103,7 @@ def main():
     ap.add_argument("--image", default=os.path.join(ROOT, "tests", "data", "images", "goldfish.jpg"))
     ap.add_argument("--noise", type=float, default=0.1, choices=[0.0, 0.1])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8"],
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "int8", "int16"],
                     help="vitcx's perturbed passes (the reference is always float32)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
