@@ -397,26 +397,7 @@ fn tile_shape<S: Scheme>() -> (usize, usize) {
     }
 }
 
-impl<S: Scheme> super::Packed for PackedInt<S> {
-    const NAME: &'static str = S::NAME;
-
-    fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
-        Self::new(wt, k, n, bias)
-    }
-
-    fn dims(&self) -> (usize, usize) {
-        (self.k, self.n)
-    }
-
-    fn product(
-        &self,
-        x: &[f32],
-        with_bias: bool,
-        act: Option<Activation>,
-    ) -> candle_core::Result<Vec<f32>> {
-        self.forward(x, with_bias, act)
-    }
-}
+packed_by_inherent_methods!([S: Scheme] PackedInt<S>, S::NAME);
 
 /// One micro-tile's operands: `R` input rows of `4 * words` bytes from `a` (as many apart)
 /// with their scales from `row_scale`; `B` weight panels from `w`, `ldw` apart, with their

@@ -1,11 +1,12 @@
 //! vitcx's own CPU kernels (fused attention, bias-GELU, LayerNorm, linear, softmax, the packed
-//! f32, bf16 and int8 products, the weights' transpose) and the plumbing they share.
+//! f32, bf16, int8 and int16 products, the weights' transpose) and the plumbing they share.
 
 /// [`Packed`] for a packed weight type whose module defines `new(wt, k, n, bias)`,
-/// `forward(x, with_bias, act)` and the fields `k` and `n`: the three packed products share it.
+/// `forward(x, with_bias, act)` and the fields `k` and `n`: the packed products share it
+/// (generic ones as `([S: Scheme] PackedInt<S>, S::NAME)`).
 macro_rules! packed_by_inherent_methods {
-    ($t:ty, $name:literal) => {
-        impl $crate::model::kernels::Packed for $t {
+    ([$($generics:tt)*] $t:ty, $name:expr) => {
+        impl<$($generics)*> $crate::model::kernels::Packed for $t {
             const NAME: &'static str = $name;
 
             fn pack(
@@ -30,6 +31,9 @@ macro_rules! packed_by_inherent_methods {
                 self.forward(x, with_bias, act)
             }
         }
+    };
+    ($t:ty, $name:expr) => {
+        packed_by_inherent_methods!([] $t, $name);
     };
 }
 
@@ -57,7 +61,7 @@ pub(crate) enum Activation {
     GeluTanh,
 }
 
-/// A linear layer's weight packed for one of the reduced-precision products (bf16, int8).
+/// A linear layer's weight packed for one of the packed products (f32, bf16, int8, int16).
 pub(crate) trait Packed: Sized {
     /// The operation's name in errors.
     const NAME: &'static str;
