@@ -64,8 +64,8 @@ pub(crate) trait Scheme: Copy + Send + Sync + std::fmt::Debug + 'static {
     fn weight(word: i32, e: usize) -> i32;
     /// Value `e` of an input word (as stored, offset included).
     fn input(word: i32, e: usize) -> i32;
-    /// The word holding these quantised weights (`PER_WORD` of them).
-    fn weight_word(q: &[i32]) -> i32;
+    /// Quantised weight `q` in its place `e` of a word (the other bits zero).
+    fn field(q: i32, e: usize) -> u32;
     /// Stores input value `q` (quantised, before the offset) at `dst`.
     fn put_input(dst: &mut [u8], q: i32);
 }
@@ -90,12 +90,9 @@ impl Scheme for I8 {
     fn input(word: i32, e: usize) -> i32 {
         i32::from(word.to_le_bytes()[e])
     }
-    fn weight_word(q: &[i32]) -> i32 {
-        let mut b = [0u8; 4];
-        for (d, v) in b.iter_mut().zip(q) {
-            *d = *v as i8 as u8;
-        }
-        i32::from_le_bytes(b)
+    #[inline(always)]
+    fn field(q: i32, e: usize) -> u32 {
+        (q as u32 & 0xff) << (8 * e)
     }
     #[inline(always)]
     fn put_input(dst: &mut [u8], q: i32) {
@@ -124,12 +121,9 @@ impl Scheme for I16 {
     fn input(word: i32, e: usize) -> i32 {
         Self::weight(word, e)
     }
-    fn weight_word(q: &[i32]) -> i32 {
-        let mut w = 0u32;
-        for (e, v) in q.iter().enumerate() {
-            w |= u32::from(*v as i16 as u16) << (16 * e);
-        }
-        w as i32
+    #[inline(always)]
+    fn field(q: i32, e: usize) -> u32 {
+        (q as u32 & 0xffff) << (16 * e)
     }
     #[inline(always)]
     fn put_input(dst: &mut [u8], q: i32) {
@@ -242,35 +236,57 @@ impl<S: Scheme> PackedInt<S> {
         let words = k.div_ceil(S::PER_WORD);
         let blocks = n.div_ceil(LANES);
         let padded = blocks * LANES;
+        // Both passes run over blocks of 16 columns on all cores, reading rows in order (a
+        // ViT-B/16 took 0.5 s to pack column by column on one core).
         let mut scale = vec![0f32; padded];
         let mut inv = vec![0f32; padded];
-        for j in 0..n {
-            let amax = (0..k).fold(0f32, |m, t| m.max(wt[t * n + j].abs()));
-            (scale[j], inv[j]) = scale_of(amax, S::WMAX);
-        }
+        scale
+            .par_chunks_mut(LANES)
+            .zip(inv.par_chunks_mut(LANES))
+            .enumerate()
+            .for_each(|(bi, (scale, inv))| {
+                let (j0, width) = (bi * LANES, n.saturating_sub(bi * LANES).min(LANES));
+                let mut amax = [0f32; LANES];
+                for row in wt.chunks_exact(n.max(1)).take(k) {
+                    for (m, v) in amax.iter_mut().zip(&row[j0..j0 + width]) {
+                        *m = m.max(v.abs());
+                    }
+                }
+                for l in 0..width {
+                    (scale[l], inv[l]) = scale_of(amax[l], S::WMAX);
+                }
+            });
         let mut offset = vec![0i32; padded];
         let mut panels = vec![0i32; blocks * words * LANES];
-        let mut q = vec![0i32; S::PER_WORD];
-        for (bi, block) in panels.chunks_exact_mut(words * LANES).enumerate() {
-            for (w, word) in block.chunks_exact_mut(LANES).enumerate() {
-                for (l, v) in word.iter_mut().enumerate() {
-                    let j = bi * LANES + l;
-                    if j >= n {
-                        break;
-                    }
-                    for (e, qe) in q.iter_mut().enumerate() {
+        panels
+            .par_chunks_exact_mut((words * LANES).max(1))
+            .zip(offset.par_chunks_mut(LANES))
+            .enumerate()
+            .for_each(|(bi, (block, offset))| {
+                let (j0, width) = (bi * LANES, n.saturating_sub(bi * LANES).min(LANES));
+                let inv = &inv[j0..j0 + LANES];
+                for (w, word) in block.chunks_exact_mut(LANES).enumerate() {
+                    // Lane by lane over the 16 columns, so that the compiler vectorises it.
+                    let mut packed = [0u32; LANES];
+                    for e in 0..S::PER_WORD {
                         let t = S::PER_WORD * w + e;
-                        *qe = if t < k {
-                            quantise(wt[t * n + j], inv[j], S::WMAX)
-                        } else {
-                            0
-                        };
-                        offset[j] += S::INPUT_OFFSET * *qe;
+                        if t >= k {
+                            break;
+                        }
+                        let mut q = [0i32; LANES];
+                        for (l, &v) in wt[t * n + j0..t * n + j0 + width].iter().enumerate() {
+                            q[l] = quantise(v, inv[l], S::WMAX);
+                        }
+                        for l in 0..LANES {
+                            offset[l] += S::INPUT_OFFSET * q[l];
+                            packed[l] |= S::field(q[l], e);
+                        }
                     }
-                    *v = S::weight_word(&q);
+                    for (v, p) in word.iter_mut().zip(packed) {
+                        *v = p as i32;
+                    }
                 }
-            }
-        }
+            });
         let bias = bias.map(|mut b| {
             b.resize(padded, 0.0);
             b
