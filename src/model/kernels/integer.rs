@@ -161,9 +161,30 @@ struct RowQuant {
 }
 
 impl RowQuant {
+    #[inline(always)]
     fn of<S: Scheme>(row: &[f32]) -> Self {
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        if !amax.is_finite() || row.iter().any(|v| v.is_nan()) {
+        // 16 lanes of running maxima and NaN flags, in one pass the compiler vectorises
+        // (`f32::max` over the row did not). NaN compares false, so only the flag sees it.
+        let (mut m, mut nan) = ([0f32; LANES], [false; LANES]);
+        let mut chunks = row.chunks_exact(LANES);
+        for c in &mut chunks {
+            for l in 0..LANES {
+                let a = c[l].abs();
+                nan[l] |= a.is_nan();
+                if a > m[l] {
+                    m[l] = a;
+                }
+            }
+        }
+        for (l, v) in chunks.remainder().iter().enumerate() {
+            let a = v.abs();
+            nan[l] |= a.is_nan();
+            if a > m[l] {
+                m[l] = a;
+            }
+        }
+        let amax = m.iter().fold(0f32, |a, &b| if b > a { b } else { a });
+        if !amax.is_finite() || nan.iter().any(|&b| b) {
             return RowQuant {
                 scale: f32::NAN,
                 inv: 0.0,
@@ -538,16 +559,20 @@ impl Operand {
         let (rows, width) = (x.len() / k, 4 * words);
         let mut bytes = vec![0u8; rows * width];
         let mut quant = vec![RowQuant::of::<S>(&[]); rows];
+        let avx512 = avx512_quantiser();
         bytes
             .par_chunks_mut(ROWS * width)
             .zip(quant.par_chunks_mut(ROWS))
             .zip(x.par_chunks(ROWS * k))
             .for_each(|((o, qs), xs)| {
-                for ((orow, q), xrow) in o.chunks_exact_mut(width).zip(qs).zip(xs.chunks_exact(k)) {
-                    *q = RowQuant::of::<S>(xrow);
-                    for (b, &v) in orow.chunks_exact_mut(S::BYTES).zip(xrow) {
-                        S::put_input(b, q.q::<S>(v));
+                if avx512 {
+                    // SAFETY: `avx512_quantiser` checked the CPU.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        quantise_rows_avx512::<S>(o, qs, xs, k, width)
                     }
+                } else {
+                    quantise_rows::<S>(o, qs, xs, k, width)
                 }
             });
         Operand {
@@ -555,6 +580,42 @@ impl Operand {
             scale: quant.iter().map(|q| q.scale).collect(),
         }
     }
+}
+
+/// Whether the rows can be quantised by [`quantise_rows`] compiled for AVX-512.
+fn avx512_quantiser() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Rows `xs` (`k` values each) quantised into `o` (`width` bytes each) with their scales in
+/// `qs`.
+#[inline(always)]
+fn quantise_rows<S: Scheme>(o: &mut [u8], qs: &mut [RowQuant], xs: &[f32], k: usize, width: usize) {
+    for ((orow, q), xrow) in o.chunks_exact_mut(width).zip(qs).zip(xs.chunks_exact(k)) {
+        *q = RowQuant::of::<S>(xrow);
+        for (b, &v) in orow.chunks_exact_mut(S::BYTES).zip(xrow) {
+            S::put_input(b, q.q::<S>(v));
+        }
+    }
+}
+
+/// [`quantise_rows`] compiled for AVX-512 (16 values per instruction instead of baseline
+/// x86-64's 4); the same values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn quantise_rows_avx512<S: Scheme>(
+    o: &mut [u8],
+    qs: &mut [RowQuant],
+    xs: &[f32],
+    k: usize,
+    width: usize,
+) {
+    quantise_rows::<S>(o, qs, xs, k, width)
 }
 
 /// Portable micro-tile: `R` rows by `B` blocks of 16 columns, exact i32 sums of the products
@@ -807,6 +868,44 @@ mod tests {
                 assert!((f64::from(*g) - e).abs() <= bound, "{g} vs {e}");
             }
         }
+    }
+
+    /// The AVX-512 build of the row quantiser stores the same bytes and scales as the portable
+    /// one, NaN and infinite rows included.
+    #[test]
+    fn both_row_quantisers_agree() {
+        fn check<S: Scheme>() {
+            let (k, rows) = (37usize, 5);
+            let width = 4 * k.div_ceil(S::PER_WORD);
+            let mut x = seq(rows * k, 0.61);
+            x[k + 3] = f32::NAN;
+            x[2 * k + 30] = f32::INFINITY;
+            x[3 * k..4 * k].fill(0.0);
+            let run = |avx: bool| {
+                let mut o = vec![0u8; rows * width];
+                let mut q = vec![RowQuant::of::<S>(&[]); rows];
+                if avx {
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        quantise_rows_avx512::<S>(&mut o, &mut q, &x, k, width)
+                    }
+                } else {
+                    quantise_rows::<S>(&mut o, &mut q, &x, k, width)
+                }
+                let bits: Vec<u32> = q.iter().map(|q| q.scale.to_bits()).collect();
+                (o, bits)
+            };
+            let portable = run(false);
+            assert!(
+                f32::from_bits(portable.1[1]).is_nan() && f32::from_bits(portable.1[2]).is_nan()
+            );
+            assert_eq!(portable.1[3], 0);
+            if avx512_quantiser() {
+                assert_eq!(run(true), portable, "{}", S::NAME);
+            }
+        }
+        check::<I8>();
+        check::<I16>();
     }
 
     #[test]
