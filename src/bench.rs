@@ -478,12 +478,7 @@ pub fn time_linear(
             runs_s: gemm_s,
         }
     });
-    let kernel = match precision {
-        Precision::F32 => Precision::f32_kernel(),
-        Precision::Bf16 => Precision::bf16_kernel(),
-        Precision::Int8 => Precision::int8_kernel(),
-        Precision::Int16 => Precision::int16_kernel(),
-    };
+    let kernel = precision.kernel();
     Ok(LinearTiming {
         layer,
         precision,

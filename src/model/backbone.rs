@@ -174,6 +174,16 @@ impl Precision {
         super::kernels::bf16::Kernel::detect().name()
     }
 
+    /// Which kernel this precision's linear layers run on this CPU.
+    pub fn kernel(self) -> &'static str {
+        match self {
+            Precision::F32 => Self::f32_kernel(),
+            Precision::Bf16 => Self::bf16_kernel(),
+            Precision::Int8 => Self::int8_kernel(),
+            Precision::Int16 => Self::int16_kernel(),
+        }
+    }
+
     /// Which int8 kernel this CPU runs (`vitcx bench` reports it).
     pub fn int8_kernel() -> &'static str {
         use super::kernels::integer::{Kernel, I8};

@@ -41,11 +41,7 @@ pub fn run(a: ExplainArgs, device: &candle_core::Device) -> Result<ExitCode> {
             eprintln!(
                 "vitcx: --precision {name}: this CPU has no integer dot product (AVX512-VNNI), so \
                  the {name} passes may be slower than f32 ({})",
-                if a.vitcx.precision == Precision::Int16 {
-                    Precision::int16_kernel()
-                } else {
-                    Precision::int8_kernel()
-                }
+                a.vitcx.precision.kernel()
             );
         }
     }
