@@ -222,7 +222,11 @@ impl Linear {
             Precision::Int16 => {
                 apply_packed(xs, self.packed_in(&self.quantised16)?, with_bias, act)
             }
-            _ => apply_packed(xs, self.packed_in(&self.quantised)?, with_bias, act),
+            Precision::Int8 => apply_packed(xs, self.packed_in(&self.quantised)?, with_bias, act),
+            other => Err(Error::invalid(format!(
+                "precision {} has no integer product",
+                other.name()
+            ))),
         }
     }
 

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser, Subcommand};
 use vitcx::eval::metrics::{Baseline, CurveParams};
 
 /// Explain what a Vision Transformer looks at, with ViT-CX (causal explanations, IJCAI 2023).
@@ -303,6 +304,47 @@ pub struct MethodArgs {
     pub rise_p1: f64,
 }
 
+/// Each method-specific flag (clap's id, the flag) and the methods that read it.
+const METHOD_FLAGS: &[(&str, &str, &[&str])] = &[
+    ("threshold", "--threshold", &["vitcx"]),
+    ("noise_std", "--noise-std", &["vitcx"]),
+    ("precision", "--precision", &["vitcx"]),
+    ("layer", "--layer", &["vitcx", "gradcam"]),
+    ("tap", "--tap", &["vitcx", "gradcam"]),
+    ("discard_ratio", "--discard-ratio", &["rollout"]),
+    ("masks", "--masks", &["rise"]),
+    ("rise_cells", "--rise-cells", &["rise"]),
+    ("rise_p1", "--rise-p1", &["rise"]),
+];
+
+/// One line for each flag given on the command line that none of the chosen methods reads
+/// (`--precision int8 --method rise`): a user would otherwise believe it took effect. Empty
+/// for commands without methods, and when a method name is unknown (that error comes later).
+pub fn unread_flags(command: &Command, matches: &ArgMatches) -> Vec<String> {
+    let methods = match command {
+        Command::Explain(a) => a.method.as_str(),
+        Command::Eval(a) => a.methods.as_str(),
+        Command::Compare(a) => a.methods.as_str(),
+        _ => return Vec::new(),
+    };
+    let Ok(chosen) = vitcx::methods::parse_list(methods) else {
+        return Vec::new();
+    };
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    METHOD_FLAGS
+        .iter()
+        .filter(|(id, _, readers)| given(id) && !chosen.iter().any(|m| readers.contains(&m.name)))
+        .map(|(_, flag, readers)| {
+            let names: Vec<_> = chosen.iter().map(|m| m.name).collect();
+            format!(
+                "{flag} is read by {} only; ignored for {}",
+                readers.join(" and "),
+                names.join(", ")
+            )
+        })
+        .collect()
+}
+
 /// All methods' settings from the shared flags (validated later, per method).
 pub fn method_params(v: &VitCxArgs, o: &MethodArgs) -> vitcx::MethodParams {
     vitcx::MethodParams {
@@ -490,5 +532,88 @@ fn parse_range(v: &str) -> std::result::Result<(f32, f32), String> {
     match v.split_once('-') {
         Some((lo, hi)) => Ok((parse(lo)?, parse(hi)?)),
         None => parse(v).map(|x| (x, x)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn unread(argv: &[&str]) -> Vec<String> {
+        let matches = Cli::command().try_get_matches_from(argv).unwrap();
+        let cli = Cli::from_arg_matches(&matches).unwrap();
+        unread_flags(&cli.command, matches.subcommand().unwrap().1)
+    }
+
+    #[test]
+    fn flags_no_chosen_method_reads_are_named() {
+        let lines = unread(&[
+            "vitcx",
+            "explain",
+            "x.png",
+            "--method",
+            "rise",
+            "--precision",
+            "int8",
+            "--masks",
+            "9",
+        ]);
+        assert_eq!(
+            lines,
+            ["--precision is read by vitcx only; ignored for rise"]
+        );
+        let lines = unread(&[
+            "vitcx",
+            "eval",
+            "--data",
+            "d",
+            "--methods",
+            "rollout,center",
+            "--layer",
+            "2",
+            "--rise-p1",
+            "0.3",
+        ]);
+        assert_eq!(
+            lines,
+            [
+                "--layer is read by vitcx and gradcam only; ignored for rollout, center",
+                "--rise-p1 is read by rise only; ignored for rollout, center"
+            ]
+        );
+    }
+
+    #[test]
+    fn flags_a_chosen_method_reads_or_left_at_their_defaults_pass_quietly() {
+        for argv in [
+            &[
+                "vitcx",
+                "explain",
+                "x.png",
+                "--precision",
+                "int8",
+                "--threshold",
+                "0.2",
+            ][..],
+            &["vitcx", "explain", "x.png", "--method", "rise"],
+            &[
+                "vitcx",
+                "compare",
+                "x.png",
+                "--methods",
+                "gradcam,rise",
+                "--layer",
+                "1",
+                "--masks",
+                "5",
+            ],
+            &[
+                "vitcx", "explain", "x.png", "--method", "nonsense", "--masks", "5",
+            ],
+            &["vitcx", "synth", "--out", "o"],
+        ] {
+            assert!(unread(argv).is_empty(), "{argv:?}");
+        }
     }
 }
