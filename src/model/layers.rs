@@ -14,7 +14,7 @@ use crate::model::kernels::integer::{PackedI16, PackedI8};
 use crate::model::kernels::packed_f32::PackedF32;
 use crate::model::kernels::transpose::transpose;
 use crate::model::kernels::with_cpu_f32;
-use crate::model::kernels::{Packed, PackedLinear};
+use crate::model::kernels::{Packed, PackedLinear, Panels};
 use crate::model::weights::Weights;
 
 /// A linear layer: its f32 weight packed for vitcx's AVX-512F kernel at load (CPU inference),
@@ -234,12 +234,14 @@ impl Linear {
     /// first; either copy is the same).
     fn packed_in<'a, P: Packed>(&self, cell: &'a OnceLock<P>) -> Result<&'a P> {
         get_or_make(cell, || {
-            let (wt, (k, n)) = match &self.wt {
-                Weight::Packed { f32, .. } => (f32.unpack(), f32.dims()),
-                Weight::Plain(t) => (t.flatten_all()?.to_vec1::<f32>()?, t.dims2()?),
-            };
             let b = self.b.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-            Ok(P::pack(&wt, k, n, b)?)
+            Ok(match &self.wt {
+                Weight::Packed { f32, .. } => P::pack_panels(f32, b)?,
+                Weight::Plain(t) => {
+                    let (k, n) = t.dims2()?;
+                    P::pack(&t.flatten_all()?.to_vec1::<f32>()?, k, n, b)?
+                }
+            })
         })
     }
 }

@@ -31,6 +31,7 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::gelu::{bias_act_in_place, Activation};
+use super::Panels;
 use super::Tile;
 
 /// Output columns per block: one 512-bit vector of i32.
@@ -237,21 +238,40 @@ impl<S: Scheme> PackedInt<S> {
         n: usize,
         bias: Option<Vec<f32>>,
     ) -> candle_core::Result<Self> {
-        if wt.len() != k * n || bias.as_ref().is_some_and(|b| b.len() != n) {
-            candle_core::bail!(
-                "{}: weight of {} values for ({k}, {n}), bias of {:?}",
-                S::NAME,
-                wt.len(),
-                bias.as_ref().map(Vec::len)
-            )
+        if wt.len() != k * n {
+            candle_core::bail!("{}: weight of {} values for ({k}, {n})", S::NAME, wt.len())
         }
-        if let Some(i) = wt.iter().position(|v| !v.is_finite()) {
+        Self::from_columns(k, n, bias, |block, i| {
+            let j0 = block * LANES;
+            &wt[i * n + j0..i * n + n.min(j0 + LANES)]
+        })
+    }
+
+    /// [`Self::new`] from the f32 panels the layer keeps, read in place: they hold the same
+    /// 16-column blocks (a ViT-B/16 packed in 0.18 s instead of 0.58 s through row-major copies).
+    pub(crate) fn from_panels(
+        p: &impl Panels,
+        bias: Option<Vec<f32>>,
+    ) -> candle_core::Result<Self> {
+        let (k, n) = p.dims();
+        Self::from_columns(k, n, bias, |block, i| {
+            &p.panel_row(block, i)[..n.saturating_sub(block * LANES).min(LANES)]
+        })
+    }
+
+    /// Quantises and packs a weight `(k, n)` given by `cols(block, i)`: row `i`'s columns from
+    /// `16 * block` to the next 16 or `n`.
+    fn from_columns<'w>(
+        k: usize,
+        n: usize,
+        bias: Option<Vec<f32>>,
+        cols: impl Fn(usize, usize) -> &'w [f32] + Sync,
+    ) -> candle_core::Result<Self> {
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
             candle_core::bail!(
-                "{}: weight ({}, {}) is {}; integer products need finite weights",
+                "{}: bias of {:?} for ({k}, {n})",
                 S::NAME,
-                i / n.max(1),
-                i % n.max(1),
-                wt[i]
+                bias.as_ref().map(Vec::len)
             )
         }
         let words = k.div_ceil(S::PER_WORD);
@@ -261,22 +281,39 @@ impl<S: Scheme> PackedInt<S> {
         // ViT-B/16 took 0.5 s to pack column by column on one core).
         let mut scale = vec![0f32; padded];
         let mut inv = vec![0f32; padded];
-        scale
+        // Each block's first value that is not finite, in row-major order, for the error.
+        let bad = scale
             .par_chunks_mut(LANES)
             .zip(inv.par_chunks_mut(LANES))
             .enumerate()
-            .for_each(|(bi, (scale, inv))| {
-                let (j0, width) = (bi * LANES, n.saturating_sub(bi * LANES).min(LANES));
-                let mut amax = [0f32; LANES];
-                for row in wt.chunks_exact(n.max(1)).take(k) {
-                    for (m, v) in amax.iter_mut().zip(&row[j0..j0 + width]) {
+            .filter_map(|(bi, (scale, inv))| {
+                let (mut amax, mut finite) = ([0f32; LANES], true);
+                for i in 0..k {
+                    for (m, &v) in amax.iter_mut().zip(cols(bi, i)) {
                         *m = m.max(v.abs());
+                        finite &= v.is_finite();
                     }
                 }
-                for l in 0..width {
+                for l in 0..LANES {
                     (scale[l], inv[l]) = scale_of(amax[l], S::WMAX);
                 }
-            });
+                (!finite).then(|| {
+                    (0..k)
+                        .find_map(|i| {
+                            let l = cols(bi, i).iter().position(|v| !v.is_finite())?;
+                            Some((i, bi * LANES + l))
+                        })
+                        .unwrap_or((0, bi * LANES))
+                })
+            })
+            .min();
+        if let Some((i, j)) = bad {
+            candle_core::bail!(
+                "{}: weight ({i}, {j}) is {}; integer products need finite weights",
+                S::NAME,
+                cols(j / LANES, i)[j % LANES]
+            )
+        }
         let mut offset = vec![0i32; padded];
         let mut panels = vec![0i32; blocks * words * LANES];
         panels
@@ -284,7 +321,7 @@ impl<S: Scheme> PackedInt<S> {
             .zip(offset.par_chunks_mut(LANES))
             .enumerate()
             .for_each(|(bi, (block, offset))| {
-                let (j0, width) = (bi * LANES, n.saturating_sub(bi * LANES).min(LANES));
+                let j0 = bi * LANES;
                 let inv = &inv[j0..j0 + LANES];
                 for (w, word) in block.chunks_exact_mut(LANES).enumerate() {
                     // Lane by lane over the 16 columns, so that the compiler vectorises it.
@@ -295,7 +332,7 @@ impl<S: Scheme> PackedInt<S> {
                             break;
                         }
                         let mut q = [0i32; LANES];
-                        for (l, &v) in wt[t * n + j0..t * n + j0 + width].iter().enumerate() {
+                        for (l, &v) in cols(bi, t).iter().enumerate() {
                             q[l] = quantise(v, inv[l], S::WMAX);
                         }
                         for l in 0..LANES {
@@ -434,7 +471,7 @@ fn tile_shape<S: Scheme>() -> (usize, usize) {
     }
 }
 
-packed_by_inherent_methods!([S: Scheme] PackedInt<S>, S::NAME);
+packed_by_inherent_methods!([S: Scheme] PackedInt<S>, S::NAME, from_panels);
 
 /// One micro-tile's operands: `R` input rows of `4 * words` bytes from `a` (as many apart)
 /// with their scales from `row_scale`; `B` weight panels from `w`, `ldw` apart, with their
@@ -994,6 +1031,47 @@ mod tests {
             let no_bias = p.forward_on(kernel, &x[..k], false, None).unwrap();
             assert_eq!(no_bias, vec![0.0; 3]);
         }
+    }
+
+    #[test]
+    fn packing_from_f32_panels_is_packing_the_plain_weight() {
+        use super::super::packed_f32::PackedF32;
+        fn check<S: Scheme>(k: usize, n: usize) {
+            let wt: Vec<f32> = (0..k * n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+                .collect();
+            let bias = Some((0..n).map(|j| j as f32 * 0.25).collect::<Vec<_>>());
+            let panels = PackedF32::new(&wt, k, n, None).unwrap();
+            let a = PackedInt::<S>::new(&wt, k, n, bias.clone()).unwrap();
+            let b = PackedInt::<S>::from_panels(&panels, bias).unwrap();
+            assert_eq!(
+                (a.k, a.n, a.words),
+                (b.k, b.n, b.words),
+                "{} {k}x{n}",
+                S::NAME
+            );
+            assert_eq!(a.panels, b.panels, "{} {k}x{n}", S::NAME);
+            assert_eq!(a.scale, b.scale);
+            assert_eq!(a.offset, b.offset);
+            assert_eq!(a.bias, b.bias);
+        }
+        for (k, n) in [(37, 45), (130, 17), (5, 16), (1, 1)] {
+            check::<I8>(k, n);
+            check::<I16>(k, n);
+        }
+        // The first weight that is not finite in row-major order is named, either way.
+        let (k, n) = (9, 40);
+        let mut wt = vec![0.5f32; k * n];
+        wt[5 * n + 2] = f32::INFINITY;
+        wt[3 * n + 20] = f32::NAN;
+        wt[3 * n + 33] = f32::NEG_INFINITY;
+        let plain = PackedI8::new(&wt, k, n, None).unwrap_err().to_string();
+        let panels = PackedF32::new(&wt, k, n, None).unwrap();
+        let from = PackedI16::from_panels(&panels, None)
+            .unwrap_err()
+            .to_string();
+        assert!(plain.contains("weight (3, 20) is NaN"), "{plain}");
+        assert!(from.contains("weight (3, 20) is NaN"), "{from}");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 
 /// [`Packed`] for a packed weight type whose module defines `new(wt, k, n, bias)`,
 /// `forward(x, with_bias, act)` and the fields `k` and `n`: the packed products share it
-/// (generic ones as `([S: Scheme] PackedInt<S>, S::NAME)`).
+/// (generic ones as `([S: Scheme] PackedInt<S>, S::NAME)`). A trailing `from_panels` names the
+/// type's own packer from f32 panels (`from_panels(p, bias)`), used instead of unpacking them.
 macro_rules! packed_by_inherent_methods {
-    ([$($generics:tt)*] $t:ty, $name:expr) => {
+    ([$($generics:tt)*] $t:ty, $name:expr $(, $from_panels:ident)?) => {
         impl<$($generics)*> $crate::model::kernels::Packed for $t {
             const NAME: &'static str = $name;
 
@@ -17,6 +18,15 @@ macro_rules! packed_by_inherent_methods {
             ) -> candle_core::Result<Self> {
                 Self::new(wt, k, n, bias)
             }
+
+            $(
+                fn pack_panels(
+                    p: &impl $crate::model::kernels::Panels,
+                    bias: Option<Vec<f32>>,
+                ) -> candle_core::Result<Self> {
+                    Self::$from_panels(p, bias)
+                }
+            )?
 
             fn dims(&self) -> (usize, usize) {
                 (self.k, self.n)
@@ -67,6 +77,12 @@ pub(crate) trait Packed: Sized {
     const NAME: &'static str;
     /// Packs `wt (k, n)` row-major and an optional bias of `n`.
     fn pack(wt: &[f32], k: usize, n: usize, bias: Option<Vec<f32>>) -> candle_core::Result<Self>;
+    /// Packs a weight held as f32 panels (what the layers keep): by default unpacked to
+    /// row-major first, a copy of the whole weight that a packer reading panels avoids.
+    fn pack_panels(p: &impl Panels, bias: Option<Vec<f32>>) -> candle_core::Result<Self> {
+        let (k, n) = p.dims();
+        Self::pack(&p.unpack(), k, n, bias)
+    }
     /// `(k, n)`.
     fn dims(&self) -> (usize, usize);
     /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given
@@ -77,6 +93,15 @@ pub(crate) trait Packed: Sized {
         with_bias: bool,
         act: Option<Activation>,
     ) -> candle_core::Result<Vec<f32>>;
+}
+
+/// A weight `(k, n)` kept as panels of 16 columns (the f32 kernel's layout), which other
+/// packers read in place.
+pub(crate) trait Panels: Packed + Sync {
+    /// Row `i`'s 16 columns from `16 * block`, zero past `n`.
+    fn panel_row(&self, block: usize, i: usize) -> &[f32];
+    /// The weight as `(k, n)` row-major: the same values.
+    fn unpack(&self) -> Vec<f32>;
 }
 
 /// `xs (rows, k) @ W` (+ the packed bias if `bias`, then `act` if given) on the CPU as a

@@ -113,20 +113,6 @@ impl PackedF32 {
         Ok(PackedF32 { k, n, panels, bias })
     }
 
-    /// The weight back as `(k, n)` row-major (for the gradient path and the other precisions'
-    /// packing): the same values.
-    pub(crate) fn unpack(&self) -> Vec<f32> {
-        let (k, n) = (self.k, self.n);
-        let mut wt = vec![0f32; k * n];
-        for (b, panel) in self.panels.chunks_exact(k.max(1) * LANES).enumerate() {
-            let (j0, width) = (b * LANES, (n - b * LANES).min(LANES));
-            for (row, src) in wt.chunks_exact_mut(n).zip(panel.chunks_exact(LANES)) {
-                row[j0..j0 + width].copy_from_slice(&src[..width]);
-            }
-        }
-        wt
-    }
-
     /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given
     /// (each task's rows while they are in cache).
     pub(crate) fn forward(
@@ -257,9 +243,32 @@ unsafe fn tile_avx512<const R: usize, const B: usize>(
 
 packed_by_inherent_methods!(PackedF32, "vitcx f32");
 
+impl super::Panels for PackedF32 {
+    /// Row `i`'s 16 columns from `16 * block` (zero past `n`): one panel row.
+    fn panel_row(&self, block: usize, i: usize) -> &[f32] {
+        let at = (block * self.k + i) * LANES;
+        &self.panels[at..at + LANES]
+    }
+
+    /// The weight back as `(k, n)` row-major (for the gradient path and the other precisions'
+    /// packing): the same values.
+    fn unpack(&self) -> Vec<f32> {
+        let (k, n) = (self.k, self.n);
+        let mut wt = vec![0f32; k * n];
+        for (b, panel) in self.panels.chunks_exact(k.max(1) * LANES).enumerate() {
+            let (j0, width) = (b * LANES, (n - b * LANES).min(LANES));
+            for (row, src) in wt.chunks_exact_mut(n).zip(panel.chunks_exact(LANES)) {
+                row[j0..j0 + width].copy_from_slice(&src[..width]);
+            }
+        }
+        wt
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::Panels;
     use candle_core::{Device, Tensor};
 
     fn seq(n: usize, k: f32) -> Vec<f32> {
