@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use super::gelu::{bias_act_in_place, Activation};
-use super::Tile;
+use super::{Panels, Tile};
 
 /// Output columns per block: one 512-bit vector of f32.
 const LANES: usize = 16;
@@ -85,33 +85,65 @@ impl PackedBf16 {
                 bias.as_ref().map(Vec::len)
             )
         }
+        Ok(Self::from_columns(k, n, bias, |block, i| {
+            let j0 = block * LANES;
+            &wt[i * n + j0..i * n + n.min(j0 + LANES)]
+        }))
+    }
+
+    /// [`Self::new`] from the f32 panels the layer keeps, read in place (the same 16-column
+    /// blocks).
+    pub(crate) fn from_panels(
+        p: &impl Panels,
+        bias: Option<Vec<f32>>,
+    ) -> candle_core::Result<Self> {
+        let (k, n) = p.dims();
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "vitcx bf16: bias of {:?} for ({k}, {n})",
+                bias.as_ref().map(Vec::len)
+            )
+        }
+        Ok(Self::from_columns(k, n, bias, |block, i| {
+            &p.panel_row(block, i)[..n.saturating_sub(block * LANES).min(LANES)]
+        }))
+    }
+
+    /// Packs a weight `(k, n)` given by `cols(block, i)`, row `i`'s columns from `16 * block`
+    /// to the next 16 or `n`, one block of columns per task.
+    fn from_columns<'w>(
+        k: usize,
+        n: usize,
+        bias: Option<Vec<f32>>,
+        cols: impl Fn(usize, usize) -> &'w [f32] + Sync,
+    ) -> Self {
         let pairs = k.div_ceil(2);
         let blocks = n.div_ceil(LANES);
         let mut panels = vec![0u32; blocks * pairs * LANES];
-        for (bi, block) in panels.chunks_exact_mut(pairs * LANES).enumerate() {
-            for (p, pair) in block.chunks_exact_mut(LANES).enumerate() {
-                for (l, v) in pair.iter_mut().enumerate() {
-                    let j = bi * LANES + l;
-                    if j >= n {
-                        break;
-                    }
-                    let lo = bf16_bits(wt[2 * p * n + j]);
+        panels
+            .par_chunks_exact_mut((pairs * LANES).max(1))
+            .enumerate()
+            .for_each(|(bi, block)| {
+                for (p, pair) in block.chunks_exact_mut(LANES).enumerate() {
+                    let lo = cols(bi, 2 * p);
                     let hi = if 2 * p + 1 < k {
-                        bf16_bits(wt[(2 * p + 1) * n + j])
+                        cols(bi, 2 * p + 1)
                     } else {
-                        0
+                        &[]
                     };
-                    *v = u32::from(lo) | (u32::from(hi) << 16);
+                    for (l, v) in pair.iter_mut().enumerate().take(lo.len()) {
+                        let hi = hi.get(l).map_or(0, |&h| bf16_bits(h));
+                        *v = u32::from(bf16_bits(lo[l])) | (u32::from(hi) << 16);
+                    }
                 }
-            }
-        }
-        Ok(PackedBf16 {
+            });
+        PackedBf16 {
             k,
             n,
             pairs,
             panels,
             bias,
-        })
+        }
     }
 
     /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given, on
@@ -579,7 +611,7 @@ fn dot_modelled(
     _mm512_fmadd_ps(even(a), even(w), acc)
 }
 
-packed_by_inherent_methods!(PackedBf16, "vitcx bf16 linear");
+packed_by_inherent_methods!([] PackedBf16, "vitcx bf16 linear", from_panels);
 
 #[cfg(test)]
 mod tests {
@@ -671,6 +703,26 @@ mod tests {
                 assert_eq!(got, portable, "{kernel:?} ({rows}, {k}, {n})");
             }
         }
+    }
+
+    #[test]
+    fn packing_from_f32_panels_is_packing_the_plain_weight() {
+        use super::super::packed_f32::PackedF32;
+        for &(k, n) in &[(1, 1), (5, 17), (33, 50), (768, 48)] {
+            let wt = seq(k * n, 0.71);
+            let b = Some(seq(n, 1.3));
+            let plain = PackedBf16::new(&wt, k, n, b.clone()).unwrap();
+            let panels = PackedF32::new(&wt, k, n, None).unwrap();
+            let from = PackedBf16::from_panels(&panels, b).unwrap();
+            assert_eq!(
+                (plain.k, plain.n, plain.pairs),
+                (from.k, from.n, from.pairs)
+            );
+            assert_eq!(plain.panels, from.panels, "({k}, {n})");
+            assert_eq!(plain.bias, from.bias);
+        }
+        let panels = PackedF32::new(&[1.0; 8], 2, 4, None).unwrap();
+        assert!(PackedBf16::from_panels(&panels, Some(vec![0.0; 3])).is_err());
     }
 
     #[test]
