@@ -22,7 +22,7 @@
 use rayon::prelude::*;
 
 use super::gelu::{bias_act_in_place, Activation};
-use super::{Panels, Tile};
+use super::{columns_of, Panels, Tile};
 
 /// Output columns per block: one 512-bit vector of f32.
 const LANES: usize = 16;
@@ -86,8 +86,7 @@ impl PackedBf16 {
             )
         }
         Ok(Self::from_columns(k, n, bias, |block, i| {
-            let j0 = block * LANES;
-            &wt[i * n + j0..i * n + n.min(j0 + LANES)]
+            columns_of(wt, n, block, i)
         }))
     }
 
@@ -105,7 +104,7 @@ impl PackedBf16 {
             )
         }
         Ok(Self::from_columns(k, n, bias, |block, i| {
-            &p.panel_row(block, i)[..n.saturating_sub(block * LANES).min(LANES)]
+            p.columns(block, i)
         }))
     }
 

@@ -31,8 +31,8 @@ use std::marker::PhantomData;
 use rayon::prelude::*;
 
 use super::gelu::{bias_act_in_place, Activation};
-use super::Panels;
 use super::Tile;
+use super::{columns_of, Panels};
 
 /// Output columns per block: one 512-bit vector of i32.
 const LANES: usize = 16;
@@ -241,10 +241,7 @@ impl<S: Scheme> PackedInt<S> {
         if wt.len() != k * n {
             candle_core::bail!("{}: weight of {} values for ({k}, {n})", S::NAME, wt.len())
         }
-        Self::from_columns(k, n, bias, |block, i| {
-            let j0 = block * LANES;
-            &wt[i * n + j0..i * n + n.min(j0 + LANES)]
-        })
+        Self::from_columns(k, n, bias, |block, i| columns_of(wt, n, block, i))
     }
 
     /// [`Self::new`] from the f32 panels the layer keeps, read in place: they hold the same
@@ -254,9 +251,7 @@ impl<S: Scheme> PackedInt<S> {
         bias: Option<Vec<f32>>,
     ) -> candle_core::Result<Self> {
         let (k, n) = p.dims();
-        Self::from_columns(k, n, bias, |block, i| {
-            &p.panel_row(block, i)[..n.saturating_sub(block * LANES).min(LANES)]
-        })
+        Self::from_columns(k, n, bias, |block, i| p.columns(block, i))
     }
 
     /// Quantises and packs a weight `(k, n)` given by `cols(block, i)`: row `i`'s columns from

@@ -102,6 +102,18 @@ pub(crate) trait Panels: Packed + Sync {
     fn panel_row(&self, block: usize, i: usize) -> &[f32];
     /// The weight as `(k, n)` row-major: the same values.
     fn unpack(&self) -> Vec<f32>;
+    /// [`columns_of`] the unpacked weight, read from the panels.
+    fn columns(&self, block: usize, i: usize) -> &[f32] {
+        let n = self.dims().1;
+        &self.panel_row(block, i)[..n.saturating_sub(block * 16).min(16)]
+    }
+}
+
+/// Row `i`'s columns from `16 * block` to the next 16 or `n` of a row-major `(k, n)` weight: the
+/// reduced-precision packers read a weight one block of 16 columns at a time.
+pub(crate) fn columns_of(wt: &[f32], n: usize, block: usize, i: usize) -> &[f32] {
+    let j0 = block * 16;
+    &wt[i * n + j0..i * n + n.min(j0 + 16)]
 }
 
 /// `xs (rows, k) @ W` (+ the packed bias if `bias`, then `act` if given) on the CPU as a
