@@ -33,8 +33,9 @@ fn done_lines(dir: &Path) -> usize {
         .map(|f| {
             std::fs::read_to_string(dir.join(f))
                 .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains(r#""kind":"done""#))
+                // Whole lines only: a torn last line is ignored on resuming, so it is not done.
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n') && l.contains(r#""kind":"done""#))
                 .count()
         })
         .sum()
