@@ -78,16 +78,10 @@ impl PackedBf16 {
         n: usize,
         bias: Option<Vec<f32>>,
     ) -> candle_core::Result<Self> {
-        if wt.len() != k * n || bias.as_ref().is_some_and(|b| b.len() != n) {
-            candle_core::bail!(
-                "vitcx bf16: weight of {} values for ({k}, {n}), bias of {:?}",
-                wt.len(),
-                bias.as_ref().map(Vec::len)
-            )
+        if wt.len() != k * n {
+            candle_core::bail!("vitcx bf16: weight of {} values for ({k}, {n})", wt.len())
         }
-        Ok(Self::from_columns(k, n, bias, |block, i| {
-            columns_of(wt, n, block, i)
-        }))
+        Self::from_columns(k, n, bias, |block, i| columns_of(wt, n, block, i))
     }
 
     /// [`Self::new`] from the f32 panels the layer keeps, read in place (the same 16-column
@@ -97,15 +91,7 @@ impl PackedBf16 {
         bias: Option<Vec<f32>>,
     ) -> candle_core::Result<Self> {
         let (k, n) = p.dims();
-        if bias.as_ref().is_some_and(|b| b.len() != n) {
-            candle_core::bail!(
-                "vitcx bf16: bias of {:?} for ({k}, {n})",
-                bias.as_ref().map(Vec::len)
-            )
-        }
-        Ok(Self::from_columns(k, n, bias, |block, i| {
-            p.columns(block, i)
-        }))
+        Self::from_columns(k, n, bias, |block, i| p.columns(block, i))
     }
 
     /// Packs a weight `(k, n)` given by `cols(block, i)`, row `i`'s columns from `16 * block`
@@ -115,7 +101,13 @@ impl PackedBf16 {
         n: usize,
         bias: Option<Vec<f32>>,
         cols: impl Fn(usize, usize) -> &'w [f32] + Sync,
-    ) -> Self {
+    ) -> candle_core::Result<Self> {
+        if bias.as_ref().is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "vitcx bf16: bias of {:?} for ({k}, {n})",
+                bias.as_ref().map(Vec::len)
+            )
+        }
         let pairs = k.div_ceil(2);
         let blocks = n.div_ceil(LANES);
         let mut panels = vec![0u32; blocks * pairs * LANES];
@@ -136,13 +128,13 @@ impl PackedBf16 {
                     }
                 }
             });
-        PackedBf16 {
+        Ok(PackedBf16 {
             k,
             n,
             pairs,
             panels,
             bias,
-        }
+        })
     }
 
     /// `x (rows, k) @ W` -> `(rows, n)`, plus the bias if `with_bias`, then `act` if given, on

@@ -250,8 +250,7 @@ impl super::Panels for PackedF32 {
         &self.panels[at..at + LANES]
     }
 
-    /// The weight back as `(k, n)` row-major (for the gradient path and the other precisions'
-    /// packing): the same values.
+    /// The weight back as `(k, n)` row-major (for the gradient path): the same values.
     fn unpack(&self) -> Vec<f32> {
         let (k, n) = (self.k, self.n);
         let mut wt = vec![0f32; k * n];
